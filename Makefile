@@ -1,0 +1,36 @@
+# pcpc: install | test | bench | run | <target>.vmfb | clean
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test bench run clean list
+
+install: $(STAMP)
+
+# torch first, pinned to the version whose CPU wheel the dev machines carry;
+# then the project with its pinned dependencies (editable).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/train_step.py
+
+run: install
+	$(BIN)/pcpc run experiments/nanogpt_small.json
+
+list: install
+	$(BIN)/pcpc build --list
+
+# make nanogpt-small.vmfb -> artifacts/nanogpt-small.{mlir,vmfb,meta.json} (cached)
+%.vmfb: install
+	$(BIN)/pcpc build $*
+
+clean:
+	rm -rf artifacts/*.mlir artifacts/*.vmfb artifacts/*.meta.json artifacts/.*.export.json artifacts/.locks

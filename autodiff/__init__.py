@@ -1,0 +1,1 @@
+"""pcpc.autodiff: losses, functional optimizers, and derived grad / train-step functions."""

@@ -1,0 +1,92 @@
+"""Derive flat, traceable functions from a functional loss.
+
+A model's loss is `loss_fn(params: dict, *data) -> scalar`. The builders here
+return *flat* functions whose positional arguments are the weights in the
+documented order, then optimizer state, then data — the calling convention
+of every exported function. Gradients come from torch.func; `trace` turns a
+flat function into an FX graph with make_fx, decomposing the ops IREE
+cannot take.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from pcpc.autodiff.optim import AdamWConfig, adamw, nesterov_outer
+
+LossFn = Callable[..., torch.Tensor]
+
+
+def _embedding_dense_backward(grad_output, indices, num_weights, padding_idx, scale_grad_by_freq):
+    # aten's decomposition emits an op IREE rejects; index_put(accumulate) lowers to a scatter.
+    assert not scale_grad_by_freq, "scale_grad_by_freq is not supported"
+    grad = grad_output.reshape(-1, grad_output.shape[-1])  # (N, C)
+    idx = indices.reshape(-1)
+    if padding_idx >= 0:
+        grad = grad * (idx != padding_idx).unsqueeze(-1).to(grad.dtype)
+    out = grad.new_zeros((num_weights, grad.shape[-1]))
+    return torch.ops.aten.index_put(out, [idx], grad, accumulate=True)
+
+
+DECOMPOSITIONS = {torch.ops.aten.embedding_dense_backward.default: _embedding_dense_backward}
+
+
+def trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+    """FX graph of `fn` (aten level, autograd already applied) on fake example tensors."""
+    return make_fx(fn, decomposition_table=DECOMPOSITIONS, tracing_mode="fake")(*example_args)
+
+
+def forward_loss_fn(loss_fn: LossFn, names: Sequence[str]):
+    """(*params, *data) -> loss."""
+    n = len(names)
+
+    def forward_loss(*flat):
+        return loss_fn(dict(zip(names, flat[:n])), *flat[n:])
+
+    return forward_loss
+
+
+def value_and_grad_fn(loss_fn: LossFn, names: Sequence[str]):
+    """(*params, *data) -> (loss, *grads) with grads in parameter order."""
+    n = len(names)
+
+    def value_and_grad(*flat):
+        params, data = dict(zip(names, flat[:n])), flat[n:]
+        grads, loss = torch.func.grad_and_value(lambda p: loss_fn(p, *data))(params)
+        return (loss, *[grads[k] for k in names])
+
+    return value_and_grad
+
+
+def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], opt: AdamWConfig):
+    """(*params, *m, *v, step, lr, *data) -> (loss, *params', *m', *v').
+
+    Forward, backward and one AdamW update in one function; `step` is the
+    1-based index of this update and `lr` its learning rate (f32 scalars).
+    """
+    n = len(names)
+    vg = value_and_grad_fn(loss_fn, names)
+
+    def train_step(*flat):
+        params, m, v = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
+        step, lr, data = flat[3 * n], flat[3 * n + 1], flat[3 * n + 2 :]
+        loss, *grads = vg(*params, *data)
+        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay))
+        return (loss, *new_p, *new_m, *new_v)
+
+    return train_step
+
+
+def outer_step_fn(n: int):
+    """(*params, *momentum, *delta, lr, mu) -> (*params', *momentum'): DiLoCo's outer Nesterov step."""
+
+    def outer_step(*flat):
+        params, momentum, delta = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
+        lr, mu = flat[3 * n], flat[3 * n + 1]
+        new_p, new_b = nesterov_outer(params, momentum, delta, lr, mu)
+        return (*new_p, *new_b)
+
+    return outer_step

@@ -1,0 +1,97 @@
+"""Functional optimizers: AdamW (as torch.optim.AdamW), global-norm clipping, DiLoCo's outer Nesterov.
+
+Every function takes and returns lists of tensors and never mutates its
+inputs, so it can be traced into a compiled module. Hyperparameters fixed at
+build time live in `AdamWConfig`; the learning rate and the step count are
+tensor inputs so schedules never recompile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """Inner optimizer hyperparameters (baked into the compiled train_step)."""
+
+    beta1: float = 0.9
+    """Exponential decay of the first moment."""
+    beta2: float = 0.95
+    """Exponential decay of the second moment (nanoGPT uses 0.95)."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied only to parameters with 2+ dims (matrices and embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value before the update; 0 disables clipping."""
+
+    def __post_init__(self):
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Scale grads so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_)."""
+    total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return [g * coef for g in grads]
+
+
+def adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    step: torch.Tensor,
+    lr: torch.Tensor,
+    cfg: AdamWConfig,
+    decay: list[bool],
+):
+    """One AdamW update. `step` is the 1-based count of this update (t in the Adam paper).
+
+    Returns (new_params, new_m, new_v); matches torch.optim.AdamW (foreach=False).
+    """
+    if cfg.grad_clip > 0:
+        grads = clip_by_global_norm(grads, cfg.grad_clip)
+    bc1 = 1.0 - torch.pow(cfg.beta1, step)
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step))
+    new_p, new_m, new_v = [], [], []
+    for p, g, m_i, v_i, d in zip(params, grads, m, v, decay):
+        if d and cfg.weight_decay:
+            p = p * (1.0 - lr * cfg.weight_decay)
+        m_i = cfg.beta1 * m_i + (1.0 - cfg.beta1) * g
+        v_i = cfg.beta2 * v_i + (1.0 - cfg.beta2) * g * g
+        denom = torch.sqrt(v_i) / bc2_sqrt + cfg.eps
+        p = p - (lr / bc1) * m_i / denom
+        new_p.append(p)
+        new_m.append(m_i)
+        new_v.append(v_i)
+    return new_p, new_m, new_v
+
+
+def nesterov_outer(
+    params: list[torch.Tensor],
+    momentum: list[torch.Tensor],
+    delta: list[torch.Tensor],
+    lr: torch.Tensor,
+    mu: torch.Tensor,
+):
+    """DiLoCo outer step on the averaged pseudo-gradient delta = theta_global - theta_local.
+
+    b <- mu * b + delta;  theta <- theta - lr * (delta + mu * b)
+    (torch.optim.SGD(nesterov=True) with the pseudo-gradient as the gradient.)
+    """
+    new_b = [mu * b + d for b, d in zip(momentum, delta)]
+    new_p = [p - lr * (d + mu * b) for p, d, b in zip(params, delta, new_b)]
+    return new_p, new_b

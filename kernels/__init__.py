@@ -1,0 +1,1 @@
+"""pcpc.kernels: Triton kernels for sparse updates and their torch references."""

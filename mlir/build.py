@@ -1,0 +1,261 @@
+"""The build graph: target -> export (MLIR) -> compile (VMFB) -> meta.json, cached by content hash.
+
+Each step is a pure function of hashed inputs:
+  export_key  = sha256(recipe, config, sources of the modules it depends on, torch/turbine/pcpc versions)
+  compile_key = sha256(MLIR bytes, target, flags, compiler version, host CPU features)
+A step whose key matches what is on disk is skipped, so a no-op rebuild only
+hashes a few files (no torch import). Outputs are written to a temporary file
+and renamed into place, meta.json last; a per-target file lock makes
+concurrent builds of the same target (make -j2) safe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pcpc.errors import UserError
+from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash
+from pcpc.mlir.signature import SCHEMA_VERSION, FunctionSignature, ModuleMeta, Provenance, TensorSpec, parse_meta
+
+ARTIFACTS = Path("artifacts")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A buildable module: a recipe (module:function) applied to a JSON-able config."""
+
+    name: str
+    recipe: str
+    config: dict
+    sources: tuple[str, ...]
+    """Modules whose source the export depends on (hashed into export_key)."""
+    description: str = ""
+
+
+@dataclass
+class BuildResult:
+    mlir: Path
+    vmfb: Path
+    meta: Path
+    ran: list[str] = field(default_factory=list)
+    """Steps that actually ran ("export", "compile"); empty for a no-op rebuild."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {}
+    for dist in ("torch", "iree-turbine", "iree-base-compiler", "pcpc"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _source_file(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"build source module {module!r} not found")
+    return Path(spec.origin)
+
+
+def export_key(target: Target, versions: dict) -> str:
+    sources = {m: sha256_file(_source_file(m)) for m in sorted(set(target.sources))}
+    blob = {
+        "schema": SCHEMA_VERSION,
+        "recipe": target.recipe,
+        "config": target.config,
+        "sources": sources,
+        "versions": {k: versions[k] for k in ("torch", "iree-turbine", "pcpc")},
+    }
+    return sha256_bytes(json.dumps(blob, sort_keys=True).encode())
+
+
+def compile_key(mlir_sha: str, compile_target: str, flags: tuple[str, ...], versions: dict, cpu: str) -> str:
+    blob = {
+        "mlir": mlir_sha,
+        "target": compile_target,
+        "flags": list(flags),
+        "compiler": versions["iree-base-compiler"],
+        "cpu": cpu if compile_target == "llvm-cpu" else "",
+    }
+    return sha256_bytes(json.dumps(blob, sort_keys=True).encode())
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resolve_recipe(recipe: str) -> Callable:
+    module, _, fn = recipe.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def paths_for(name: str, out_dir: Path) -> tuple[Path, Path, Path, Path]:
+    """(mlir, export sidecar, vmfb, meta) paths of artifact `name` in out_dir."""
+    return (
+        out_dir / f"{name}.mlir",
+        out_dir / f".{name}.export.json",
+        out_dir / f"{name}.vmfb",
+        out_dir / f"{name}.meta.json",
+    )
+
+
+def _run_export(target: Target, key: str, mlir_path: Path, sidecar: Path) -> dict:
+    from pcpc.mlir.lower import lower
+
+    functions, params = resolve_recipe(target.recipe)(target.config)
+    mlir_text, signatures = lower(functions)
+    data = mlir_text.encode()
+    write_atomic(mlir_path, data)
+    record = {
+        "export_key": key,
+        "mlir_sha256": sha256_bytes(data),
+        "functions": {k: _asdict(v) for k, v in signatures.items()},
+        "parameters": [_asdict(p) for p in params],
+    }
+    write_atomic(sidecar, json.dumps(record, indent=1))
+    return record
+
+
+def _asdict(obj):
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def build(
+    target: Target,
+    out_dir: Path | str = ARTIFACTS,
+    compile_target: str = "llvm-cpu",
+    arch: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """Bring `out_dir/<name>.{mlir,vmfb,meta.json}` up to date; run only the steps whose inputs changed."""
+    out_dir = Path(out_dir)
+    log = log or (lambda msg: None)
+    mlir_path, sidecar, vmfb_path, meta_path = paths_for(target.name, out_dir)
+    flags = compile_flags(compile_target, arch)
+    versions = _versions()
+    cpu = cpu_features_hash()
+    result = BuildResult(mlir_path, vmfb_path, meta_path)
+
+    with _lock(out_dir / ".locks" / f"{target.name}.lock"):
+        ekey = export_key(target, versions)
+        record = _load_json(sidecar)
+        mlir_ok = (
+            record is not None
+            and record.get("export_key") == ekey
+            and mlir_path.is_file()
+            and sha256_file(mlir_path) == record.get("mlir_sha256")
+        )
+        if not mlir_ok:
+            log(f"export  {target.name} -> {mlir_path}")
+            t0 = time.perf_counter()
+            record = _run_export(target, ekey, mlir_path, sidecar)
+            result.seconds["export"] = time.perf_counter() - t0
+            result.ran.append("export")
+
+        ckey = compile_key(record["mlir_sha256"], compile_target, flags, versions, cpu)
+        meta = _load_json(meta_path)
+        prov = (meta or {}).get("provenance", {})
+        vmfb_ok = (
+            prov.get("compile_key") == ckey
+            and prov.get("export_key") == ekey
+            and vmfb_path.is_file()
+            and sha256_file(vmfb_path) == prov.get("vmfb_sha256")
+        )
+        if vmfb_ok:
+            return result
+
+        log(f"compile {target.name} -> {vmfb_path} ({compile_target})")
+        t0 = time.perf_counter()
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{vmfb_path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            compile_mlir(mlir_path, Path(tmp), flags)
+            os.replace(tmp, vmfb_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        result.seconds["compile"] = time.perf_counter() - t0
+        result.ran.append("compile")
+
+        meta_obj = parse_meta(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "functions": record["functions"],
+                "parameters": record["parameters"],
+                "parameter_bytes": sum(TensorSpec(**{**p, "shape": tuple(p["shape"])}).nbytes for p in record["parameters"]),
+                "provenance": {
+                    "target_name": target.name,
+                    "recipe": target.recipe,
+                    "config": target.config,
+                    "export_key": ekey,
+                    "compile_key": ckey,
+                    "mlir_sha256": record["mlir_sha256"],
+                    "vmfb_sha256": sha256_file(vmfb_path),
+                    "versions": versions,
+                    "compile_target": compile_target,
+                    "compile_flags": list(flags),
+                    "cpu_features": cpu,
+                },
+            },
+            where=f"{meta_path} (being written)",
+        )
+        write_atomic(meta_path, meta_obj.to_json())
+    return result

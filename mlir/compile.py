@@ -1,0 +1,82 @@
+"""Compile targets and flags for iree-compile.
+
+`llvm-cpu` compiles for this host's CPU (`--iree-llvmcpu-target-cpu=host`,
+2-3x faster than the generic target); such a module is not portable, so the
+host CPU feature set is part of the cache key. `cuda`, `rocm` and `vulkan`
+are selectable with their architecture flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from pcpc.errors import UserError
+
+# Flags common to every llvm-cpu build. Each was measured in bench/NOTES.md.
+LLVM_CPU_FLAGS = (
+    "--iree-hal-target-backends=llvm-cpu",
+    "--iree-llvmcpu-target-cpu=host",
+)
+
+DEFAULT_ARCH = {"cuda": "sm_80", "rocm": "gfx942", "vulkan": "valhall"}
+TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
+DRIVERS = {"llvm-cpu": "local-task", "cuda": "cuda", "rocm": "hip", "vulkan": "vulkan"}
+
+
+def detect_cuda_arch() -> str | None:
+    """sm_XY of the first visible NVIDIA GPU, or None."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return "sm_" + out.stdout.split()[0].replace(".", "")
+
+
+def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[str, ...]:
+    """iree-compile flags for `target` (and GPU architecture `arch`, detected or defaulted)."""
+    if target not in TARGETS:
+        raise UserError(f"--target: unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    if target == "llvm-cpu":
+        return LLVM_CPU_FLAGS
+    if target == "cuda":
+        arch = arch or detect_cuda_arch() or DEFAULT_ARCH["cuda"]
+        return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
+    if target == "rocm":
+        return ("--iree-hal-target-backends=rocm", f"--iree-hip-target={arch or DEFAULT_ARCH['rocm']}")
+    return ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={arch or DEFAULT_ARCH['vulkan']}")
+
+
+def cpu_features_hash() -> str:
+    """sha256 of this host's CPU model and feature flags (part of an llvm-cpu cache key)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        lines = [platform.machine(), platform.processor()]
+    keep = sorted({ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(("flags", "model name"))})
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()
+
+
+def iree_compile_exe() -> str:
+    """Path of the iree-compile tool that belongs to the installed iree-base-compiler."""
+    from iree.compiler.tools.binaries import find_tool
+
+    return find_tool("iree-compile")
+
+
+def compile_mlir(mlir_path: Path, vmfb_path: Path, flags: tuple[str, ...]) -> None:
+    """Run iree-compile MLIR -> VMFB. The caller handles atomic placement of vmfb_path."""
+    cmd = [iree_compile_exe(), str(mlir_path), *flags, "-o", str(vmfb_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"iree-compile failed ({proc.returncode}) for {mlir_path}:\n{tail}")

@@ -1,0 +1,83 @@
+"""Lower flat functions to one MLIR module with iree-turbine.
+
+An `ExportFunction` is a flat callable plus the spec of each argument; the
+result specs are read off the traced graph. Several functions go into one
+module (they share the weight arguments' layout, not storage: every weight
+is a function input). Tracing uses fake tensors, so a 0.5B model lowers
+without allocating its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from pcpc.autodiff.derive import trace
+from pcpc.mlir.signature import FunctionSignature, TensorSpec
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass
+class ExportFunction:
+    """A function to export: flat positional tensors in, a tuple of tensors out."""
+
+    name: str
+    fn: Callable
+    args: Sequence[TensorSpec]
+    results: Sequence[tuple[str, str]]
+    """(name, role) of each result, in order; shapes and dtypes come from tracing."""
+
+
+def _example(spec: TensorSpec) -> torch.Tensor:
+    return torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
+
+
+def _result_specs(gm: torch.fx.GraphModule, names: Sequence[tuple[str, str]], fname: str) -> tuple[TensorSpec, ...]:
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    assert len(outs) == len(names), f"{fname}: traced {len(outs)} results, declared {len(names)}"
+    specs = []
+    for node, (name, role) in zip(outs, names):
+        val = node.meta["val"]
+        specs.append(TensorSpec(name, role, tuple(int(d) for d in val.shape), DTYPE_NAMES[val.dtype]))
+    return tuple(specs)
+
+
+class _Graphs(torch.nn.Module):
+    """Holds the traced graphs as submodules so one FxProgramsBuilder exports them all."""
+
+
+def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionSignature]]:
+    """MLIR text of a module holding every function, and each function's signature."""
+    import iree.turbine.aot as aot
+
+    root = _Graphs()
+    signatures = {}
+    examples = {}
+    for f in functions:
+        ex = [_example(s) for s in f.args]
+        gm = trace(f.fn, ex)
+        root.add_module(f.name, gm)
+        signatures[f.name] = FunctionSignature(args=tuple(f.args), results=_result_specs(gm, f.results, f.name))
+        examples[f.name] = ex
+
+    fxb = aot.FxProgramsBuilder(root)
+    for f in functions:
+        def call(module, *args, _name=f.name):
+            return getattr(module, _name)(*args)
+
+        fxb.export_program(name=f.name, args=tuple(examples[f.name]), strict=False)(call)
+    exported = aot.export(fxb)
+    return str(exported.mlir_module), signatures

@@ -1,0 +1,104 @@
+"""The functions a nanoGPT module exports, built from a recipe config.
+
+Config keys (all JSON): model (preset name), model_overrides (dict),
+batch_size, eval_batch_size, optimizer (AdamWConfig fields), functions (subset
+of FUNCTIONS). Every function takes all weights first, in
+`nanogpt.param_shapes` order; then optimizer state; then scalars; then data.
+
+    forward_loss   (*params, x, y) -> loss
+    value_and_grad (*params, x, y) -> loss, *grads
+    train_step     (*params, *m, *v, step, lr, x, y) -> loss, *params', *m', *v'
+    eval_loss      (*params, x, y) -> loss                 (eval_batch_size rows)
+    outer_step     (*params, *momentum, *delta, lr, mu) -> *params', *momentum'
+    logits         (*params, idx) -> logits                (1 row of block_size, for sampling)
+x, y, idx are int64 (B, block_size); step, lr, mu are f32 scalars.
+"""
+
+from __future__ import annotations
+
+from pcpc.autodiff import derive
+from pcpc.autodiff.losses import cross_entropy
+from pcpc.autodiff.optim import AdamWConfig
+from pcpc.config import from_dict
+from pcpc.exporters import nanogpt
+from pcpc.mlir.lower import ExportFunction
+from pcpc.mlir.signature import TensorSpec
+
+
+FUNCTIONS = ("forward_loss", "value_and_grad", "train_step", "eval_loss", "outer_step", "logits")
+
+def model_config(config: dict) -> nanogpt.NanoGPTConfig:
+    return nanogpt.make_config(config["model"], **config.get("model_overrides", {}))
+
+
+def make_loss(cfg: nanogpt.NanoGPTConfig):
+    def loss_fn(params, x, y):
+        return cross_entropy(nanogpt.forward(params, x, cfg), y)
+
+    return loss_fn
+
+
+def _specs(prefix: str, role: str, shapes: dict) -> list[TensorSpec]:
+    return [TensorSpec(prefix + n, role, tuple(s), "float32") for n, s in shapes.items()]
+
+
+def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
+    """ExportFunctions for the requested functions, and the parameter specs in order."""
+    cfg = model_config(config)
+    opt = from_dict(AdamWConfig, config.get("optimizer", {}), where="optimizer")
+    wanted = config.get("functions", list(FUNCTIONS))
+    bad = [f for f in wanted if f not in FUNCTIONS]
+    if bad:
+        raise ValueError(f"unknown nanogpt functions {bad}; valid: {', '.join(FUNCTIONS)}")
+    shapes = nanogpt.param_shapes(cfg)
+    names = list(shapes)
+    decay = [len(s) >= 2 for s in shapes.values()]
+    loss_fn = make_loss(cfg)
+    P = _specs("", "param", shapes)
+    M, V = _specs("m.", "optimizer_state", shapes), _specs("v.", "optimizer_state", shapes)
+    T = cfg.block_size
+
+    def batch(rows):
+        return [TensorSpec("x", "data", (rows, T), "int64"), TensorSpec("y", "data", (rows, T), "int64")]
+
+    def scalar(name):
+        return TensorSpec(name, "scalar", (), "float32")
+
+    def out(specs, role=None):
+        return [(s.name, role or s.role) for s in specs]
+
+    B, EB = config["batch_size"], config.get("eval_batch_size", config["batch_size"])
+    fns = {
+        "forward_loss": lambda: ExportFunction(
+            "forward_loss", derive.forward_loss_fn(loss_fn, names), P + batch(B), [("loss", "loss")]
+        ),
+        "value_and_grad": lambda: ExportFunction(
+            "value_and_grad",
+            derive.value_and_grad_fn(loss_fn, names),
+            P + batch(B),
+            [("loss", "loss")] + [("grad." + n, "grad") for n in names],
+        ),
+        "train_step": lambda: ExportFunction(
+            "train_step",
+            derive.train_step_fn(loss_fn, names, decay, opt),
+            P + M + V + [scalar("step"), scalar("lr")] + batch(B),
+            [("loss", "loss")] + out(P) + out(M) + out(V),
+        ),
+        "eval_loss": lambda: ExportFunction(
+            "eval_loss", derive.forward_loss_fn(loss_fn, names), P + batch(EB), [("loss", "loss")]
+        ),
+        "outer_step": lambda: ExportFunction(
+            "outer_step",
+            derive.outer_step_fn(len(names)),
+            P + _specs("momentum.", "optimizer_state", shapes) + _specs("delta.", "data", shapes)
+            + [scalar("lr"), scalar("mu")],
+            out(P) + out(_specs("momentum.", "optimizer_state", shapes)),
+        ),
+        "logits": lambda: ExportFunction(
+            "logits",
+            lambda *flat: nanogpt.forward(dict(zip(names, flat[: len(names)])), flat[-1], cfg),
+            P + [TensorSpec("idx", "data", (1, T), "int64")],
+            [("logits", "output")],
+        ),
+    }
+    return [fns[f]() for f in wanted], P

@@ -1,0 +1,154 @@
+"""meta.json: the versioned, strict signature of a compiled module.
+
+One file next to each VMFB. It records, per exported function, every
+argument and result (name, role, shape, dtype), the parameter order, and
+provenance (what produced the module and how it was compiled). Loading is
+strict: unknown or missing keys, an unsupported schema version or a
+malformed entry are errors naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pcpc.config import from_dict
+from pcpc.errors import UserError
+
+SCHEMA_VERSION = 1
+
+ROLES = ("param", "optimizer_state", "state", "data", "scalar", "loss", "grad", "output")
+"""param: model weight; optimizer_state: AdamW moments / outer momentum; state: KV cache and
+similar carried values; data: batch inputs; scalar: lr, step and other 0-d controls;
+loss / grad / output: results."""
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One argument or result of an exported function."""
+
+    name: str
+    role: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role of {self.name!r} must be one of {', '.join(ROLES)}; got {self.role!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype of {self.name!r} must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if any(d < 0 for d in self.shape):
+            raise ValueError(f"shape of {self.name!r} has a negative dimension: {self.shape}")
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class FunctionSignature:
+    """Arguments and results of one entry point, in call order."""
+
+    args: tuple[TensorSpec, ...]
+    results: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What produced the module: enough to tell whether it is stale."""
+
+    target_name: str
+    """Build-graph target (or artifact name) this module was built as."""
+    recipe: str
+    """module:function that produced the exported functions."""
+    config: dict
+    """The exporter / recipe configuration, as given."""
+    export_key: str
+    """sha256 of the recipe, config, exporter sources and tool versions."""
+    compile_key: str
+    """sha256 of the MLIR, target, flags, compiler version and CPU features."""
+    mlir_sha256: str
+    vmfb_sha256: str
+    versions: dict
+    """torch, iree-turbine, iree-base-compiler and pcpc versions at build time."""
+    compile_target: str
+    """llvm-cpu | cuda | rocm | vulkan"""
+    compile_flags: tuple[str, ...]
+    cpu_features: str
+    """sha256 of the host CPU feature flags (llvm-cpu modules are host-specific)."""
+
+
+@dataclass(frozen=True)
+class ModuleMeta:
+    """Top level of meta.json."""
+
+    schema_version: int
+    functions: dict[str, FunctionSignature]
+    parameters: tuple[TensorSpec, ...]
+    """The model weights in the documented order (the order every function takes them)."""
+    parameter_bytes: int
+    """Sum of the parameters' sizes: the size of a flat weight file in this order."""
+    provenance: Provenance
+
+    def __post_init__(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not supported (this pcpc reads {SCHEMA_VERSION}); rebuild the module"
+            )
+        total = sum(p.nbytes for p in self.parameters)
+        if total != self.parameter_bytes:
+            raise ValueError(f"parameter_bytes is {self.parameter_bytes} but the parameters add up to {total}")
+
+    @property
+    def parameter_order(self) -> list[str]:
+        return [p.name for p in self.parameters]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+
+def _parse_functions(raw: dict, where: str) -> dict[str, FunctionSignature]:
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{where}: expected a non-empty object of functions")
+    return {name: from_dict(FunctionSignature, sig, where=f"{where}.{name}") for name, sig in raw.items()}
+
+
+def parse_meta(data: dict, where: str) -> ModuleMeta:
+    """ModuleMeta from a decoded meta.json dict; errors name `where` and the field."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    data = dict(data)
+    functions = _parse_functions(data.pop("functions", None), f"{where}: functions")
+    data["functions"] = {}
+    meta = from_dict(ModuleMeta, data, where=where)
+    return ModuleMeta(
+        schema_version=meta.schema_version,
+        functions=functions,
+        parameters=meta.parameters,
+        parameter_bytes=meta.parameter_bytes,
+        provenance=meta.provenance,
+    )
+
+
+def load_meta(path: str | Path) -> ModuleMeta:
+    """Read and validate a meta.json file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: meta.json not found (every module needs its meta.json; rebuild with `pcpc build`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return parse_meta(data, str(path))
+
+
+def meta_path_for(vmfb: str | Path) -> Path:
+    """artifacts/x.vmfb -> artifacts/x.meta.json"""
+    vmfb = Path(vmfb)
+    return vmfb.with_name(vmfb.name.removesuffix(".vmfb") + ".meta.json")

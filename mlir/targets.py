@@ -1,0 +1,62 @@
+"""Named build targets (`pcpc build NAME`, `make NAME.vmfb`).
+
+Pure data: listing targets and checking that one is up to date never imports
+torch. Other targets are made on the fly (e.g. by `pcpc run` for a config's
+batch size) with `nanogpt_target`.
+"""
+
+from __future__ import annotations
+
+from pcpc.errors import UserError
+from pcpc.mlir.build import Target
+
+NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
+NANOGPT_SOURCES = (
+    "pcpc.exporters.nanogpt",
+    "pcpc.autodiff.derive",
+    "pcpc.autodiff.losses",
+    "pcpc.autodiff.optim",
+    "pcpc.mlir.lower",
+    "pcpc.mlir.nanogpt_functions",
+)
+
+
+def nanogpt_target(
+    name: str,
+    model: str,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    model_overrides: dict | None = None,
+    optimizer: dict | None = None,
+    functions: list[str] | None = None,
+) -> Target:
+    """A nanoGPT training module: train_step, eval, outer step and sampling functions."""
+    config = {
+        "model": model,
+        "model_overrides": dict(model_overrides or {}),
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size or batch_size,
+        "optimizer": dict(optimizer or {}),
+    }
+    if functions is not None:
+        config["functions"] = list(functions)
+    return Target(name, NANOGPT_RECIPE, config, NANOGPT_SOURCES, f"{model} training module (batch {batch_size})")
+
+
+def _registry() -> dict[str, Target]:
+    targets = [
+        nanogpt_target("nanogpt-small", "nanogpt-small", batch_size=64),
+        nanogpt_target("nanogpt-medium", "nanogpt-medium", batch_size=32),
+    ]
+    return {t.name: t for t in targets}
+
+
+TARGETS = _registry()
+
+
+def get_target(name: str) -> Target:
+    """The registered target called `name` (a trailing .vmfb is allowed)."""
+    name = name.removesuffix(".vmfb")
+    if name not in TARGETS:
+        raise UserError(f"unknown build target {name!r}; valid: {', '.join(TARGETS)}")
+    return TARGETS[name]

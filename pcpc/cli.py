@@ -1,0 +1,61 @@
+"""The `pcpc` command line.
+
+Commands live in small modules (pcpc/cmd_*.py) that import heavy libraries
+inside the command body, so `pcpc --help` and no-op builds stay fast. A
+UserError prints one line and exits with status 2; `--debug` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pcpc.errors import UserError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="pcpc")
+@click.pass_context
+def cli(ctx, debug):
+    """pcpc: functional models -> MLIR -> IREE VMFB, and the loops that drive them."""
+    ctx.ensure_object(dict)["debug"] = debug
+
+
+@cli.group()
+def data():
+    """Datasets and prompt files."""
+
+
+def _register():
+    from pcpc import cmd_build
+
+    cmd_build.register(cli, data)
+
+
+_register()
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="pcpc", standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Load a VMFB with its meta.json and call its functions with validated arguments.
+
+The runtime is thin: load, validate, invoke, convert. Arguments may be numpy
+arrays (uploaded for that call) or device arrays returned by earlier calls or
+by `upload` (used in place, no host round trip), so weights and optimizer
+state stay device-resident across steps. `to_host` copies: a numpy view of a
+device buffer goes bad once the buffer is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pcpc.errors import UserError
+from pcpc.mlir.compile import DRIVERS
+from pcpc.mlir.signature import FunctionSignature, ModuleMeta, TensorSpec, load_meta, meta_path_for
+
+NP_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "bool": np.dtype(np.bool_),
+}
+
+_configs: dict[str, object] = {}
+
+
+def _config(driver: str, threads: int | None):
+    """One iree.runtime.Config (device) per driver per process; threads apply to the first."""
+    import iree.runtime as rt
+
+    if driver not in _configs:
+        if threads and driver == "local-task":
+            rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
+        try:
+            _configs[driver] = rt.Config(driver)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"IREE driver {driver!r} is not available here: {e}") from None
+    return _configs[driver]
+
+
+def _np_dtype(spec: TensorSpec):
+    if spec.dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return NP_DTYPES[spec.dtype]
+
+
+def to_host(array) -> np.ndarray:
+    """A numpy copy of a device array (safe after the device buffer is released)."""
+    host = array.to_host() if hasattr(array, "to_host") else array
+    return np.array(host, copy=True)
+
+
+class CompiledModule:
+    """A VMFB + meta.json pair, checked against each other, with validated calls."""
+
+    def __init__(self, vmfb: str | Path, meta: str | Path | None = None, driver: str | None = None,
+                 threads: int | None = None):
+        import iree.runtime as rt
+
+        self.path = Path(vmfb)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such module (build it with `pcpc build`)")
+        self.meta: ModuleMeta = load_meta(meta or meta_path_for(self.path))
+        data = self.path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.meta.provenance.vmfb_sha256:
+            raise UserError(
+                f"{self.path}: does not match its meta.json (sha256 {digest[:12]}…, meta records "
+                f"{self.meta.provenance.vmfb_sha256[:12]}…); the pair is stale or foreign, rebuild it"
+            )
+        self.driver = driver or DRIVERS[self.meta.provenance.compile_target]
+        self.config = _config(self.driver, threads)
+        try:
+            self.vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{self.path}: not a valid VMFB (corrupt or truncated): {e}") from None
+        self.context = rt.SystemContext(vm_modules=[self.vm_module], config=self.config)
+        exported = {n for n in self.vm_module.function_names if not n.startswith("__") and "$" not in n}
+        if exported != set(self.meta.functions):
+            raise UserError(
+                f"{self.path}: module exports {sorted(exported)} but meta.json lists {sorted(self.meta.functions)}"
+            )
+        self._module = self.context.modules[self.vm_module.name]
+
+    @property
+    def device(self):
+        return self.config.device
+
+    def signature(self, fn: str) -> FunctionSignature:
+        if fn not in self.meta.functions:
+            raise UserError(f"{self.path}: no function {fn!r}; it has {', '.join(self.meta.functions)}")
+        return self.meta.functions[fn]
+
+    def upload(self, array: np.ndarray):
+        """Copy a host array to the device once; pass the result to later calls."""
+        import iree.runtime as rt
+
+        return rt.asdevicearray(self.device, np.ascontiguousarray(array))
+
+    def _check(self, fn: str, spec: TensorSpec, value, index: int):
+        shape = tuple(value.shape)
+        dtype = np.dtype(value.dtype)
+        if shape != spec.shape or dtype != _np_dtype(spec):
+            raise UserError(
+                f"{fn}: argument {index} {spec.name!r} expects {spec.dtype}{list(spec.shape)}, "
+                f"got {dtype.name}{list(shape)}"
+            )
+
+    def __call__(self, fn: str, *args) -> list:
+        """Invoke `fn`; returns its results as device arrays (see `to_host`)."""
+        sig = self.signature(fn)
+        if len(args) != len(sig.args):
+            raise UserError(f"{fn}: expects {len(sig.args)} arguments, got {len(args)}")
+        converted = []
+        for i, (spec, value) in enumerate(zip(sig.args, args)):
+            if isinstance(value, (int, float)) and spec.shape == ():
+                value = np.asarray(value, dtype=_np_dtype(spec))
+            if not hasattr(value, "shape") or not hasattr(value, "dtype"):
+                raise UserError(f"{fn}: argument {i} {spec.name!r} must be an array, got {type(value).__name__}")
+            self._check(fn, spec, value, i)
+            converted.append(value)
+        out = self._module[fn](*converted)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    def call_host(self, fn: str, *args) -> list[np.ndarray]:
+        """Invoke `fn` and copy every result to host numpy arrays."""
+        return [to_host(r) for r in self(fn, *args)]
+
+    def upload_all(self, arrays: Sequence[np.ndarray]) -> list:
+        return [self.upload(a) for a in arrays]
