@@ -49,33 +49,47 @@ def forward_loss_fn(loss_fn: LossFn, names: Sequence[str]):
     return forward_loss
 
 
-def value_and_grad_fn(loss_fn: LossFn, names: Sequence[str]):
-    """(*params, *data) -> (loss, *grads) with grads in parameter order."""
+def value_and_grad_fn(loss_fn: LossFn, names: Sequence[str], has_aux: bool = False):
+    """(*params, *data) -> (loss, *grads) with grads in parameter order.
+
+    With has_aux, loss_fn returns (loss, *aux) — statistics computed in the
+    same forward, not differentiated — and the result is (loss, *aux, *grads).
+    """
     n = len(names)
 
     def value_and_grad(*flat):
         params, data = dict(zip(names, flat[:n])), flat[n:]
+        if has_aux:
+            def split(p):
+                loss, *aux = loss_fn(p, *data)
+                return loss, tuple(aux)
+
+            grads, (loss, aux) = torch.func.grad_and_value(split, has_aux=True)(params)
+            return (loss, *aux, *[grads[k] for k in names])
         grads, loss = torch.func.grad_and_value(lambda p: loss_fn(p, *data))(params)
         return (loss, *[grads[k] for k in names])
 
     return value_and_grad
 
 
-def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], opt: AdamWConfig):
+def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], opt: AdamWConfig,
+                  has_aux: bool = False):
     """(*params, *m, *v, step, lr, *data) -> (loss, *params', *m', *v').
 
     Forward, backward and one AdamW update in one function; `step` is the
     1-based index of this update and `lr` its learning rate (f32 scalars).
+    With has_aux (see value_and_grad_fn) the result is (loss, *aux, *params', *m', *v').
     """
     n = len(names)
-    vg = value_and_grad_fn(loss_fn, names)
+    vg = value_and_grad_fn(loss_fn, names, has_aux)
 
     def train_step(*flat):
         params, m, v = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
         step, lr, data = flat[3 * n], flat[3 * n + 1], flat[3 * n + 2 :]
-        loss, *grads = vg(*params, *data)
+        loss, *rest = vg(*params, *data)
+        aux, grads = rest[: len(rest) - n], rest[len(rest) - n :]
         new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay))
-        return (loss, *new_p, *new_m, *new_v)
+        return (loss, *aux, *new_p, *new_m, *new_v)
 
     return train_step
 

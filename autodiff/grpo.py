@@ -1,0 +1,113 @@
+"""GRPO: group-relative advantages and the clipped, KL-regularised policy loss.
+
+The formulas follow TRL's GRPOTrainer:
+
+    advantage_i   = (r_i - mean_group(r)) / (std(r) + 1e-4)          (std per group, per batch, or none)
+    ratio_t       = exp(logp_t - old_logp_t)
+    per_token_t   = -min(ratio_t * A, clamp(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
+    kl_t          = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                  (k3 estimator)
+
+aggregated over completion tokens (mask) as
+    grpo     mean over sequences of (sum_t per_token * mask) / (sum_t mask)
+    dapo     sum(per_token * mask) / sum(mask)                   (token level, whole batch)
+    dr_grpo  sum(per_token * mask) / (B * max_completion_length)
+
+`token_logprobs` turns logits into the per-token log-probabilities these
+take, written to trace and lower cleanly (arange comparison, no gather).
+Everything here is a pure function of tensors; hyperparameters that may
+change between runs (beta, epsilons, temperature) are tensors too, so a
+compiled loss never needs rebuilding when they change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+ADV_EPS = 1e-4
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) at temperature: (B, T, V), (B, T) -> (B, T-1).
+
+    The sampled distribution is softmax(logits / temperature), so the policy
+    ratio and the KL are measured against it (TRL does the same).
+    """
+    z = logits[:, :-1].float() / temperature  # (B, T-1, V)
+    vocab = torch.arange(z.shape[-1], device=z.device)
+    picked = ids[:, 1:].unsqueeze(-1) == vocab  # (B, T-1, V) bool
+    chosen = (z * picked).sum(-1)  # (B, T-1)
+    return chosen - torch.logsumexp(z, dim=-1)  # (B, T-1)
+
+
+def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = ref - logp (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int):
+    """Reduce a (B, L) per-token loss over the completion mask as `loss_type` says."""
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta,
+    eps_low,
+    eps_high,
+    loss_type: str = "grpo",
+    max_completion_length: int = 1,
+):
+    """GRPO loss and its statistics.
+
+    logp, old_logp, ref_logp, mask: (B, L); advantages: (B,). beta, eps_low,
+    eps_high: floats or 0-d tensors. Returns (loss, kl, clip_ratio,
+    low_clip, high_clip), the last four masked token means (as TRL logs them).
+    """
+    adv = advantages.unsqueeze(1)  # (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (B, L)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, L)
+    kl = per_token_kl(logp, ref_logp)
+    per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, loss_type, max_completion_length)
+
+    ntok = mask.sum().clamp(min=1.0)
+    low = ((ratio < 1.0 - eps_low) & (adv < 0)).float()
+    high = ((ratio > 1.0 + eps_high) & (adv > 0)).float()
+    stats = [(x * mask).sum() / ntok for x in (kl, low + high, low, high)]
+    return (loss, *stats)
+
+
+def compute_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"):
+    """Group-relative advantages of rewards (N,) laid out group after group.
+
+    Returns (advantages (N,), frac_reward_zero_std): the fraction of groups
+    whose rewards are all equal (they carry no learning signal).
+    """
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {scale!r}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (group_size >= 2)")
+    grouped = rewards.view(-1, group_size)  # (G, group_size)
+    mean = grouped.mean(1).repeat_interleave(group_size)  # (N,)
+    std_group = grouped.std(1)  # (G,) unbiased, as torch.std / TRL
+    adv = rewards - mean
+    if scale == "group":
+        adv = adv / (std_group.repeat_interleave(group_size) + ADV_EPS)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + ADV_EPS)
+    frac_zero_std = torch.isclose(std_group, torch.zeros_like(std_group)).float().mean()
+    return adv, float(frac_zero_std)
