@@ -261,14 +261,14 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def _qkv(params, p, x, position_ids, cfg):
-    """q (B, nh, T, hd), k and v (B, nkv, T, hd), RoPE applied to q and k."""
+def _qkv(params, p, x, rope, cfg):
+    """q (B, nh, T, hd), k and v (B, nkv, T, hd), RoPE (cos, sin) applied to q and k."""
     B, T, _ = x.shape
     hd = cfg.dim_head
     q = _linear(params, f"{p}.q_proj", x).view(B, T, cfg.num_attention_heads, hd).transpose(1, 2)
     k = _linear(params, f"{p}.k_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
     v = _linear(params, f"{p}.v_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
-    cos, sin = _rope(position_ids, hd, cfg.rope_theta)
+    cos, sin = rope
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
@@ -305,20 +305,24 @@ def _head(params, x, cfg):
     return F.linear(x.to(w.dtype), w).float()  # (B, T, V)
 
 
-def _write_cache(cache, new, position_ids):
-    """cache (B, nkv, S, hd) with new (B, nkv, T, hd) written at slots position_ids (B, T).
-
-    A where-mask update: slot s of row b takes the token whose position is s
-    (no token -> unchanged). Negative positions match no slot.
-    """
-    S = cache.shape[2]
+def _cache_slots(position_ids, S):
+    """(sel (B, T, S) float: token t goes to slot s, written (B, 1, S, 1) bool: slot s gets a token)."""
     slots = torch.arange(S, device=position_ids.device)
-    sel = position_ids[:, :, None] == slots  # (B, T, S)
-    written = sel.any(dim=1)[:, None, :, None]  # (B, 1, S, 1)
+    sel = position_ids[:, :, None] == slots  # (B, T, S); negative positions match no slot
+    return sel.float(), sel.any(dim=1)[:, None, :, None]
+
+
+def _write_cache(cache, new, slots):
+    """cache (B, nkv, S, hd) with new (B, nkv, T, hd) written at the slots of `_cache_slots`.
+
+    A where-mask update (index_copy_ does not compile): slot s of row b takes
+    the token whose position is s; slots without a token keep their value.
+    """
+    sel, written = slots
     if new.shape[2] == 1:
-        scattered = new  # broadcasts over S
+        scattered = new  # (B, nkv, 1, hd) broadcasts over S
     else:
-        scattered = torch.einsum("bts,bhtd->bhsd", sel.to(new.dtype), new)  # (B, nkv, S, hd)
+        scattered = torch.einsum("bts,bhtd->bhsd", sel, new)  # (B, nkv, S, hd)
     return torch.where(written, scattered, cache)
 
 
@@ -350,11 +354,12 @@ def forward(
             position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
     if position_ids is None:
         position_ids = idx[None].expand(B, T)
+    rope = _rope(position_ids, cfg.dim_head, cfg.rope_theta)
     x = _embed(params, input_ids)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(params, f"{p}.input_layernorm", x, cfg.rms_norm_eps)
-        q, k, v = _qkv(params, f"{p}.self_attn", h, position_ids, cfg)
+        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg)
         x = x + _linear(params, f"{p}.self_attn.o_proj", _attend(q, k, v, visible, cfg), bias=False)
         x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps))
     return _head(params, x, cfg)
@@ -378,14 +383,16 @@ def forward_cached(
     S = cache_k.shape[3]
     slots = torch.arange(S, device=input_ids.device)
     visible = slots[None, None, :] <= position_ids[:, :, None]  # (B, T, S)
+    rope = _rope(position_ids, cfg.dim_head, cfg.rope_theta)
+    slots = _cache_slots(position_ids, S)
     x = _embed(params, input_ids)
     new_k, new_v = [], []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(params, f"{p}.input_layernorm", x, cfg.rms_norm_eps)
-        q, k, v = _qkv(params, f"{p}.self_attn", h, position_ids, cfg)
-        ck = _write_cache(cache_k[i], k, position_ids)  # (B, nkv, S, hd)
-        cv = _write_cache(cache_v[i], v, position_ids)
+        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg)
+        ck = _write_cache(cache_k[i], k, slots)  # (B, nkv, S, hd)
+        cv = _write_cache(cache_v[i], v, slots)
         new_k.append(ck)
         new_v.append(cv)
         x = x + _linear(params, f"{p}.self_attn.o_proj", _attend(q, ck, cv, visible, cfg), bias=False)

@@ -43,10 +43,34 @@ def nanogpt_target(
     return Target(name, NANOGPT_RECIPE, config, NANOGPT_SOURCES, f"{model} training module (batch {batch_size})")
 
 
+QWEN_RECIPE = "pcpc.mlir.qwen_functions:build"
+QWEN_SOURCES = (
+    "pcpc.exporters.qwen2",
+    "pcpc.autodiff.derive",
+    "pcpc.mlir.lower",
+    "pcpc.mlir.qwen_functions",
+)
+
+
+def qwen_target(name: str, model: str | None = None, hf_config: dict | None = None, **recipe) -> Target:
+    """A Qwen2 module (prefill_bs{B} / decode_bs{B} / forward_loss); recipe keys: mlir/qwen_functions.py."""
+    config = {"model": model} if hf_config is None else {"hf_config": dict(hf_config)}
+    config.update(recipe)
+    what = model or "Qwen2 (config.json)"
+    fns = ", ".join(config.get("functions", ["prefill", "decode"]))
+    return Target(name, QWEN_RECIPE, config, QWEN_SOURCES,
+                  f"{what} {config.get('dtype', 'float32')} {fns}, batch {config.get('batch_sizes', [1])}")
+
+
 def _registry() -> dict[str, Target]:
     targets = [
         nanogpt_target("nanogpt-small", "nanogpt-small", batch_size=64),
         nanogpt_target("nanogpt-medium", "nanogpt-medium", batch_size=32),
+        qwen_target("qwen-generation", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024),
+        qwen_target("qwen-generation-bf16", "qwen2.5-0.5b", dtype="bfloat16", batch_sizes=[1], prefill_len=128,
+                    max_seq=1024),
+        qwen_target("qwen-tiny", "qwen2-tiny", batch_sizes=[1, 2], prefill_len=8, max_seq=64,
+                    functions=["prefill", "decode", "forward_loss"], loss_batch_size=2, loss_seq_len=16),
     ]
     return {t.name: t for t in targets}
 
