@@ -34,11 +34,11 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature) -> torc
     The sampled distribution is softmax(logits / temperature), so the policy
     ratio and the KL are measured against it (TRL does the same).
     """
-    z = logits[:, :-1].float() / temperature  # (B, T-1, V)
-    vocab = torch.arange(z.shape[-1], device=z.device)
+    # log_softmax, not logsumexp: aten.logsumexp does not lower to IREE.
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    vocab = torch.arange(logp.shape[-1], device=logp.device)
     picked = ids[:, 1:].unsqueeze(-1) == vocab  # (B, T-1, V) bool
-    chosen = (z * picked).sum(-1)  # (B, T-1)
-    return chosen - torch.logsumexp(z, dim=-1)  # (B, T-1)
+    return (logp * picked).sum(-1)  # (B, T-1)
 
 
 def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -47,15 +47,28 @@ def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int):
-    """Reduce a (B, L) per-token loss over the completion mask as `loss_type` says."""
-    if loss_type == "grpo":
-        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "dapo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
-    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type, max_completion_length):
+    """Reduce a (B, L) per-token loss over the completion mask as `loss_type` says.
+
+    loss_type is a name, or a (3,) tensor of weights over LOSS_TYPES (a
+    one-hot selects one): the compiled loss takes it as an input, so one
+    module serves every loss type.
+    """
+    seq_mean = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    token_mean = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    dr = (per_token * mask).sum() / (per_token.shape[0] * max_completion_length)
+    if isinstance(loss_type, str):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+        return {"grpo": seq_mean, "dapo": token_mean, "dr_grpo": dr}[loss_type]
+    return loss_type[0] * seq_mean + loss_type[1] * token_mean + loss_type[2] * dr
+
+
+def loss_type_weights(loss_type: str) -> list[float]:
+    """The one-hot (3,) selector of `loss_type` for compiled losses."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    return [float(t == loss_type) for t in LOSS_TYPES]
 
 
 def grpo_loss(
@@ -67,13 +80,14 @@ def grpo_loss(
     beta,
     eps_low,
     eps_high,
-    loss_type: str = "grpo",
-    max_completion_length: int = 1,
+    loss_type="grpo",
+    max_completion_length=1,
 ):
     """GRPO loss and its statistics.
 
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,). beta, eps_low,
-    eps_high: floats or 0-d tensors. Returns (loss, kl, clip_ratio,
+    eps_high, max_completion_length: floats or 0-d tensors; loss_type: see
+    `aggregate`. Returns (loss, kl, clip_ratio,
     low_clip, high_clip), the last four masked token means (as TRL logs them).
     """
     adv = advantages.unsqueeze(1)  # (B, 1)

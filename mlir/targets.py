@@ -62,6 +62,27 @@ def qwen_target(name: str, model: str | None = None, hf_config: dict | None = No
                   f"{what} {config.get('dtype', 'float32')} {fns}, batch {config.get('batch_sizes', [1])}")
 
 
+RL_RECIPE = "pcpc.mlir.rl_functions:build"
+RL_SOURCES = QWEN_SOURCES + (
+    "pcpc.autodiff.grpo",
+    "pcpc.autodiff.dpo",
+    "pcpc.autodiff.optim",
+    "pcpc.mlir.rl_functions",
+)
+GRPO_FUNCTIONS = ["token_logprobs", "grpo_train_step", "outer_step"]
+DPO_FUNCTIONS = ["sequence_logps", "dpo_train_step"]
+
+
+def rl_target(name: str, model: str | None = None, hf_config: dict | None = None, **recipe) -> Target:
+    """A Qwen2 GRPO / DPO training module; recipe keys: mlir/rl_functions.py."""
+    config = {"model": model} if hf_config is None else {"hf_config": dict(hf_config)}
+    config.update(recipe)
+    what = model or "Qwen2 (config.json)"
+    fns = ", ".join(config.get("functions", ["all RL functions"]))
+    return Target(name, RL_RECIPE, config, RL_SOURCES,
+                  f"{what} {fns}, batch {config.get('batch_size')} x {config.get('seq_len')} tokens")
+
+
 def _registry() -> dict[str, Target]:
     targets = [
         nanogpt_target("nanogpt-small", "nanogpt-small", batch_size=64),
@@ -71,6 +92,10 @@ def _registry() -> dict[str, Target]:
                     max_seq=1024),
         qwen_target("qwen-tiny", "qwen2-tiny", batch_sizes=[1, 2], prefill_len=8, max_seq=64,
                     functions=["prefill", "decode", "forward_loss"], loss_batch_size=2, loss_seq_len=16),
+        # GRPO learner of experiments/qwen_rl_test.json: 1 prompt x group 4, 16 prompt + 128 completion tokens.
+        rl_target("qwen-grpo-training", "qwen2.5-0.5b", batch_size=4, seq_len=144, functions=GRPO_FUNCTIONS),
+        rl_target("qwen-tiny-grpo", "qwen2-tiny", batch_size=4, seq_len=32, functions=GRPO_FUNCTIONS),
+        rl_target("qwen-tiny-dpo", "qwen2-tiny", batch_size=4, seq_len=32, functions=DPO_FUNCTIONS),
     ]
     return {t.name: t for t in targets}
 

@@ -1,0 +1,176 @@
+"""The functions a Qwen2 RL training module (GRPO / DPO) exports, built from a recipe config.
+
+Config keys (all JSON):
+    model, hf_config, model_overrides   the model, as in mlir/qwen_functions.py
+    batch_size             B, rows per call (GRPO: num_prompts * group_size; DPO: 2 * pairs)
+    seq_len                T, tokens per row (prompt + completion, right-padded)
+    optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
+    functions              subset of FUNCTIONS (default: all)
+
+Every function takes all weights first (qwen2.param_shapes order), then
+optimizer state, then scalars, then data. Rows are laid out
+[prompt][completion][padding] from position 0; L = T - 1 token positions
+(log p of token t+1 given tokens 0..t).
+
+    token_logprobs      (*P, ids (B,T) i64, temperature) -> logp (B,L)
+    sequence_logps      (*P, ids, mask (B,L) f32) -> (B,) sum of masked token log-probs
+    grpo_value_and_grad (*P, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *grads
+    grpo_train_step     (*P, *m, *v, step, lr, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *P', *m', *v'
+    dpo_value_and_grad  (*P, <dpo data>) -> loss, chosen_rewards (B/2,), rejected_rewards (B/2,), *grads
+    dpo_train_step      (*P, *m, *v, step, lr, <dpo data>) -> loss, chosen_rewards, rejected_rewards, *P', *m', *v'
+    outer_step          (*P, *momentum, *local, lr, mu) -> *P', *momentum'
+                        Nesterov on the pseudo-gradient delta = P - local (the learner's update of the
+                        iteration): b <- mu b + delta; P <- P - lr (delta + mu b)
+
+<grpo data> = ids (B,T) i64, mask (B,L) f32 (1 on completion targets),
+    advantages (B,), old_logp (B,L), ref_logp (B,L), loss_type (3,) f32
+    (one-hot over grpo, dapo, dr_grpo), beta, eps_low, eps_high, temperature,
+    max_completion_length (the dr_grpo normaliser), use_old (0/1: 0 takes the
+    current log-probs, detached, as the old policy's — TRL's single-update
+    case — and saves a forward pass).
+<dpo data> = ids (B,T) i64 (chosen rows, then rejected rows), mask (B,L) f32,
+    ref_logps (B,) (the reference's sequence_logps; per-token means for ipo),
+    loss_type (3,) f32 (one-hot over sigmoid, ipo, hinge), beta.
+Loss types and hyperparameters are inputs, so one module per shape serves
+every GRPO / DPO configuration.
+Gradients are derived by pcpc.autodiff.derive (torch.func), never written by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pcpc.autodiff import derive
+from pcpc.autodiff.dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, sequence_logps
+from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_logprobs
+from pcpc.autodiff.optim import AdamWConfig, nesterov_outer
+from pcpc.config import from_dict
+from pcpc.exporters import qwen2
+from pcpc.mlir.lower import ExportFunction
+from pcpc.mlir.qwen_functions import model_config, param_specs
+from pcpc.mlir.signature import TensorSpec
+
+FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "grpo_train_step",
+             "dpo_value_and_grad", "dpo_train_step", "outer_step")
+KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "optimizer", "functions")
+RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
+"""AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
+
+
+def make_grpo_loss(cfg: qwen2.Qwen2Config):
+    """loss_fn(params, <grpo data>) -> (loss, kl, clip_ratio, low_clip, high_clip)."""
+
+    def loss_fn(params, ids, mask, advantages, old_logp, ref_logp, loss_type, beta, eps_low, eps_high,
+                temperature, max_completion_length, use_old):
+        logits = qwen2.forward(params, ids, None, cfg)  # (B, T, V)
+        logp = token_logprobs(logits, ids, temperature)  # (B, L)
+        old = use_old * old_logp + (1.0 - use_old) * logp.detach()
+        return grpo_loss(logp, old, ref_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
+                         max_completion_length)
+
+    return loss_fn
+
+
+def make_dpo_loss(cfg: qwen2.Qwen2Config):
+    """loss_fn(params, <dpo data>) -> (loss, chosen_rewards, rejected_rewards)."""
+
+    def loss_fn(params, ids, mask, ref_logps, loss_type, beta):
+        logits = qwen2.forward(params, ids, None, cfg)
+        # ipo (loss_type[1]) compares per-token mean log-probs, the others sums
+        seq = sequence_logps(token_logprobs(logits, ids, 1.0), mask, average=loss_type[1])  # (2P,)
+        n = seq.shape[0] // 2
+        return dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta, loss_type)
+
+    return loss_fn
+
+
+def check_config(config: dict) -> None:
+    unknown = sorted(set(config) - set(KEYS))
+    if unknown:
+        raise ValueError(f"rl recipe: unknown keys {unknown}; valid: {', '.join(KEYS)}")
+    for key in ("batch_size", "seq_len"):
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise ValueError(f"rl recipe: {key} must be a positive integer, got {config.get(key)!r}")
+    if config["seq_len"] < 2:
+        raise ValueError("rl recipe: seq_len must be >= 2")
+    bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS]
+    if bad:
+        raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
+    wanted = config.get("functions", FUNCTIONS)
+    if any(f.startswith("dpo") for f in wanted) and config["batch_size"] % 2:
+        raise ValueError("rl recipe: DPO functions need an even batch_size (chosen rows, then rejected rows)")
+
+
+def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
+    """ExportFunctions for the requested functions, and the parameter specs in order."""
+    check_config(config)
+    cfg = model_config(config)
+    B, T = config["batch_size"], config["seq_len"]
+    L = T - 1
+    opt = from_dict(AdamWConfig, {**RL_OPTIMIZER, **config.get("optimizer", {})}, where="optimizer")
+    P = param_specs(cfg)
+    names = [p.name for p in P]
+    n = len(names)
+    decay = [len(p.shape) >= 2 for p in P]
+    M = [TensorSpec("m." + p.name, "optimizer_state", p.shape, "float32") for p in P]
+    V = [TensorSpec("v." + p.name, "optimizer_state", p.shape, "float32") for p in P]
+    mom = [TensorSpec("momentum." + p.name, "optimizer_state", p.shape, "float32") for p in P]
+    local = [TensorSpec("local." + p.name, "data", p.shape, "float32") for p in P]
+
+    def scalar(name):
+        return TensorSpec(name, "scalar", (), "float32")
+
+    def f32(name, shape):
+        return TensorSpec(name, "data", shape, "float32")
+
+    ids = TensorSpec("ids", "data", (B, T), "int64")
+    mask = f32("mask", (B, L))
+    grpo_data = [ids, mask, f32("advantages", (B,)), f32("old_logp", (B, L)), f32("ref_logp", (B, L)),
+                 f32("loss_type", (len(GRPO_LOSS_TYPES),)), scalar("beta"), scalar("eps_low"), scalar("eps_high"),
+                 scalar("temperature"), scalar("max_completion_length"), scalar("use_old")]
+    grpo_stats = [("loss", "loss"), ("kl", "output"), ("clip_ratio", "output"), ("low_clip", "output"),
+                  ("high_clip", "output")]
+    dpo_data = [ids, mask, f32("ref_logps", (B,)), f32("loss_type", (len(DPO_LOSS_TYPES),)), scalar("beta")]
+    dpo_stats = [("loss", "loss"), ("chosen_rewards", "output"), ("rejected_rewards", "output")]
+    grads = [("grad." + nm, "grad") for nm in names]
+    new_state = [(s.name, s.role) for s in P + M + V]
+    step_lr = [scalar("step"), scalar("lr")]
+
+    grpo_fn = make_grpo_loss(cfg)
+    dpo_fn = make_dpo_loss(cfg)
+
+    def logprobs(*flat):
+        return token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), flat[n], None, cfg), flat[n], flat[n + 1])
+
+    def outer(*flat):
+        params, momentum, after = list(flat[:n]), list(flat[n : 2 * n]), flat[2 * n : 3 * n]
+        delta = [p - q for p, q in zip(params, after)]
+        new_p, new_b = nesterov_outer(params, momentum, delta, flat[3 * n], flat[3 * n + 1])
+        return (*new_p, *new_b)
+
+    def seq_logps(*flat):
+        x, m = flat[n], flat[n + 1]
+        return sequence_logps(token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), x, None, cfg), x, 1.0), m)
+
+    fns = {
+        "token_logprobs": lambda: ExportFunction(
+            "token_logprobs", logprobs, P + [ids, scalar("temperature")], [("logp", "output")]),
+        "sequence_logps": lambda: ExportFunction(
+            "sequence_logps", seq_logps, P + [ids, mask], [("logps", "output")]),
+        "grpo_value_and_grad": lambda: ExportFunction(
+            "grpo_value_and_grad", derive.value_and_grad_fn(grpo_fn, names, has_aux=True), P + grpo_data,
+            grpo_stats + grads),
+        "grpo_train_step": lambda: ExportFunction(
+            "grpo_train_step", derive.train_step_fn(grpo_fn, names, decay, opt, has_aux=True),
+            P + M + V + step_lr + grpo_data, grpo_stats + new_state),
+        "dpo_value_and_grad": lambda: ExportFunction(
+            "dpo_value_and_grad", derive.value_and_grad_fn(dpo_fn, names, has_aux=True), P + dpo_data,
+            dpo_stats + grads),
+        "dpo_train_step": lambda: ExportFunction(
+            "dpo_train_step", derive.train_step_fn(dpo_fn, names, decay, opt, has_aux=True),
+            P + M + V + step_lr + dpo_data, dpo_stats + new_state),
+        "outer_step": lambda: ExportFunction(
+            "outer_step", outer, P + mom + local + [scalar("lr"), scalar("mu")],
+            [(s.name, s.role) for s in P + mom]),
+    }
+    return [fns[f]() for f in config.get("functions", FUNCTIONS)], P

@@ -1,0 +1,70 @@
+"""Plain-PyTorch references for the GRPO / DPO numerics tests.
+
+An HF transformers Qwen2ForCausalLM with the same weights, log-probs picked
+with log_softmax + gather, and TRL's loss formulas written out again here,
+independently of pcpc.autodiff, so the compiled modules are checked against
+a second implementation rather than against themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from pcpc.exporters import qwen2
+
+
+def hf_model(cfg: qwen2.Qwen2Config, params: dict[str, torch.Tensor]) -> transformers.Qwen2ForCausalLM:
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_implementation="eager",
+    )
+    model = transformers.Qwen2ForCausalLM(hf_cfg).float()
+    state = dict(params)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = params["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True)
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.train()
+
+
+def token_logps(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) -> (B, T-1): log p(ids[t+1] | ids[:t+1]) at temperature."""
+    logits = model(input_ids=ids).logits[:, :-1] / temperature
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
+
+
+def grpo_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len):
+    """TRL GRPOTrainer._compute_loss (token-level importance sampling)."""
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    coef_1 = torch.exp(logp - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None]) + beta * kl
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dapo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token * mask).sum() / (per_token.size(0) * max_len)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type):
+    """TRL DPOTrainer.dpo_loss for sigmoid (no label smoothing), hinge and ipo."""
+    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * logits)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    else:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    return losses.mean(), beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+
+
+def rel_err(got, want) -> float:
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = torch.as_tensor(want, dtype=torch.float64)
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
