@@ -1,0 +1,242 @@
+"""DiLoCo: `pcpc run` (compiled modules) vs the same loop in plain PyTorch eager, side by side.
+
+The eager loop here is also the reference implementation the tests compare
+`pcpc run` against. It shares nothing with pcpc's loop but the model
+definition (pcpc.exporters.nanogpt.forward and init_params) and the data
+order (pcpc.runtime.data: tokenizer, shards, seeded batches, validation
+batches). The rest is textbook PyTorch:
+
+    inner   torch.optim.AdamW (weight decay on 2-D+ params only, as nanoGPT),
+            F.cross_entropy, loss.backward(), clip_grad_norm_, nanoGPT's get_lr
+    outer   torch.optim.SGD(nesterov=True) stepping the global params with the
+            averaged pseudo-gradient theta_global - theta_local as their .grad
+    comms   torch.distributed all_reduce (gloo), one tensor per parameter
+
+Both systems run W worker processes with one compute thread each (IREE task
+topology 1 / torch.set_num_threads(1) on this 2-core machine), the same
+config, rounds and evaluation schedule. Reported: wall time of the whole
+command (process start to exit; pcpc's modules are built beforehand) and
+training tokens/s (the round loop, evaluation included), the ratio pcpc /
+eager, and both final validation losses.
+
+    .venv/bin/python bench/diloco.py                      # 20 rounds of experiments/nanogpt_small.json
+    .venv/bin/python bench/diloco.py --rounds 100         # the full experiment: quality comparison too
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pcpc.exporters import nanogpt
+from pcpc.runtime.data import WorkerSampler, load_dataset, val_batches
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def get_lr(exp, it: int) -> float:
+    """nanoGPT's get_lr (train.py), or the constant rate."""
+    if exp.lr_schedule == "constant":
+        return exp.learning_rate
+    lr, warmup = exp.learning_rate, exp.warmup_steps
+    decay_iters = exp.lr_decay_steps if exp.lr_decay_steps is not None else exp.outer_loop_steps * exp.tau
+    min_lr = exp.min_learning_rate if exp.min_learning_rate is not None else lr / 10
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup) / (decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class ReferenceWorker:
+    """One DiLoCo worker in eager PyTorch: local params, a torch AdamW, its data shard."""
+
+    def __init__(self, exp, cfg, train_tokens, rank: int, world: int, init: dict):
+        self.exp, self.cfg = exp, cfg
+        self.params = {k: v.detach().clone().requires_grad_() for k, v in init.items()}
+        self.sampler = WorkerSampler(train_tokens, rank, world, cfg.block_size, exp.batch_size, exp.seed)
+        self.opt = self._adamw()
+
+    def _adamw(self):
+        decay = [p for p in self.params.values() if p.dim() >= 2]
+        no_decay = [p for p in self.params.values() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.exp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.exp.learning_rate, betas=(self.exp.beta1, self.exp.beta2),
+                                 eps=1e-8)
+
+    def run_round(self, global_params: dict, r: int) -> tuple[list[torch.Tensor], float]:
+        """tau inner steps from global_params; returns (pseudo-gradient per param, mean loss)."""
+        exp = self.exp
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(global_params[k])
+        if not exp.persist_inner_state:
+            self.opt = self._adamw()
+        total = 0.0
+        for k in range(exp.tau):
+            step = r * exp.tau + k
+            x, y = (torch.from_numpy(a) for a in self.sampler.batch(step))
+            for group in self.opt.param_groups:
+                group["lr"] = get_lr(exp, step)
+            logits = nanogpt.forward(self.params, x, self.cfg)  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if exp.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), exp.grad_clip)
+            self.opt.step()
+            total += loss.item()
+        with torch.no_grad():
+            delta = [global_params[k] - p for k, p in self.params.items()]
+        return delta, total / exp.tau
+
+
+class ReferenceOuter:
+    """The global params and torch's Nesterov SGD over them."""
+
+    def __init__(self, exp, init: dict):
+        self.params = {k: v.detach().clone().requires_grad_() for k, v in init.items()}
+        mu = exp.nesterov_momentum
+        self.opt = torch.optim.SGD(self.params.values(), lr=exp.outer_learning_rate, momentum=mu,
+                                   nesterov=mu > 0)
+
+    def step(self, delta: list[torch.Tensor]) -> None:
+        for p, d in zip(self.params.values(), delta):
+            p.grad = d.clone()
+        self.opt.step()
+
+
+@torch.no_grad()
+def reference_val_loss(params: dict, cfg, batches) -> float:
+    losses = []
+    for x, y in batches:
+        logits = nanogpt.forward(params, torch.from_numpy(x), cfg)
+        losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), torch.from_numpy(y).view(-1)).item())
+    return float(np.mean(losses))
+
+
+def setup(exp, world: int):
+    """(model config, dataset, initial params, validation batches) as pcpc run resolves them."""
+    from pcpc.runtime.diloco import preset_of, tokenizer_kind
+
+    data = load_dataset(exp.data_path, tokenizer_kind(exp))
+    cfg = nanogpt.make_config(preset_of(exp.model_path), vocab_size=data.tokenizer.vocab_size)
+    init = nanogpt.init_params(cfg, exp.seed)
+    val = val_batches(data.val, cfg.block_size, exp.eval_batch_size, exp.eval_batches)
+    return cfg, data, init, val
+
+
+def reference_diloco(exp, world: int, rounds: int) -> dict:
+    """Simulate `world` workers in this process, one after the other (for the tests)."""
+    cfg, data, init, val = setup(exp, world)
+    workers = [ReferenceWorker(exp, cfg, data.train, r, world, init) for r in range(world)]
+    outer = ReferenceOuter(exp, init)
+    train_losses = []
+    for r in range(rounds):
+        results = [w.run_round(outer.params, r) for w in workers]
+        mean = [sum(ds) / world for ds in zip(*(d for d, _ in results))]
+        outer.step(mean)
+        train_losses.append(sum(loss for _, loss in results) / world)
+    params = {k: v.detach().numpy().copy() for k, v in outer.params.items()}
+    return {"params": params, "train_losses": train_losses, "val_loss": reference_val_loss(outer.params, cfg, val)}
+
+
+def eager_worker(rank: int, world: int, payload) -> dict:
+    """One process of the distributed eager DiLoCo run (the bench's contender)."""
+    import torch.distributed as dist
+
+    exp, rounds = payload
+    torch.set_num_threads(1)
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=exp.timeout_s))
+    cfg, data, init, val = setup(exp, world)
+    worker = ReferenceWorker(exp, cfg, data.train, rank, world, init)
+    outer = ReferenceOuter(exp, init)
+    my_val = val[rank::world]
+    t0 = time.perf_counter()
+    val_loss = None
+    for r in range(rounds):
+        delta, _ = worker.run_round(outer.params, r)
+        for d in delta:
+            dist.all_reduce(d)
+            d /= world
+        outer.step(delta)
+        if r + 1 == rounds or (exp.eval_interval and (r + 1) % exp.eval_interval == 0):
+            t = torch.tensor([reference_val_loss(outer.params, cfg, my_val) * len(my_val), len(my_val)],
+                             dtype=torch.float64)
+            dist.all_reduce(t)
+            val_loss = float(t[0] / t[1])
+    seconds = time.perf_counter() - t0
+    dist.destroy_process_group()
+    tokens = rounds * exp.tau * world * exp.batch_size * cfg.block_size
+    return {"train_seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "final_val_loss": val_loss}
+
+
+def run_pcpc(config: Path, rounds: int, out: Path) -> dict:
+    cmd = [str(Path(sys.executable).parent / "pcpc"), "run", str(config), "--out", str(out), "--quiet",
+           "--set", f"outer_loop_steps={rounds}", "--set", "wandb_project=null"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    return {**json.loads((out / "summary.json").read_text()), "wall_s": wall}
+
+
+def run_eager(exp, rounds: int) -> dict:
+    from pcpc.runtime.launch import launch_local
+
+    t0 = time.perf_counter()
+    out = launch_local(eager_worker, (exp, rounds), exp.num_workers)[0]
+    return {**out, "wall_s": time.perf_counter() - t0}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "experiments" / "nanogpt_small.json"))
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--out", default=None, help="pcpc's run directory (default: a temporary one)")
+    args = ap.parse_args()
+
+    from pcpc.config import load_json
+    from pcpc.experiment import parse_experiment
+    from pcpc.runtime.data import load_dataset as load
+    from pcpc.runtime.diloco import check_data, resolve_model, tokenizer_kind
+
+    raw = {**load_json(args.config), "outer_loop_steps": args.rounds, "wandb_project": None}
+    exp = parse_experiment(raw, where=args.config)
+    check_data(exp)
+    resolve_model(exp, load(exp.data_path, tokenizer_kind(exp)).tokenizer.vocab_size)  # build outside the timing
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or Path(tmp) / "run")
+        pcpc = run_pcpc(Path(args.config), args.rounds, out)
+        eager = run_eager(exp, args.rounds)
+    print(f"DiLoCo {Path(args.config).name}: {args.rounds} rounds x tau {exp.tau}, {exp.num_workers} workers, "
+          f"batch {exp.batch_size}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{datetime.date.today()}")
+    print(f"{'':8s} {'wall s':>8s} {'train s':>8s} {'tok/s':>9s} {'val loss':>9s}")
+    for name, r in (("pcpc", pcpc), ("eager", eager)):
+        print(f"{name:8s} {r['wall_s']:8.1f} {r['train_seconds']:8.1f} {r['tokens_per_s']:9.0f} "
+              f"{r['final_val_loss']:9.4f}")
+    print(f"ratio pcpc/eager: tokens/s {pcpc['tokens_per_s'] / eager['tokens_per_s']:.2f}x (training loop), "
+          f"wall {eager['wall_s'] / pcpc['wall_s']:.2f}x faster (whole command)")
+    rel = abs(pcpc["final_val_loss"] - eager["final_val_loss"]) / eager["final_val_loss"]
+    print(f"final val loss: pcpc {pcpc['final_val_loss']:.4f} vs eager {eager['final_val_loss']:.4f} "
+          f"({100 * rel:.2f}% apart)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`pcpc data fetch NAME`: download a training text from its canonical source, checksummed.
+
+tiny_shakespeare: karpathy/char-rnn's input.txt -> data/tiny_shakespeare.txt
+enwik8: mattmahoney.net/dc/enwik8.zip, unzipped -> data/enwik8.txt
+The download goes to a temporary file, is checked against the published
+checksum and only then renamed into place. Without a network the error says
+which file to place where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from pcpc.errors import UserError
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    file_name: str
+    algorithm: str
+    digest: str
+    """Checksum of the final (unzipped) file."""
+    size: int
+    member: str | None = None
+    """For a zip download: the member to extract."""
+
+
+SOURCES = {
+    "tiny_shakespeare": Source(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        "tiny_shakespeare.txt", "sha256", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        1_115_394,
+    ),
+    # The Hutter Prize's published checksums of the 100,000,000-byte file.
+    "enwik8": Source(
+        "http://mattmahoney.net/dc/enwik8.zip", "enwik8.txt", "sha1", "57b8363b814821dc9d47aa4d41f58733519076b2",
+        100_000_000, member="enwik8",
+    ),
+}
+
+
+def register(cli: click.Group, data: click.Group) -> None:
+    data.add_command(fetch)
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    import urllib.request
+
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False) as bar:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def fetch_dataset(name: str, out_dir: Path, timeout: float = 60.0, say=click.echo) -> Path:
+    """Download, verify and place dataset `name` in out_dir; returns its path."""
+    if name not in SOURCES:
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(SOURCES)}")
+    src = SOURCES[name]
+    dest = out_dir / src.file_name
+    if dest.is_file():
+        if file_digest(dest, src.algorithm) == src.digest:
+            say(f"{dest} is already there (checksum ok)")
+            return dest
+        raise UserError(f"{dest} exists but its {src.algorithm} is not the published {src.digest[:12]}…; "
+                        f"remove it and fetch again")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{src.file_name}.", suffix=".download")
+    os.close(fd)
+    tmp = Path(tmp)
+    unzipped = tmp.with_suffix(".unzipped")
+    try:
+        say(f"downloading {src.url}")
+        try:
+            _download(src.url, tmp, timeout)
+        except OSError as e:  # URLError, timeouts, DNS failures
+            raise UserError(
+                f"could not download {name} from {src.url} ({getattr(e, 'reason', e)}). Without a network, "
+                f"place the file at {dest} yourself ({src.size:,} bytes, {src.algorithm} {src.digest})"
+                + (f": unzip {Path(src.url).name} and rename {src.member} to {src.file_name}" if src.member else "")
+            ) from None
+        final = tmp
+        if src.member:
+            try:
+                with zipfile.ZipFile(tmp) as zf, zf.open(src.member) as member, open(unzipped, "wb") as out:
+                    for chunk in iter(lambda: member.read(1 << 20), b""):
+                        out.write(chunk)
+            except (zipfile.BadZipFile, KeyError) as e:
+                raise UserError(f"{src.url}: not the expected zip archive ({e})") from None
+            final = unzipped
+        got = file_digest(final, src.algorithm)
+        if got != src.digest:
+            raise UserError(f"{src.url}: {src.algorithm} {got} does not match the published {src.digest}; "
+                            f"nothing was written to {dest}")
+        os.replace(final, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        unzipped.unlink(missing_ok=True)
+    say(f"{dest}: {src.size:,} bytes, {src.algorithm} ok")
+    return dest
+
+
+@click.command()
+@click.argument("name", type=click.Choice(sorted(SOURCES)))
+@click.option("--dir", "out_dir", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="Where to put the file.")
+@click.option("--timeout", default=60.0, show_default=True, help="Network timeout in seconds.")
+def fetch(name, out_dir, timeout):
+    """Download a dataset (tiny_shakespeare, enwik8) and verify its checksum."""
+    fetch_dataset(name, Path(out_dir), timeout)
