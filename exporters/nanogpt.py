@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pcpc.config import from_dict
+from pcpc.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ PRESETS = {
 def make_config(preset: str, **overrides) -> NanoGPTConfig:
     """Preset plus overrides; unknown keys and wrong types are errors naming the key."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown nanogpt preset {preset!r}; valid: {', '.join(PRESETS)}")
+        raise UserError(f"unknown nanogpt preset {preset!r}; valid: {', '.join(PRESETS)}")
     return from_dict(NanoGPTConfig, {**PRESETS[preset], **overrides}, where=f"{preset} config")
 
 
