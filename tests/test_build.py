@@ -1,0 +1,145 @@
+"""The build graph: caching by content hash, exact invalidation, atomic writes, concurrent builds."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_target
+from pcpc.errors import UserError
+from pcpc.mlir import build as build_mod
+from pcpc.mlir.build import Target, build
+from pcpc.mlir.signature import load_meta
+from pcpc.mlir.targets import get_target
+from pcpc.runtime.module import CompiledModule
+
+
+def mtimes(result):
+    return {p: os.stat(p).st_mtime_ns for p in (result.mlir, result.vmfb, result.meta)}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build")
+    return out, build(tiny_target(), out)
+
+
+def test_first_build_runs_every_step(built):
+    out, result = built
+    assert result.ran == ["export", "compile"]
+    meta = load_meta(result.meta)
+    assert set(meta.functions) == {"forward_loss"}
+    prov = meta.provenance
+    assert prov.compile_target == "llvm-cpu" and "--iree-llvmcpu-target-cpu=host" in prov.compile_flags
+    assert set(prov.versions) == {"torch", "iree-turbine", "iree-base-compiler", "pcpc"}
+    assert prov.config["model_overrides"]["n_embd"] == 16
+    assert meta.parameter_bytes == sum(p.nbytes for p in meta.parameters)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_noop_rebuild_rewrites_nothing(built):
+    out, first = built
+    before = mtimes(first)
+    again = build(tiny_target(), out)
+    assert again.ran == []
+    assert mtimes(again) == before
+
+
+def test_compile_flag_change_recompiles_only(built, monkeypatch):
+    out, first = built
+    mlir_before = os.stat(first.mlir).st_mtime_ns
+    real = build_mod.compile_flags
+    monkeypatch.setattr(build_mod, "compile_flags", lambda t, a=None: real(t, a) + ("--iree-opt-strip-assertions",))
+    result = build(tiny_target(), out)
+    assert result.ran == ["compile"]
+    assert os.stat(result.mlir).st_mtime_ns == mlir_before
+    assert "--iree-opt-strip-assertions" in load_meta(result.meta).provenance.compile_flags
+    monkeypatch.setattr(build_mod, "compile_flags", real)
+    assert build(tiny_target(), out).ran == ["compile"]  # back to the default flags
+
+
+def test_compiler_version_change_recompiles_only(built, monkeypatch):
+    out, _ = built
+    real = build_mod._versions
+    monkeypatch.setattr(build_mod, "_versions", lambda: {**real(), "iree-base-compiler": "0.0-other"})
+    assert build(tiny_target(), out).ran == ["compile"]
+    monkeypatch.setattr(build_mod, "_versions", real)
+    assert build(tiny_target(), out).ran == ["compile"]
+
+
+def test_config_change_rebuilds_and_other_targets_untouched(tmp_path):
+    a = build(tiny_target("a"), tmp_path)
+    b = build(tiny_target("b", vocab_size=13), tmp_path)
+    assert b.ran == ["export", "compile"]
+    a_times = mtimes(a)
+    b2 = build(tiny_target("b", vocab_size=17), tmp_path)
+    assert b2.ran == ["export", "compile"]
+    assert mtimes(build(tiny_target("a"), tmp_path)) == a_times
+
+
+def test_source_change_reexports(tmp_path, monkeypatch):
+    """Editing a source module the target depends on re-runs the export."""
+    mod_file = tmp_path / "pcpc_test_extra_source.py"
+    mod_file.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = tiny_target("src")
+    target = Target(base.name, base.recipe, base.config, base.sources + ("pcpc_test_extra_source",))
+    out = tmp_path / "out"
+    assert build(target, out).ran == ["export", "compile"]
+    assert build(target, out).ran == []
+    mod_file.write_text("X = 2\n")
+    assert build(target, out).ran[0] == "export"
+
+
+def test_failed_compile_leaves_previous_artifacts_intact(built, monkeypatch):
+    out, _ = built
+    good = build(tiny_target(), out)
+    before = {p: p.read_bytes() for p in (good.vmfb, good.meta)}
+
+    def broken(mlir, vmfb, flags):
+        Path(vmfb).write_bytes(b"half-written")
+        raise RuntimeError("iree-compile failed (simulated)")
+
+    monkeypatch.setattr(build_mod, "compile_mlir", broken)
+    monkeypatch.setattr(build_mod, "compile_flags", lambda t, a=None: ("--something-new",))
+    with pytest.raises(RuntimeError, match="simulated"):
+        build(tiny_target(), out)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_concurrent_builds_of_one_target(tmp_path):
+    """Two processes building the same target at once (make -j2) leave one correct result."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import tiny_target
+        from pcpc.mlir.build import build
+        print(build(tiny_target("race"), {str(tmp_path)!r}).ran)
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    ran = sorted(o.strip().splitlines()[-1] for o in outs)
+    assert ran == ["['export', 'compile']", "[]"]  # the second waited on the lock, then found it built
+    mod = CompiledModule(tmp_path / "race.vmfb")
+    assert "forward_loss" in mod.meta.functions
+
+
+def test_unknown_target_lists_valid():
+    with pytest.raises(UserError, match=r"unknown build target 'nanogpt-large'; valid: .*nanogpt-small"):
+        get_target("nanogpt-large")
+    assert get_target("nanogpt-small.vmfb").name == "nanogpt-small"
+
+
+def test_meta_is_versioned_json(built):
+    _, result = built
+    raw = json.loads(result.meta.read_text())
+    assert raw["schema_version"] == 1
+    assert raw["provenance"]["vmfb_sha256"] == build_mod.sha256_file(result.vmfb)
