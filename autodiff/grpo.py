@@ -91,6 +91,12 @@ def grpo_loss(
     low_clip, high_clip), the last four masked token means (as TRL logs them).
     """
     adv = advantages.unsqueeze(1)  # (B, 1)
+    # Outside the completion mask (prompt, padding) the old / reference log-probs are replaced by the
+    # current ones, so exp() there cannot overflow into inf * 0 = NaN; masked tokens contribute 0 anyway.
+    on = mask > 0
+    current = logp.detach()
+    old_logp = torch.where(on, old_logp, current)
+    ref_logp = torch.where(on, ref_logp, current)
     ratio = torch.exp(logp - old_logp)  # (B, L)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, L)

@@ -66,6 +66,9 @@ def _trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.Graph
     from torch.fx.experimental.proxy_tensor import make_fx
 
     table = {**current_aot_decompositions(), **DECOMPOSITIONS}
+    # functionalize: some of those decompositions and autograd formulas (minimum's and silu's backward)
+    # emit in-place ops (masked_fill_, fill_) that torch-mlir cannot verify without the skipped re-trace.
+    fn = torch.func.functionalize(fn, remove="mutations")
     return make_fx(fn, decomposition_table=table, tracing_mode="fake")(*example_args)
 
 

@@ -64,8 +64,9 @@ def make_grpo_loss(cfg: qwen2.Qwen2Config):
                 temperature, max_completion_length, use_old):
         logits = qwen2.forward(params, ids, None, cfg)  # (B, T, V)
         logp = token_logprobs(logits, ids, temperature)  # (B, L)
-        old = use_old * old_logp + (1.0 - use_old) * logp.detach()
-        return grpo_loss(logp, old, ref_logp, advantages, mask, beta, eps_low, eps_high, loss_type,
+        old = torch.where(use_old > 0, old_logp, logp.detach())
+        ref = torch.where(beta > 0, ref_logp, logp.detach())  # beta 0: no reference model, kl 0, no NaN
+        return grpo_loss(logp, old, ref, advantages, mask, beta, eps_low, eps_high, loss_type,
                          max_completion_length)
 
     return loss_fn
