@@ -1,0 +1,60 @@
+"""The pcpc command line: build, inspect, and user mistakes (exit 2, one line, no traceback)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_target
+from pcpc.mlir.build import build
+
+
+def pcpc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pcpc.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_user_error(proc, message):
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_build_list():
+    proc = pcpc("build", "--list")
+    assert proc.returncode == 0
+    assert "nanogpt-small" in proc.stdout and "nanogpt-medium" in proc.stdout
+
+
+def test_build_unknown_target():
+    assert_user_error(pcpc("build", "nanogpt-huge"), "unknown build target 'nanogpt-huge'; valid:")
+
+
+def test_build_without_name():
+    assert_user_error(pcpc("build"), "name a target")
+
+
+def test_bad_target_choice():
+    proc = pcpc("build", "nanogpt-small", "--target", "tpu")
+    assert proc.returncode == 2 and "'tpu' is not one of" in proc.stderr
+
+
+def test_inspect_prints_signature(tmp_path):
+    result = build(tiny_target("cli", functions=("forward_loss", "value_and_grad")), tmp_path)
+    proc = pcpc("inspect", str(result.vmfb))
+    assert proc.returncode == 0, proc.stderr
+    assert "forward_loss:" in proc.stdout and "value_and_grad:" in proc.stdout
+    assert "arg    param x" in proc.stdout and "x: data int64[2, 8]" in proc.stdout
+    assert "result loss: loss float32[]" in proc.stdout
+
+
+def test_inspect_corrupt_and_debug(tmp_path):
+    result = build(tiny_target("cli2"), tmp_path)
+    result.vmfb.write_bytes(b"\x00" * 64)
+    assert_user_error(pcpc("inspect", str(result.vmfb)), "stale or foreign")
+    proc = pcpc("--debug", "inspect", str(result.vmfb))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_inspect_missing_file(tmp_path):
+    assert_user_error(pcpc("inspect", str(tmp_path / "x.vmfb")), "no such module")
