@@ -306,10 +306,12 @@ def _head(params, x, cfg):
 
 
 def _cache_slots(position_ids, S):
-    """(sel (B, T, S) float: token t goes to slot s, written (B, 1, S, 1) bool: slot s gets a token)."""
+    """sel (B, T, S) float: token t goes to slot s; written (B, 1, S, 1) bool: slot s gets a token;
+    real (B, 1, T, 1) bool: the token has a position >= 0 (padding is zeroed before the scatter, so
+    even a non-finite padding value cannot leak into a slot through 0 * x)."""
     slots = torch.arange(S, device=position_ids.device)
     sel = position_ids[:, :, None] == slots  # (B, T, S); negative positions match no slot
-    return sel.float(), sel.any(dim=1)[:, None, :, None]
+    return sel.float(), sel.any(dim=1)[:, None, :, None], (position_ids >= 0)[:, None, :, None]
 
 
 def _write_cache(cache, new, slots):
@@ -318,10 +320,11 @@ def _write_cache(cache, new, slots):
     A where-mask update (index_copy_ does not compile): slot s of row b takes
     the token whose position is s; slots without a token keep their value.
     """
-    sel, written = slots
+    sel, written, real = slots
     if new.shape[2] == 1:
         scattered = new  # (B, nkv, 1, hd) broadcasts over S
     else:
+        new = torch.where(real, new, torch.zeros((), dtype=new.dtype))
         scattered = torch.einsum("bts,bhtd->bhsd", sel, new)  # (B, nkv, S, hd)
     return torch.where(written, scattered, cache)
 

@@ -44,6 +44,8 @@ def _register():
     from pcpc import cmd_build
 
     cmd_build.register(cli, data)
+    __import__("pcpc.cmd_qwen", fromlist=["register"]).register(cli, data)
+    __import__("pcpc.cmd_prompts", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_run", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_data", fromlist=["register"]).register(cli, data)
 

@@ -1,0 +1,184 @@
+"""`pcpc export` and `pcpc generate`: Qwen2-family models through compiled modules.
+
+    pcpc export --model qwen2.5-0.5b [--weights DIR]      # module + flat weights into artifacts/
+    pcpc generate --model qwen2.5-0.5b --prompt "Hi" --max-tokens 64 --temperature 0.7 --top-p 0.9 --seed 0
+
+`--model` is a preset name (weights from --weights DIR or the HF cache) or
+the path of any local Qwen2-family HF directory. Export builds the
+generation module (cached), writes the flat weight file the module's
+meta.json describes, and records both in artifacts/<name>.model.json, which
+`generate` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from pcpc.mlir.compile import TARGETS as COMPILE_TARGETS
+
+DTYPES = ("float32", "bfloat16")
+
+
+def register(cli: click.Group, data: click.Group) -> None:
+    cli.add_command(export)
+    cli.add_command(generate)
+
+
+def artifact_name(model: str, dtype: str) -> str:
+    """Artifact name of a model: qwen-generation for the 0.5B preset, qwen-<dir name> for a path."""
+    from pcpc.errors import UserError
+    from pcpc.exporters.hf_weights import HUB_REPOS
+
+    suffix = "" if dtype == "float32" else "-bf16"
+    if Path(model).is_dir():
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).resolve().name).strip("-.").lower() or "model"
+        return f"qwen-{slug}{suffix}"
+    if model == "qwen2.5-0.5b":
+        return f"qwen-generation{suffix}"
+    raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
+
+
+def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int, max_seq: int | None):
+    """The build target of `model`'s generation module with these settings."""
+    from pcpc.errors import UserError
+    from pcpc.exporters import qwen2
+    from pcpc.exporters.hf_weights import read_hf_config
+    from pcpc.mlir.targets import qwen_target
+
+    name = artifact_name(model, dtype)
+    if Path(model).is_dir():
+        hf_config = read_hf_config(Path(model))
+        cfg = qwen2.config_from_hf(hf_config, where=str(Path(model) / "config.json"))
+        source = {"hf_config": hf_config}
+    else:
+        cfg = qwen2.make_config(model)
+        source = {"model": model}
+    seq = max_seq if max_seq is not None else min(1024, cfg.max_position_embeddings)
+    if seq > cfg.max_position_embeddings:
+        raise UserError(f"--max-seq {seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    if prefill_len > seq:
+        raise UserError(f"--prefill-len {prefill_len} must be <= --max-seq {seq}")
+    opts = dict(batch_sizes=sorted(set(batch_sizes)), prefill_len=prefill_len, max_seq=seq)
+    if dtype != "float32":
+        opts["dtype"] = dtype
+    return qwen_target(name, **source, **opts), cfg
+
+
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.model.json"
+
+
+@click.command()
+@click.option("--model", required=True, help="qwen2.5-0.5b, or the path of a Qwen2-family HF directory.")
+@click.option("--weights", type=click.Path(file_okay=False), default=None,
+              help="HF directory with config.json, *.safetensors and tokenizer files (default: the model path or the HF cache).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Weight dtype of the module.")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, default=(1,), show_default=True,
+              help="Batch sizes to export (prefill_bs{B} / decode_bs{B}); repeat for several.")
+@click.option("--prefill-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per prefill call.")
+@click.option("--max-seq", type=click.IntRange(min=1), default=None, help="KV-cache capacity [default: min(1024, max positions)].")
+@click.option("--target", default="llvm-cpu", type=click.Choice(COMPILE_TARGETS), show_default=True)
+@click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
+def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, target, out_dir):
+    """Build a Qwen2 generation module and write its flat weight file into artifacts/."""
+    from pcpc.errors import UserError
+    from pcpc.exporters import hf_weights, qwen2
+    from pcpc.mlir.build import build, write_atomic
+    from pcpc.mlir.signature import load_meta
+
+    out_dir = Path(out_dir)
+    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq)
+    model_dir = hf_weights.find_model_dir(model, weights)  # fails fast, before the slow build
+    found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
+    if found != cfg:
+        raise UserError(f"{model_dir}: config.json describes a different model than {model!r}: {found} != {cfg}")
+    t0 = time.perf_counter()
+    result = build(tgt, out_dir, target, log=click.echo)
+    click.echo(f"{result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items()) or 'up to date'})")
+    meta = load_meta(result.meta)
+    tensors = hf_weights.read_safetensors(model_dir)
+    ordered = hf_weights.ordered_tensors(tensors, qwen2.param_shapes(cfg), cfg.tie_word_embeddings, str(model_dir))
+    weights_path = out_dir / f"{tgt.name}.weights.bin"
+    size = hf_weights.write_flat(weights_path, list(ordered), dtype, meta.parameter_bytes)
+    record = {
+        "model": model,
+        "model_dir": str(model_dir.resolve()),
+        "target": {"name": tgt.name, "recipe": tgt.recipe, "config": tgt.config, "sources": list(tgt.sources),
+                   "description": tgt.description},
+        "compile_target": target,
+        "weights": weights_path.name,
+        "parameter_bytes": meta.parameter_bytes,
+        "eos_token_ids": hf_weights.eos_token_ids(model_dir),
+    }
+    write_atomic(_record_path(out_dir, tgt.name), json.dumps(record, indent=1) + "\n")
+    click.echo(f"{weights_path} ({size:,} bytes, {len(meta.parameters)} tensors, {dtype}; "
+               f"{time.perf_counter() - t0:.1f}s)")
+
+
+@click.command()
+@click.option("--model", required=True, help="A model exported with `pcpc export` (name or path).")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), default=None,
+              help="Binary prompt file of token ids (see `pcpc data prompts`); no chat template applied.")
+@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--raw", is_flag=True, help="Do not apply the tokenizer's chat template.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime worker threads.")
+@click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
+def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, raw, dtype, threads, out_dir):
+    """Generate text from prompts; streams one prompt's reply as it is produced."""
+    from pcpc.config import load_json
+    from pcpc.errors import UserError
+    from pcpc.mlir.build import Target, build
+    from pcpc.runtime import generate as gen
+    from pcpc.runtime.prompts import TextCodec, TextStream, read_prompts
+
+    sampling = gen.SamplingConfig(temperature, top_p, seed)
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if bool(prompts) == bool(prompt_file):
+        raise UserError("give --prompt TEXT (one or more) or --prompt-file FILE, not both or neither")
+    out_dir = Path(out_dir)
+    name = artifact_name(model, dtype)
+    rec_path = _record_path(out_dir, name)
+    if not rec_path.is_file():
+        raise UserError(f"{model}: not exported yet ({rec_path} missing); run `pcpc export --model {model}"
+                        f"{'' if dtype == 'float32' else ' --dtype ' + dtype}` first")
+    record = load_json(rec_path)
+    codec = TextCodec(record["model_dir"])
+    ids = read_prompts(prompt_file) if prompt_file else [codec.encode(p, chat=not raw) for p in prompts]
+    result = build(Target(**{**record["target"], "sources": tuple(record["target"]["sources"])}), out_dir,
+                   record.get("compile_target", "llvm-cpu"))
+    model_ = gen.QwenModel.load(result.vmfb, out_dir / record["weights"], threads=threads)
+
+    streams = [TextStream(codec) for _ in ids]
+    live = len(ids) == 1
+
+    def on_token(row, token):
+        piece = streams[row].push(token)
+        if live and piece:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+
+    res = gen.generate(model_, ids, max_tokens, sampling, record.get("eos_token_ids", []), on_token)
+    if live:
+        click.echo()
+    else:
+        for i, toks in enumerate(res.tokens):
+            click.echo(f"--- [{i}] {prompts[i] if prompts else f'prompt {i}'}")
+            click.echo(codec.decode(toks))
+    n_new = sum(len(t) for t in res.tokens)
+    click.echo(
+        f"[{len(ids)} prompt(s), {res.prompt_tokens} prompt tokens: prefill {res.prefill_seconds:.2f}s; "
+        f"{n_new} new tokens in {res.decode_seconds:.2f}s"
+        f" ({res.decode_steps / max(res.decode_seconds, 1e-9):.1f} decode steps/s)]", err=True,
+    )

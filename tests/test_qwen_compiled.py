@@ -1,0 +1,172 @@
+"""Compiled Qwen2 modules against HF transformers, on tiny random models saved as HF directories.
+
+Each case's module (prefill_bs{B} + decode_bs{B}) is built once per session
+(tests/qwen_helpers.py); weights go HF safetensors -> flat binary -> zero-copy
+device arrays, the path `pcpc export` / `pcpc generate` take.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qwen_helpers import CASES, MAX_SEQ, build_case, build_loss_module, hf_model, make_hf_dir, rel_err, session_root
+
+from pcpc.errors import UserError
+from pcpc.exporters import hf_weights, qwen2
+from pcpc.mlir.signature import load_meta
+from pcpc.runtime import generate as gen
+from pcpc.runtime.module import CompiledModule, to_host
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return session_root(tmp_path_factory)
+
+
+def write_weights(root, case, result, cfg):
+    meta = load_meta(result.meta)
+    path = result.vmfb.with_name(result.vmfb.name.removesuffix(".vmfb") + ".weights.bin")
+    if not path.is_file():
+        hf_dir = make_hf_dir(root, case)
+        tensors = hf_weights.read_safetensors(hf_dir)
+        ordered = list(hf_weights.ordered_tensors(tensors, qwen2.param_shapes(cfg), cfg.tie_word_embeddings, "t"))
+        hf_weights.write_flat(path, ordered, "float32", meta.parameter_bytes)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(root):
+    """models(case, batch_sizes) -> (QwenModel, Qwen2Config, HF model), cached per module."""
+    cache = {}
+
+    def get(case, batch_sizes=(1,)):
+        key = (case, tuple(batch_sizes))
+        if key not in cache:
+            result, cfg = build_case(root, case, batch_sizes)
+            model = gen.QwenModel.load(result.vmfb, write_weights(root, case, result, cfg))
+            cache[key] = (model, cfg, hf_model(case))
+        return cache[key]
+
+    return get
+
+
+def prompt_ids(n, seed=0):
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def hf_greedy(hf, prompt, n):
+    """HF transformers' own greedy generate, no EOS stop."""
+    hf.generation_config.eos_token_id = None  # else generate falls back to the model's EOS
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + n
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf_and_prefill_equals_decode(case, models):
+    model, cfg, hf = models(case)
+    ids = prompt_ids(19, seed=1)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()  # (T, V)
+    # Token by token through decode_bs1: every position's logits.
+    cache = model.new_cache(1)
+    step_logits = []
+    for t, tok in enumerate(ids):
+        logits, cache = gen.decode_one_token(model, np.array([tok]), np.array([t]), cache)
+        step_logits.append(logits[0])
+    assert rel_err(np.stack(step_logits), ref) < 1e-4
+    # The whole prompt through prefill (19 tokens -> 3 chunks of 8, left-padded with position -1).
+    pre_logits, pre_cache = gen.prefill(model, [ids], 1, model.new_cache(1))
+    assert rel_err(pre_logits[0], ref[-1]) < 1e-4
+    assert rel_err(pre_logits[0], step_logits[-1]) < 1e-5
+    for got, want in zip(pre_cache, cache):
+        got, want = to_host(got)[..., : len(ids), :], to_host(want)[..., : len(ids), :]
+        assert rel_err(got, want) < 1e-5
+        assert got.shape == (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, len(ids), cfg.dim_head)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_32_tokens_identical_to_hf_generate(case, models):
+    model, _, hf = models(case)
+    prompt = prompt_ids(11, seed=2)
+    ours = gen.generate(model, [prompt], 32, gen.SamplingConfig(), eos_ids=[])
+    assert ours.tokens[0] == hf_greedy(hf, prompt, 32)
+    assert ours.finished == [False]
+
+
+def test_batch_of_prompts_matches_single_prompt_generation(models):
+    model, _, hf = models("gqa-tied", (1, 2))
+    prompts = [prompt_ids(5, seed=3), prompt_ids(13, seed=4), prompt_ids(9, seed=5)]  # groups of 2, then 1
+    out = gen.generate(model, prompts, 16, gen.SamplingConfig(), eos_ids=[])
+    assert [g["batch"] for g in out.per_group] == [2, 1]
+    for p, toks in zip(prompts, out.tokens):
+        assert toks == hf_greedy(hf, p, 16)
+
+
+def test_stops_at_eos(models):
+    model, _, hf = models("gqa-tied")
+    prompt = prompt_ids(7, seed=6)
+    free = hf_greedy(hf, prompt, 12)
+    eos = free[5]
+    out = gen.generate(model, [prompt], 12, gen.SamplingConfig(), eos_ids=[eos])
+    assert out.tokens[0] == free[: free.index(eos)]
+    assert out.finished == [True]
+
+
+def test_sampling_is_seeded_and_reproducible(models):
+    model, _, _ = models("mqa-tied")
+    prompt = prompt_ids(6, seed=7)
+    runs = [gen.generate(model, [prompt], 12, gen.SamplingConfig(1.0, 0.9, seed=s), eos_ids=[]).tokens[0]
+            for s in (11, 11, 12)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_weights_are_device_resident_not_copied(models):
+    """The module reads the imported host memory directly: changing it changes the result
+    (so no per-call or load-time copy of the weights exists), and caches come back as device arrays."""
+    model, _, _ = models("mqa-tied")
+    cache = model.new_cache(1)
+    logits0, cache1 = gen.decode_one_token(model, np.array([5]), np.array([0]), cache)
+    assert all(type(c).__name__ == "DeviceArray" for c in cache1)
+    emb = model.weights[0]._pcpc_host  # model.embed_tokens.weight, tied with lm_head
+    saved = emb.copy()
+    try:
+        emb *= 2.0
+        logits1, _ = gen.decode_one_token(model, np.array([5]), np.array([0]), cache)
+    finally:
+        emb[...] = saved
+    assert rel_err(logits1, logits0) > 0.1
+
+
+def test_capacity_and_vocabulary_errors(models):
+    model, _, _ = models("mqa-tied")
+    with pytest.raises(UserError, match=rf"needs {MAX_SEQ + 1} positions but the module's KV cache holds {MAX_SEQ}"):
+        gen.generate(model, [[5] * 10], MAX_SEQ - 9)
+    with pytest.raises(UserError, match="token id 999 outside the vocabulary"):
+        gen.generate(model, [[5, 999]], 4)
+    with pytest.raises(UserError, match="--top-p must be in"):
+        gen.SamplingConfig(1.0, 0.0)
+
+
+def test_forward_loss_matches_torch(root):
+    case = "mha-untied"
+    result = build_loss_module(root, case, batch=2, seq=12)
+    hf = hf_model(case)
+    mod = CompiledModule(result.vmfb)
+    ids = torch.tensor([prompt_ids(12, seed=8), prompt_ids(12, seed=9)])
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding in row 1
+    weights = torch.tensor([0.3, -0.7])
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = hf(ids, attention_mask=mask, position_ids=pos).logits
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        tm = (mask[:, 1:] * mask[:, :-1]).float()
+        want = (weights * (-(logp * tm).sum(-1) / tm.sum(-1))).sum()
+    params = [p.detach().numpy() for p in hf.parameters()]
+    (got,) = mod.call_host("forward_loss", *params, ids.numpy(), mask.numpy(), weights.numpy())
+    assert rel_err(got, want) < 1e-5
