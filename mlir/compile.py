@@ -21,7 +21,7 @@ LLVM_CPU_FLAGS = (
     "--iree-llvmcpu-target-cpu=host",
 )
 
-DEFAULT_ARCH = {"cuda": "sm_80", "rocm": "gfx942", "vulkan": "valhall"}
+DEFAULT_ARCH = {"cuda": "sm_80", "rocm": "gfx942", "vulkan": "rdna3"}
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 DRIVERS = {"llvm-cpu": "local-task", "cuda": "cuda", "rocm": "hip", "vulkan": "vulkan"}
 
@@ -50,7 +50,7 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
         arch = arch or detect_cuda_arch() or DEFAULT_ARCH["cuda"]
         return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
     if target == "rocm":
-        return ("--iree-hal-target-backends=rocm", f"--iree-hip-target={arch or DEFAULT_ARCH['rocm']}")
+        return ("--iree-hal-target-backends=rocm", f"--iree-rocm-target={arch or DEFAULT_ARCH['rocm']}")
     return ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={arch or DEFAULT_ARCH['vulkan']}")
 
 

@@ -143,3 +143,17 @@ def test_meta_is_versioned_json(built):
     raw = json.loads(result.meta.read_text())
     assert raw["schema_version"] == 1
     assert raw["provenance"]["vmfb_sha256"] == build_mod.sha256_file(result.vmfb)
+
+
+@pytest.mark.parametrize(
+    "target, flag",
+    [("cuda", "--iree-cuda-target=sm_90"), ("rocm", "--iree-rocm-target=gfx942"), ("vulkan", "--iree-vulkan-target=rdna3")],
+)
+def test_gpu_targets_compile(built, target, flag):
+    """GPU targets are selectable and compile here (running them needs the GPU)."""
+    out, _ = built
+    arch = flag.split("=")[1]
+    result = build(tiny_target("gpu"), out / target, compile_target=target, arch=arch)
+    prov = load_meta(result.meta).provenance
+    assert prov.compile_target == target and flag in prov.compile_flags
+    assert result.vmfb.stat().st_size > 0
