@@ -1,0 +1,166 @@
+"""Rollout workers and the learner's side of the conversation, over torch.distributed.
+
+Rank 0 is the learner; ranks 1..W are rollout workers, each running the
+compiled generation module (prefill_bs{B} / decode_bs{B}) with its own copy
+of the policy weights. One exchange per iteration, all collectives from rank 0:
+
+    broadcast_object_list([order])        order = {"op": "rollout", "sync": bool, "tasks": {rank: [task]}}
+    broadcast(flat weights)               only when sync: every parameter, fp32, in meta.json order
+    gather_object(results)                each worker's finished tasks (completion ids, timings)
+
+and a final {"op": "stop"}. A task is one generation call: `batch_size`
+prompt rows plus the seed of its sampler, so the completions of an
+iteration do not depend on how many workers share it. A worker that dies
+is noticed by the launcher within seconds (runtime/launch.py) or, across
+machines, by the collective timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Task:
+    """One generation call: rows of prompt token ids (exactly the module's batch) and a seed."""
+
+    index: int
+    prompts: list[list[int]]
+    seed: int
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What every worker needs to generate (picklable)."""
+
+    generation_vmfb: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    threads: int
+
+
+def task_seed(seed: int, iteration: int, index: int) -> int:
+    """A sampler seed that depends only on (seed, iteration, batch index)."""
+    return int(np.random.SeedSequence([seed, iteration, index]).generate_state(1)[0])
+
+
+def make_tasks(rows: list[list[int]], batch: int, seed: int, iteration: int) -> tuple[list[Task], int]:
+    """Split prompt rows into generation calls of exactly `batch` rows; the last is padded by repeating its
+    final row. Returns (tasks, number of real rows)."""
+    tasks = []
+    for index, start in enumerate(range(0, len(rows), batch)):
+        chunk = rows[start:start + batch]
+        chunk = chunk + [chunk[-1]] * (batch - len(chunk))
+        tasks.append(Task(index, chunk, task_seed(seed, iteration, index)))
+    return tasks, len(rows)
+
+
+def flatten_weights(arrays, out: np.ndarray | None = None) -> np.ndarray:
+    """One contiguous fp32 vector of all parameters (reusing `out` when given)."""
+    total = sum(a.size for a in arrays)
+    if out is None or out.size != total:
+        out = np.empty(total, np.float32)
+    offset = 0
+    for a in arrays:
+        out[offset:offset + a.size] = np.asarray(a, np.float32).reshape(-1)
+        offset += a.size
+    return out
+
+
+def unflatten_weights(flat: np.ndarray, shapes) -> list[np.ndarray]:
+    """Views of `flat` shaped like the parameters."""
+    out, offset = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return out
+
+
+class RolloutClient:
+    """The learner's handle on the workers (rank 0 of the process group)."""
+
+    def __init__(self, world: int, num_params: int):
+        self.world, self.workers = world, list(range(1, world))
+        self._flat = np.empty(num_params, np.float32)
+
+    def rollout(self, tasks: list[Task], weights=None) -> tuple[dict[int, dict], float]:
+        """Hand tasks round-robin to the workers (first syncing `weights`, a list of host arrays, when given);
+        returns ({task index: result}, seconds spent broadcasting weights)."""
+        import torch
+        import torch.distributed as dist
+
+        by_rank = {r: [] for r in self.workers}
+        for i, t in enumerate(tasks):
+            by_rank[self.workers[i % len(self.workers)]].append(t)
+        dist.broadcast_object_list([{"op": "rollout", "sync": weights is not None, "tasks": by_rank}], src=0)
+        sync_s = 0.0
+        if weights is not None:
+            t0 = time.perf_counter()
+            self._flat = flatten_weights(weights, self._flat)
+            dist.broadcast(torch.from_numpy(self._flat), src=0)
+            sync_s = time.perf_counter() - t0
+        gathered = [None] * self.world
+        dist.gather_object(None, gathered, dst=0)
+        results = {}
+        for part in gathered[1:]:
+            for res in part:
+                results[res["index"]] = res
+        missing = sorted({t.index for t in tasks} - set(results))
+        assert not missing, f"rollout tasks {missing} came back from no worker"
+        return results, sync_s
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([{"op": "stop"}], src=0)
+
+
+def serve(rank: int, plan: SamplingPlan) -> None:
+    """A rollout worker's loop: wait for orders from rank 0, generate, send completions back."""
+    import torch
+    import torch.distributed as dist
+
+    from pcpc.runtime.module import CompiledModule
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when to stop (after a checkpoint)
+    mod = CompiledModule(plan.generation_vmfb, threads=plan.threads)
+    shapes = [s.shape for s in mod.meta.parameters]
+    flat = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.float32)
+    weights = None
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        order = box[0]
+        if order["op"] == "stop":
+            return
+        if order["sync"]:
+            dist.broadcast(flat, src=0)
+            weights = mod.upload_all(unflatten_weights(flat.numpy(), shapes))
+        results = []
+        for task in order["tasks"].get(rank, []):
+            t0 = time.perf_counter()
+            completions = generate_completions(mod, weights, task.prompts, plan, task.seed)
+            results.append({"index": task.index, "completions": completions, "seconds": time.perf_counter() - t0,
+                            "worker": rank, "pid": os.getpid()})
+        dist.gather_object(results, None, dst=0)
+
+
+def generate_completions(mod, weights, prompts: list[list[int]], plan: SamplingPlan, seed: int) -> list[list[int]]:
+    """Sample one completion per prompt row with the compiled generation module.
+
+    Each completion holds the generated ids up to and including the first EOS
+    (or max_tokens ids without one).
+    """
+    from pcpc.runtime.generate import generate_batch
+
+    return generate_batch(mod, weights, prompts, max_tokens=plan.max_tokens, temperature=plan.temperature,
+                          top_p=plan.top_p, seed=seed, eos_token_ids=plan.eos_token_ids)
