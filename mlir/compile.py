@@ -40,6 +40,19 @@ def detect_cuda_arch() -> str | None:
     return "sm_" + out.stdout.split()[0].replace(".", "")
 
 
+# Highest CUDA architecture iree-base-compiler 3.13 has target details for: sm_90 and
+# newer fail with "missing GPU target" (iree-org/iree#22147). PTX is forward
+# compatible, so a detected newer GPU gets sm_89 PTX, which its driver JIT-compiles.
+NEWEST_CUDA_ARCH = 89
+
+
+def _compilable_cuda_arch(detected: str | None) -> str | None:
+    if detected is None:
+        return None
+    number = int(detected.removeprefix("sm_").rstrip("a") or 0)
+    return detected if number <= NEWEST_CUDA_ARCH else f"sm_{NEWEST_CUDA_ARCH}"
+
+
 def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[str, ...]:
     """iree-compile flags for `target` (and GPU architecture `arch`, detected or defaulted)."""
     if target not in TARGETS:
@@ -47,7 +60,7 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
     if target == "llvm-cpu":
         return LLVM_CPU_FLAGS
     if target == "cuda":
-        arch = arch or detect_cuda_arch() or DEFAULT_ARCH["cuda"]
+        arch = arch or _compilable_cuda_arch(detect_cuda_arch()) or DEFAULT_ARCH["cuda"]
         return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
     if target == "rocm":
         return ("--iree-hal-target-backends=rocm", f"--iree-rocm-target={arch or DEFAULT_ARCH['rocm']}")

@@ -147,7 +147,7 @@ def test_meta_is_versioned_json(built):
 
 @pytest.mark.parametrize(
     "target, flag",
-    [("cuda", "--iree-cuda-target=sm_90"), ("rocm", "--iree-rocm-target=gfx942"), ("vulkan", "--iree-vulkan-target=rdna3")],
+    [("cuda", "--iree-cuda-target=sm_80"), ("rocm", "--iree-rocm-target=gfx942"), ("vulkan", "--iree-vulkan-target=rdna3")],
 )
 def test_gpu_targets_compile(built, target, flag):
     """GPU targets are selectable and compile here (running them needs the GPU)."""
@@ -157,3 +157,13 @@ def test_gpu_targets_compile(built, target, flag):
     prov = load_meta(result.meta).provenance
     assert prov.compile_target == target and flag in prov.compile_flags
     assert result.vmfb.stat().st_size > 0
+
+
+def test_detected_cuda_arch_newer_than_compiler_falls_back(monkeypatch):
+    from pcpc.mlir import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "detect_cuda_arch", lambda: "sm_90")
+    assert "--iree-cuda-target=sm_89" in compile_mod.compile_flags("cuda")
+    monkeypatch.setattr(compile_mod, "detect_cuda_arch", lambda: "sm_86")
+    assert "--iree-cuda-target=sm_86" in compile_mod.compile_flags("cuda")
+    assert "--iree-cuda-target=sm_75" in compile_mod.compile_flags("cuda", "sm_75")
