@@ -82,7 +82,9 @@ def load(path: Path) -> dict:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why
-        raise UserError(f"{path}: not a readable pcpc checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path}: not a readable pcpc checkpoint, truncated or foreign ({type(e).__name__}: "
+                        f"{first})") from None
     if not isinstance(state, dict) or state.get("version") != VERSION:
         raise UserError(f"{path}: not a pcpc DiLoCo checkpoint of version {VERSION}")
     state["params"] = _arrays(state["params"])

@@ -123,10 +123,14 @@ class WorkerSampler:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def starts(self, step: int) -> np.ndarray:
+        """(B,) offsets into the shard of the windows of inner step `step`."""
         epoch, i = divmod(step, self.steps_per_epoch)
         phase, perm = self._order(epoch)
-        starts = phase + perm[i * self.batch_size:(i + 1) * self.batch_size] * self.block  # (B,)
+        return phase + perm[i * self.batch_size:(i + 1) * self.batch_size] * self.block
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        starts = self.starts(step)  # (B,)
         windows = self.shard[starts[:, None] + np.arange(self.block + 1)].astype(np.int64)  # (B, T+1)
         return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
 

@@ -170,10 +170,12 @@ def run_experiment(config_path: str, exp: DiLoCoExperiment, *, resume: bool = Fa
             return launch_local(train_diloco, plan, world, say=say)[0]
         except WorkerFailure as e:
             done = checkpoint.peek_round(run_dir)
-            where = f"the last checkpoint is after round {done}" if done is not None else "no checkpoint yet"
             if attempt == max_restarts:
-                again = f": continue with `pcpc run {config_path} --resume{' --out ' + str(run_dir) if out_dir else ''}`"
-                raise WorkerFailure(f"{e}. The run stopped; {where}{again if done is not None else ''}") from None
+                again = f"`pcpc run {config_path} --resume{' --out ' + str(run_dir) if out_dir else ''}`"
+                where = (f"the last checkpoint is after round {done}: continue with {again}" if done is not None
+                         else "no checkpoint was written yet")
+                raise WorkerFailure(f"{e}. The run stopped; {where}") from None
+            where = f"the checkpoint after round {done}" if done is not None else "the start (no checkpoint yet)"
             say(f"{e}; restarting ({attempt + 1} of {max_restarts}) from {where}")
             plan = dataclasses.replace(plan, resume=done is not None)
     raise AssertionError("unreachable")

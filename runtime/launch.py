@@ -170,6 +170,8 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        results.close()
+        results.join_thread()
     if all(p.exitcode == 0 for p in procs) and all(reports.get(r, ("",))[0] == "ok" for r in range(num_workers)):
         return [reports[r][1] for r in range(num_workers)]
     raise WorkerFailure(_failure_message(procs, reports, first_failure, stopped_by_us))

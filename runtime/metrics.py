@@ -107,6 +107,13 @@ class RunLog:
 
     def __init__(self, exp, run_dir: Path, rounds: int, start_round: int, tokens_per_step: int,
                  records: list[dict], quiet: bool = False):
+        import threading
+
+        from tqdm import tqdm
+
+        # tqdm's default lock is a multiprocessing RLock (a named semaphore); a SIGKILLed worker would
+        # leave it to the resource tracker, which then warns. One process writes here: a thread lock will do.
+        tqdm.set_lock(threading.RLock())
         self.exp, self.run_dir, self.rounds = exp, Path(run_dir), rounds
         self.start_round, self.tokens_per_step = start_round, tokens_per_step
         self.records = records
