@@ -43,7 +43,6 @@ class SamplingPlan:
     temperature: float
     top_p: float
     eos_token_ids: tuple[int, ...]
-    pad_token_id: int
     threads: int
 
 
@@ -65,13 +64,14 @@ def make_tasks(rows: list[list[int]], batch: int, seed: int, iteration: int) -> 
 
 def flatten_weights(arrays, out: np.ndarray | None = None) -> np.ndarray:
     """One contiguous fp32 vector of all parameters (reusing `out` when given)."""
-    total = sum(a.size for a in arrays)
+    total = sum(int(np.prod(a.shape)) for a in arrays)
     if out is None or out.size != total:
         out = np.empty(total, np.float32)
     offset = 0
     for a in arrays:
-        out[offset:offset + a.size] = np.asarray(a, np.float32).reshape(-1)
-        offset += a.size
+        host = np.asarray(a.to_host() if hasattr(a, "to_host") else a, np.float32)  # a view while `a` lives
+        out[offset:offset + host.size] = host.reshape(-1)
+        offset += host.size
     return out
 
 
@@ -132,10 +132,12 @@ def serve(rank: int, plan: SamplingPlan) -> None:
     from pcpc.runtime.module import CompiledModule
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when to stop (after a checkpoint)
+    from pcpc.runtime.generate import QwenModel
+
     mod = CompiledModule(plan.generation_vmfb, threads=plan.threads)
     shapes = [s.shape for s in mod.meta.parameters]
     flat = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.float32)
-    weights = None
+    model = None
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0)
@@ -144,23 +146,42 @@ def serve(rank: int, plan: SamplingPlan) -> None:
             return
         if order["sync"]:
             dist.broadcast(flat, src=0)
-            weights = mod.upload_all(unflatten_weights(flat.numpy(), shapes))
+            model = QwenModel.from_module(mod, mod.upload_all(unflatten_weights(flat.numpy(), shapes)))
         results = []
         for task in order["tasks"].get(rank, []):
             t0 = time.perf_counter()
-            completions = generate_completions(mod, weights, task.prompts, plan, task.seed)
+            completions = generate_completions(model, task.prompts, plan, task.seed)
             results.append({"index": task.index, "completions": completions, "seconds": time.perf_counter() - t0,
                             "worker": rank, "pid": os.getpid()})
         dist.gather_object(results, None, dst=0)
 
 
-def generate_completions(mod, weights, prompts: list[list[int]], plan: SamplingPlan, seed: int) -> list[list[int]]:
-    """Sample one completion per prompt row with the compiled generation module.
+def generate_completions(model, prompts: list[list[int]], plan: SamplingPlan, seed: int) -> list[list[int]]:
+    """Sample one completion per prompt row with the compiled generation module (runtime/generate.py's verbs).
 
     Each completion holds the generated ids up to and including the first EOS
-    (or max_tokens ids without one).
+    (the loss trains on it: that is how the policy learns to stop), or
+    max_tokens ids without one. len(prompts) must be one of the module's batch sizes.
     """
-    from pcpc.runtime.generate import generate_batch
+    from pcpc.runtime.generate import SamplingConfig, decode_one_token, prefill, sample
 
-    return generate_batch(mod, weights, prompts, max_tokens=plan.max_tokens, temperature=plan.temperature,
-                          top_p=plan.top_p, seed=seed, eos_token_ids=plan.eos_token_ids)
+    batch = len(prompts)
+    sampling = SamplingConfig(plan.temperature, plan.top_p, seed)
+    rng = np.random.default_rng(seed)
+    eos = set(plan.eos_token_ids)
+    logits, cache = prefill(model, prompts, batch, model.new_cache(batch))
+    cur = sample(logits, rng, sampling)  # (B,) the token at position len(prompt)
+    pos = np.array([len(p) for p in prompts], np.int64)
+    out = [[] for _ in prompts]
+    done = np.zeros(batch, bool)
+    for step in range(plan.max_tokens):
+        for b in np.flatnonzero(~done):
+            out[b].append(int(cur[b]))
+            done[b] = int(cur[b]) in eos
+        if done.all() or step == plan.max_tokens - 1:
+            break
+        # finished rows decode padding (position -1 writes nothing to the cache)
+        logits, cache = decode_one_token(model, np.where(done, 0, cur), np.where(done, -1, pos), cache)
+        cur = sample(logits, rng, sampling)
+        pos = pos + 1
+    return out

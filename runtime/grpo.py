@@ -1,0 +1,421 @@
+"""GRPO through compiled modules: rollout workers generate, the learner scores and updates.
+
+Iteration i (rank 0 = learner, ranks 1..W = rollout workers, runtime/rollout.py):
+
+    prompts   the next num_prompts prompts of prompt_file, each repeated group_size times
+    rollout   workers sample completions with the compiled generation module (weights synced first
+              whenever the policy changed)
+    rewards   reward functions on (prompts, completions, completion ids), weighted sum
+    adv       (r - group mean) / (std + 1e-4)                    autodiff/grpo.py: compute_advantages
+    ref, old  token_logprobs of the frozen reference (beta > 0) and of the policy (updates_per_iteration > 1)
+    update    updates_per_iteration x grpo_train_step(...)       loss + gradients (derived by torch.func) +
+                                                                 AdamW in one compiled call
+    outer     outer_step(θ_global, b, θ_after, lr, μ)            Nesterov on θ_global − θ_after, unless
+                                                                 learning_rate 1 and nesterov_momentum 0
+
+Policy, optimizer state and reference stay device arrays on the learner;
+only token ids, masks, advantages and (after each update) the flat weights
+cross between processes. `run_experiment` is what `pcpc run` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcpc.errors import UserError
+from pcpc.runtime.grpo_config import GRPOExperiment, parse_grpo
+
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "samples.jsonl")
+TRAJECTORY_FIELDS = ("model", "model_overrides", "weights_path", "tokenizer", "learning_rate", "nesterov_momentum",
+                     "grpo_config", "rollout_config", "seed", "eos_token_ids")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything every process needs (picklable: it crosses the process spawn)."""
+
+    exp: GRPOExperiment
+    config_path: str
+    run_dir: str
+    generation_vmfb: str
+    training_vmfb: str
+    weights_path: str
+    eos_token_ids: tuple[int, ...]
+    seq_len: int
+    resume: bool
+    quiet: bool = False
+
+
+def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
+    """(prefill length, rows' total length): the longest prompt rounded up to 8, plus max_tokens."""
+    prefill = -(-max(len(p) for p in prompts) // 8) * 8
+    return prefill, prefill + max_tokens
+
+
+def training_target(exp: GRPOExperiment, src, seq_len: int):
+    from pcpc.mlir.targets import GRPO_FUNCTIONS, rl_target
+
+    g = exp.grpo_config
+    return rl_target(Path(exp.training_model_path).stem, **src.recipe, batch_size=exp.rollouts_per_iteration,
+                     seq_len=seq_len, functions=GRPO_FUNCTIONS,
+                     optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
+                                "grad_clip": g.max_grad_norm})
+
+
+def generation_target(exp: GRPOExperiment, src, prefill_len: int, seq_len: int):
+    from pcpc.mlir.targets import qwen_target
+
+    recipe = dict(src.recipe)
+    return qwen_target(Path(exp.model_path).stem, recipe.pop("model", None), recipe.pop("hf_config", None),
+                       **recipe, batch_sizes=[exp.rollout_config.batch_size], prefill_len=prefill_len,
+                       max_seq=seq_len)
+
+
+def prepare_run_dir(run_dir: Path, exp: GRPOExperiment, resume: bool, overwrite: bool) -> None:
+    ckpt = run_dir / "checkpoints" / "latest.pt"
+    if resume:
+        if not ckpt.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
+        state = _load_checkpoint(ckpt)
+        want = {k: v for k, v in dataclasses.asdict(exp).items() if k in TRAJECTORY_FIELDS}
+        for k in TRAJECTORY_FIELDS:
+            if k == "grpo_config":  # more iterations may be asked for when resuming
+                a = {**state["config"][k], "num_iterations": None}
+                b = {**json.loads(json.dumps(want[k])), "num_iterations": None}
+            else:
+                a, b = state["config"].get(k), json.loads(json.dumps(want[k]))
+            if a != b:
+                raise UserError(f"--resume: {k} is {b!r} but the checkpoint {ckpt} was written with {a!r}; restore "
+                                f"it or start a new run with --out DIR")
+        return
+    if ckpt.is_file() and not overwrite:
+        raise UserError(f"{run_dir} already holds a run (checkpoint after iteration "
+                        f"{_load_checkpoint(ckpt)['iteration']}); pass --resume to continue it, --out DIR to start a "
+                        f"new run elsewhere, or --overwrite to start this one over")
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)
+
+
+def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir: str | None = None,
+                   overwrite: bool = False, quiet: bool = False, say=print) -> dict | None:
+    """`pcpc run` of a GRPO config: resolve model, artifacts, weights and prompts; launch learner + workers."""
+    from pcpc.mlir.signature import load_meta
+    from pcpc.runtime import rl_setup
+    from pcpc.runtime.launch import WorkerFailure, env_rank, launch_local, under_torchrun
+    from pcpc.runtime.rewards import RewardSet
+
+    exp = parse_grpo(raw, where=str(config_path))
+    say = (lambda m: None) if quiet else say
+    torchrun = under_torchrun()
+    rank, world, _ = env_rank() if torchrun else (0, exp.num_workers + 1, exp.num_workers + 1)
+    if world < 2:
+        raise UserError("GRPO needs a learner and at least one rollout worker: WORLD_SIZE must be >= 2")
+    talk = say if rank == 0 else (lambda m: None)
+    run_dir = Path(out_dir) if out_dir else Path("runs") / Path(config_path).stem
+    RewardSet.from_config(exp.grpo_config.reward_funcs, exp.grpo_config.reward_weights,
+                          Path(config_path).parent)  # fail fast on a bad reward function
+    src = rl_setup.model_source(exp.model, exp.model_overrides)
+    cfg = src.config
+    tok = rl_setup.load_tokenizer(exp.tokenizer, exp.model, exp.eos_token_ids)
+    prompts = rl_setup.ensure_prompts(exp.grpo_config.prompt_file, tok, cfg.vocab_size, talk)
+    prefill_len, seq_len = _seq_len(prompts, exp.rollout_config.max_tokens)
+    if seq_len > cfg.max_position_embeddings:
+        raise UserError(f"rollout_config.max_tokens: the longest prompt ({prefill_len} tokens, rounded) plus "
+                        f"{exp.rollout_config.max_tokens} new tokens exceeds the model's {cfg.max_position_embeddings} "
+                        f"positions")
+    gen = rl_setup.build_artifact("model_path", exp.model_path,
+                                  generation_target(exp, src, prefill_len, seq_len), exp.target, talk)
+    weights = rl_setup.ensure_weights(exp.weights_path, src, load_meta(gen.meta), exp.init_weights, exp.seed, talk)
+    train = rl_setup.build_artifact("training_model_path", exp.training_model_path,
+                                    training_target(exp, src, seq_len), exp.target, talk)
+    prepare_run_dir(run_dir, exp, resume, overwrite)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = {"experiment": exp.public_dict(), "config_path": str(config_path), "world": world,
+                    "generation_vmfb": str(gen.vmfb), "training_vmfb": str(train.vmfb), "weights": str(weights),
+                    "eos_token_ids": list(tok.eos_token_ids), "seq_len": seq_len}
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+    plan = Plan(exp, str(config_path), str(run_dir), str(gen.vmfb), str(train.vmfb), str(weights),
+                tuple(tok.eos_token_ids), seq_len, resume, quiet)
+    if torchrun:
+        return run_process(rank, world, plan)
+    try:
+        return launch_local(run_process, plan, world, say=say)[0]
+    except WorkerFailure as e:
+        done = (run_dir / "checkpoints" / "latest.pt").is_file()
+        hint = (f"; the last checkpoint is in {run_dir}: continue with `pcpc run {config_path} --resume"
+                f"{' --out ' + str(run_dir) if out_dir else ''}`") if done else "; no checkpoint was written yet"
+        raise UserError(f"GRPO run failed (rank 0 is the learner, ranks 1.. the rollout workers): {e}{hint}") from None
+
+
+def run_process(rank: int, world: int, plan: Plan):
+    """Rank 0 runs the learner, every other rank a rollout worker."""
+    import torch
+    import torch.distributed as dist
+
+    from pcpc.runtime.launch import init_process_group
+    from pcpc.runtime.rollout import SamplingPlan, serve
+
+    exp = plan.exp
+    cores = os.cpu_count() or 1
+    backend = exp.backend if exp.backend != "auto" else ("nccl" if exp.target == "cuda" else "gloo")
+    init_process_group(backend, exp.timeout_s)
+    try:
+        if rank == 0:
+            threads = exp.threads or cores  # the learner computes while the workers wait, and vice versa
+            torch.set_num_threads(threads)
+            return _learn(world, plan, threads)
+        threads = exp.threads or max(1, cores // (world - 1))
+        torch.set_num_threads(threads)
+        r = exp.rollout_config
+        serve(rank, SamplingPlan(plan.generation_vmfb, r.max_tokens, r.temperature, r.top_p, plan.eos_token_ids,
+                                 threads))
+        return None
+    finally:
+        dist.destroy_process_group()
+
+
+class _Stop:
+    """SIGINT/SIGTERM ask the learner to stop after the current iteration (checkpoint saved); a repeat kills."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._on) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def pack_rows(prompts: list[list[int]], completions: list[list[int]], seq_len: int, pad: int):
+    """Training rows [prompt][completion][pad] (N, T) int64 and the completion-target mask (N, T-1) f32.
+
+    mask[b, t] = 1 where token t+1 of row b is a completion token (EOS included).
+    """
+    n = len(prompts)
+    ids = np.full((n, seq_len), pad, np.int64)
+    mask = np.zeros((n, seq_len - 1), np.float32)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        row = (list(p) + list(c))[:seq_len]
+        ids[b, :len(row)] = row
+        mask[b, len(p) - 1:len(row) - 1] = 1.0
+    return ids, mask
+
+
+def _learn(world: int, plan: Plan, threads: int) -> dict:
+    """The learner: the GRPO loop, top to bottom."""
+    import torch
+
+    from pcpc.autodiff.grpo import compute_advantages, loss_type_weights
+    from pcpc.runtime import rl_setup
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rewards import RewardSet
+    from pcpc.runtime.rl_log import RLRunLog, truncate_records
+    from pcpc.runtime.rollout import RolloutClient, make_tasks
+
+    exp, g, r = plan.exp, plan.exp.grpo_config, plan.exp.rollout_config
+    run_dir = Path(plan.run_dir)
+    mod = CompiledModule(plan.training_vmfb, threads=threads)
+    meta = mod.meta
+    n = len(meta.parameters)
+    tok = rl_setup.load_tokenizer(exp.tokenizer, exp.model, plan.eos_token_ids)
+    prompts = rl_setup.ensure_prompts(g.prompt_file, tok, meta.parameters[0].shape[0], lambda m: None)
+    rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(plan.config_path).parent)
+    client = RolloutClient(world, meta.parameter_bytes // 4)
+    stop = _Stop()
+
+    initial = rl_setup.read_weights(plan.weights_path, meta)
+    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    if plan.resume:
+        state = _load_checkpoint(ckpt_path)
+    else:
+        zeros = [np.zeros(p.shape, np.float32) for p in meta.parameters]
+        state = {"iteration": 0, "params": initial, "m": zeros, "v": zeros, "adam_step": 0, "momentum": zeros,
+                 "elapsed_s": 0.0}
+    P = mod.upload_all(state["params"])
+    M, V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
+    Bm = mod.upload_all(state["momentum"]) if exp.outer_step_active else None
+    ref = mod.upload_all(initial) if g.beta > 0 else None  # the frozen reference: the initial weights
+    del initial
+    adam_step, start = state["adam_step"], state["iteration"]
+    N, T = exp.rollouts_per_iteration, plan.seq_len
+    L = T - 1
+    zeros_bl = mod.upload(np.zeros((N, L), np.float32))
+    sel = np.asarray(loss_type_weights(g.loss_type), np.float32)
+    scalars = [np.float32(g.beta), np.float32(g.epsilon), np.float32(g.eps_high), np.float32(r.temperature),
+               np.float32(r.max_tokens), np.float32(1.0 if g.updates_per_iteration > 1 else 0.0)]
+
+    fn_cols = [f"reward/{name}" for name in rewards.names]
+    columns = ["step", "reward_mean", "reward_std", *fn_cols, "frac_reward_zero_std", "kl", "clip_ratio",
+               "clip_ratio_low", "clip_ratio_high", "loss", "completion_length_mean", "completion_length_min",
+               "completion_length_max", "completions_clipped_frac", "rollout_tokens", "rollout_s",
+               "rollout_tokens_per_s", "weight_sync_s", "learner_step_s", "elapsed_s"]
+    records = truncate_records(run_dir, columns, start)
+    log = RLRunLog(exp, run_dir, columns, g.num_iterations, start, records,
+                   panels=[("reward", ["reward_mean", *fn_cols]), ("kl", ["kl"]),
+                           ("completion length", ["completion_length_mean", "completion_length_min",
+                                                  "completion_length_max"]),
+                           ("rollout tok/s", ["rollout_tokens_per_s"]), ("learner step s", ["learner_step_s"])],
+                   title=f"GRPO {Path(exp.training_model_path).stem}",
+                   postfix=[("reward_mean", "reward"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")],
+                   quiet=plan.quiet)
+    _announce(log, exp, plan, world, meta, T, start)
+    samples = open(run_dir / "samples.jsonl", "a")
+    sync = True  # the workers have no weights yet
+    t_start = time.perf_counter() - state["elapsed_s"]
+    done, stopped = start, False
+    try:
+        for it in range(start, g.num_iterations):
+            # 1. rollouts
+            order = [(it * g.num_prompts + j) % len(prompts) for j in range(g.num_prompts)]
+            rows = [prompts[i] for i in order for _ in range(g.group_size)]
+            tasks, _ = make_tasks(rows, r.batch_size, exp.seed, it)
+            t0 = time.perf_counter()
+            results, sync_s = client.rollout(tasks, P if sync else None)
+            rollout_s = time.perf_counter() - t0 - sync_s
+            comps = [c for t in tasks for c in results[t.index]["completions"]][:N]
+            # 2. rewards and advantages
+            eos = set(plan.eos_token_ids)
+            bodies = [c[:-1] if c and c[-1] in eos else c for c in comps]
+            texts, prompt_texts = [tok.decode(b) for b in bodies], [tok.decode(p) for p in rows]
+            total, per_fn = rewards.score(prompt_texts, texts, comps, rows, plan.eos_token_ids)
+            adv, frac_zero = compute_advantages(torch.tensor(total, dtype=torch.float32), g.group_size,
+                                                g.scale_rewards)
+            # 3. update
+            t1 = time.perf_counter()
+            ids, mask = pack_rows(rows, comps, T, plan.eos_token_ids[0])
+            ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(adv.numpy())
+            ref_logp = mod("token_logprobs", *ref, ids_d, np.float32(r.temperature))[0] if ref else zeros_bl
+            old_logp = (mod("token_logprobs", *P, ids_d, np.float32(r.temperature))[0]
+                        if g.updates_per_iteration > 1 else zeros_bl)
+            before = P
+            stats = []
+            for _ in range(g.updates_per_iteration):
+                adam_step += 1
+                out = mod("grpo_train_step", *P, *M, *V, np.float32(adam_step), np.float32(g.learning_rate), ids_d,
+                          mask_d, adv_d, old_logp, ref_logp, sel, *scalars)
+                stats.append([float(to_host(x)) for x in out[:5]])
+                P, M, V = out[5:5 + n], out[5 + n:5 + 2 * n], out[5 + 2 * n:]
+            if exp.outer_step_active:
+                out = mod("outer_step", *before, *Bm, *P, np.float32(exp.learning_rate),
+                          np.float32(exp.nesterov_momentum))
+                P, Bm = out[:n], out[n:]
+            learner_s = time.perf_counter() - t1
+            sync, done = True, it + 1
+            # 4. record
+            lengths = [len(c) for c in comps]
+            tokens = sum(lengths)
+            loss, kl, clip, low, high = np.mean(stats, axis=0)
+            elapsed = time.perf_counter() - t_start
+            rec = {"step": it + 1, "reward_mean": float(np.mean(total)), "reward_std": float(np.std(total, ddof=1)),
+                   **{c: float(np.mean(per_fn[nm])) for c, nm in zip(fn_cols, rewards.names)},
+                   "frac_reward_zero_std": frac_zero, "kl": float(kl) if ref else None, "clip_ratio": float(clip),
+                   "clip_ratio_low": float(low), "clip_ratio_high": float(high), "loss": float(loss),
+                   "completion_length_mean": float(np.mean(lengths)), "completion_length_min": min(lengths),
+                   "completion_length_max": max(lengths),
+                   "completions_clipped_frac": float(np.mean([not (c and c[-1] in eos) for c in comps])),
+                   "rollout_tokens": tokens, "rollout_s": round(rollout_s, 4),
+                   "rollout_tokens_per_s": round(tokens / max(rollout_s, 1e-9), 2), "weight_sync_s": round(sync_s, 4),
+                   "learner_step_s": round(learner_s, 4), "elapsed_s": round(elapsed, 3)}
+            log.step(rec)
+            samples.write(json.dumps({"step": it + 1, "prompt": prompt_texts[0], "completion": texts[0],
+                                      "reward": total[0]}) + "\n")
+            samples.flush()
+            stopped = stop.requested
+            last = it + 1 == g.num_iterations
+            if last or stopped or (exp.checkpoint_interval and (it + 1) % exp.checkpoint_interval == 0):
+                _save_checkpoint(ckpt_path, exp, it + 1, P, M, V, adam_step, Bm, elapsed)
+            if stopped:
+                break
+    finally:
+        stop.restore()
+        samples.close()
+    client.stop()
+    recs = log.records
+    summary = {
+        "iterations": done, "iterations_planned": g.num_iterations, "stopped": stopped, "workers": world - 1,
+        "first_reward_mean": recs[0]["reward_mean"] if recs else None,
+        "final_reward_mean": recs[-1]["reward_mean"] if recs else None,
+        "rollout_tokens_per_s": _mean([x["rollout_tokens_per_s"] for x in recs]),
+        "learner_step_s": _mean([x["learner_step_s"] for x in recs]),
+        "train_seconds": round(time.perf_counter() - t_start, 3), "run_dir": str(run_dir),
+    }
+    log.close(summary)
+    if stopped:
+        log.say(f"stopped after iteration {done} (checkpoint saved): continue with "
+                f"`pcpc run {plan.config_path} --resume --out {run_dir}`")
+    else:
+        log.say(f"done: {done} iterations, reward {summary['first_reward_mean']:.3f} -> "
+                f"{summary['final_reward_mean']:.3f}; metrics, metrics.png, samples and checkpoint in {run_dir}")
+    return summary
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(float(np.mean(xs)), 4) if xs else None
+
+
+def _announce(log, exp, plan, world, meta, T, start):
+    g, r = exp.grpo_config, exp.rollout_config
+    n_params = meta.parameter_bytes // 4
+    log.say(f"GRPO: {exp.model} ({n_params:,} params), 1 learner + {world - 1} rollout worker(s); "
+            f"{exp.rollouts_per_iteration} rollouts/iteration ({g.num_prompts} prompts x {g.group_size}), "
+            f"{g.num_iterations} iterations, rows of {T} tokens; run dir {plan.run_dir}")
+    if exp.outer_step_active:
+        log.say(f"  outer Nesterov step on each iteration's pseudo-gradient: learning_rate {exp.learning_rate}, "
+                f"nesterov_momentum {exp.nesterov_momentum} (1.0 / 0.0 gives plain GRPO)")
+    if start:
+        log.say(f"  resuming after iteration {start}")
+
+
+def _save_checkpoint(path: Path, exp, iteration, P, M, V, adam_step, Bm, elapsed) -> None:
+    import io
+
+    import torch
+
+    from pcpc.mlir.build import write_atomic
+    from pcpc.runtime.module import to_host
+
+    def host(arrays):
+        return [torch.from_numpy(to_host(a)) for a in arrays] if arrays is not None else None
+
+    state = {"version": CHECKPOINT_VERSION, "kind": "grpo", "iteration": iteration, "params": host(P), "m": host(M),
+             "v": host(V), "adam_step": adam_step, "momentum": host(Bm), "elapsed_s": elapsed,
+             "config": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(exp).items()
+                                              if k in TRAJECTORY_FIELDS}))}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable pcpc checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("kind") != "grpo":
+        raise UserError(f"{path}: not a pcpc GRPO checkpoint of version {CHECKPOINT_VERSION}")
+    for k in ("params", "m", "v", "momentum"):
+        if state[k] is not None:
+            state[k] = [t.numpy() for t in state[k]]
+    if state["momentum"] is None:
+        state["momentum"] = [np.zeros_like(p) for p in state["params"]]
+    return state

@@ -1,0 +1,256 @@
+"""What a GRPO / DPO run needs before its loop starts: model, artifacts, weights, tokenizer, prompts.
+
+- The model is a preset of exporters/qwen2.py or a local HF directory of a
+  Qwen2-family model (+ optional overrides for toy shapes).
+- Artifact paths in a config (models/qwen_rl_generation.mlir,
+  models/qwen_grpo_training.vmfb) name build-graph outputs: the file stem is
+  the target name, the folder the output directory. They are built when
+  missing or stale (cached by content hash), and a file there that pcpc did
+  not produce is an error, never overwritten.
+- The weight file is the reference design's flat binary (runtime reads it
+  with exporters/hf_weights.read_flat, size checked against meta.json). When
+  missing it is exported from the model's HF weights (safetensors), or, with
+  init_weights "random", written from a seeded random initialisation.
+- Tokenizers: "qwen" (the model's tokenizer.json), a HF directory, or
+  "bytes" (UTF-8 bytes as ids, id 0 as EOS: toy models with vocab 256).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pcpc.errors import UserError
+
+REFERENCE_PROMPTS = (
+    "2+2=",
+    "The capital of France is",
+    "Write a python function to add two numbers.",
+    "Is fire hot? Answer yes or no.",
+    "Solve 3 * 4 + 2.",
+)
+"""The reference design's test prompts, written to prompt_file when it does not exist."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the architecture (and the HF weights, if any) come from."""
+
+    recipe: dict
+    """{"model": preset} or {"hf_config": config.json}, plus model_overrides: the recipe keys of a target."""
+    model: str
+    """The config's `model` value (preset name or directory)."""
+
+    @property
+    def config(self):
+        from pcpc.mlir.qwen_functions import model_config
+
+        return model_config(self.recipe)
+
+
+def model_source(model: str, overrides: dict | None = None, where: str = "model") -> ModelSource:
+    from pcpc.exporters import qwen2
+    from pcpc.exporters.hf_weights import read_hf_config
+
+    path = Path(model)
+    if path.is_dir():
+        hf = read_hf_config(path)
+        qwen2.config_from_hf(hf, where=str(path / "config.json"))  # fail early on a foreign architecture
+        recipe = {"hf_config": hf}
+    elif model in qwen2.PRESETS:
+        recipe = {"model": model}
+    else:
+        raise UserError(f"{where}: {model!r} is neither a directory nor a Qwen2 preset; valid presets: "
+                        f"{', '.join(qwen2.PRESETS)}")
+    if overrides:
+        recipe["model_overrides"] = dict(overrides)
+    src = ModelSource(recipe, model)
+    try:
+        src.config
+    except ValueError as e:
+        raise UserError(f"model_overrides: {e}") from None
+    return src
+
+
+# ---------------------------------------------------------------------------
+# artifacts
+
+
+def _foreign(path: Path) -> bool:
+    """True if `path` exists but was not written by pcpc's build graph."""
+    from pcpc.runtime.diloco import made_by_pcpc
+
+    if not path.exists():
+        return False
+    if path.suffix == ".mlir":
+        return not made_by_pcpc(path)
+    from pcpc.mlir.signature import meta_path_for
+
+    meta = meta_path_for(path)
+    try:
+        return "vmfb_sha256" not in json.loads(meta.read_text()).get("provenance", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return True
+
+
+def build_artifact(field: str, path: str | Path, target, compile_target: str, say: Callable[[str], None]):
+    """Build (or find up to date) the artifact `path` names; returns the BuildResult."""
+    from pcpc.mlir.build import build
+
+    path = Path(path)
+    if _foreign(path):
+        raise UserError(
+            f"{field}: {path} was not produced by pcpc (no matching build record next to it). pcpc derives the "
+            f"gradient and generation functions from its functional Qwen2 model before lowering, so it cannot "
+            f"use an MLIR/VMFB file it did not build. Move the file away and pcpc builds {path.name} there."
+        )
+    if path.parent != Path("") and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = build(dataclasses.replace(target, name=path.stem), path.parent, compile_target=compile_target,
+                       log=lambda m: say("  " + m))
+    if result.ran:
+        say(f"  built {result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())})")
+    return result
+
+
+# ---------------------------------------------------------------------------
+# weights
+
+
+def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, seed: int,
+                   say: Callable[[str], None]) -> Path:
+    """Make the flat weight file if it is missing; always check its size against meta.json."""
+    from pcpc.exporters import hf_weights, qwen2
+
+    path = Path(path)
+    if not path.exists():
+        cfg = src.config
+        shapes = qwen2.param_shapes(cfg)
+        if init_weights == "random":
+            say(f"weights_path: {path} missing; writing a seeded random initialisation (seed {seed})")
+            tensors = [(k, v.numpy()) for k, v in qwen2.init_params(cfg, seed).items()]
+        else:
+            try:
+                model_dir = hf_weights.find_model_dir(src.model)
+            except UserError as e:
+                raise UserError(f"weights_path: {path} does not exist, so pcpc exports it from the HF weights of "
+                                f"{src.model}; {e}. Or set \"init_weights\": \"random\" to start from random "
+                                f"weights.") from None
+            found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
+            if found != cfg:
+                raise UserError(f"{model_dir}: config.json describes a different model than {src.model!r}")
+            say(f"weights_path: {path} missing; exporting it from {model_dir}")
+            tensors = hf_weights.ordered_tensors(hf_weights.read_safetensors(model_dir), shapes,
+                                                 cfg.tie_word_embeddings, str(model_dir))
+        size = hf_weights.write_flat(path, list(tensors), "float32", meta.parameter_bytes)
+        say(f"  wrote {path} ({size:,} bytes, {len(shapes)} tensors)")
+    hf_weights.verify_flat(path, meta.parameter_bytes)
+    return path
+
+
+def read_weights(path: str | Path, meta) -> list[np.ndarray]:
+    """The flat weight file as one fp32 array per parameter, in meta.json order."""
+    from pcpc.exporters.hf_weights import read_flat
+
+    return read_flat(Path(path), meta.parameters, meta.parameter_bytes)
+
+
+# ---------------------------------------------------------------------------
+# tokenizers and prompts
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids; id 0 (NUL, never in text) ends a completion. For toy models (vocab 256)."""
+
+    name = "bytes"
+    eos_token_ids = (0,)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A HF tokenizer directory (runtime/prompts.TextCodec) with its EOS ids."""
+
+    def __init__(self, model_dir: Path):
+        from pcpc.exporters.hf_weights import eos_token_ids
+        from pcpc.runtime.prompts import TextCodec
+
+        self.name = str(model_dir)
+        self.codec = TextCodec(model_dir)
+        eos = list(eos_token_ids(model_dir))
+        for special in ("eos_token", "pad_token"):
+            tok = self.codec.special(special)
+            tid = self.codec.tokenizer.token_to_id(tok) if tok else None
+            if special == "eos_token" and tid is not None and tid not in eos:
+                eos.append(tid)
+        self.eos_token_ids = tuple(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self.codec.encode(text, chat=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.codec.decode(ids)
+
+
+def load_tokenizer(spec: str, model: str, eos_override: Sequence[int] | None = None):
+    """"bytes", "qwen" (the tokenizer of `model`) or a HF directory; eos_override replaces the EOS ids."""
+    from pcpc.exporters.hf_weights import HUB_REPOS, find_in_hub_cache, hub_cache_dirs
+
+    if spec == "bytes":
+        tok = ByteTokenizer()
+    else:
+        if spec == "qwen":
+            path = Path(model) if Path(model).is_dir() else None
+            if path is None:
+                repo = HUB_REPOS.get(model, HUB_REPOS["qwen2.5-0.5b"])
+                path = find_in_hub_cache(repo)
+                if path is None:
+                    raise UserError(
+                        f"tokenizer: \"qwen\" needs the tokenizer files of {repo} (tokenizer.json, "
+                        f"tokenizer_config.json): download them, e.g. `huggingface-cli download {repo}` into the HF "
+                        f"cache ({hub_cache_dirs()[-1]}), or set \"model\" / \"tokenizer\" to a local HF directory")
+        else:
+            path = Path(spec)
+            if not path.is_dir():
+                raise UserError(f"tokenizer: {spec!r} is not \"qwen\", \"bytes\" or a HF tokenizer directory")
+        tok = HFTokenizer(path)
+    if eos_override is not None:
+        tok.eos_token_ids = tuple(int(e) for e in eos_override)
+    if not tok.eos_token_ids:
+        raise UserError(f"tokenizer {tok.name}: no EOS token id known; set eos_token_ids in the config")
+    return tok
+
+
+def ensure_prompts(path: str | Path, tokenizer, vocab_size: int, say: Callable[[str], None]) -> list[list[int]]:
+    """The prompt file's token ids, written from the reference's test prompts first if the file is missing."""
+    from pcpc.runtime.prompts import read_prompts, write_prompts
+
+    path = Path(path)
+    if not path.exists():
+        ids = [tokenizer.encode(t) for t in REFERENCE_PROMPTS]
+        write_prompts(path, ids)
+        say(f"prompt_file: {path} missing; wrote the reference's {len(ids)} test prompts with the {tokenizer.name} "
+            f"tokenizer (make your own with `pcpc data prompts encode`)")
+    prompts = read_prompts(path)
+    if not prompts:
+        raise UserError(f"prompt_file: {path} holds no prompts")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt_file: {path}: prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise UserError(f"prompt_file: {path}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                            f"(0..{vocab_size - 1}); was it written with another tokenizer?")
+    return prompts
