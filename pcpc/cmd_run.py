@@ -66,11 +66,11 @@ def run(ctx, config, resume, out_dir, overwrite, overrides, max_restarts, quiet)
     if kind == "grpo":
         from pcpc.runtime import grpo
 
-        return grpo.run_experiment(config, raw, resume=resume, out_dir=out_dir)
+        return grpo.run_experiment(config, raw, resume=resume, out_dir=out_dir, overwrite=overwrite, quiet=quiet)
     if kind == "dpo":
         from pcpc.runtime import dpo
 
-        return dpo.run_experiment(config, raw, resume=resume, out_dir=out_dir)
+        return dpo.run_experiment(config, raw, resume=resume, out_dir=out_dir, overwrite=overwrite, quiet=quiet)
     exp = parse_experiment(raw, where=config)
     from pcpc.runtime.diloco import run_experiment
     from pcpc.runtime.launch import WorkerFailure

@@ -34,7 +34,7 @@ import numpy as np
 from pcpc.errors import UserError
 from pcpc.runtime.grpo_config import GRPOExperiment, parse_grpo
 
-RUN_FILES = ("metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "samples.jsonl")
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "samples.jsonl", "workers.json")
 TRAJECTORY_FIELDS = ("model", "model_overrides", "weights_path", "tokenizer", "learning_rate", "nesterov_momentum",
                      "grpo_config", "rollout_config", "seed", "eos_token_ids")
 CHECKPOINT_VERSION = 1
@@ -127,6 +127,7 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
                           Path(config_path).parent)  # fail fast on a bad reward function
     src = rl_setup.model_source(exp.model, exp.model_overrides)
     cfg = src.config
+    rl_setup.check_weights_source(exp.weights_path, src, exp.init_weights)  # before any slow build
     tok = rl_setup.load_tokenizer(exp.tokenizer, exp.model, exp.eos_token_ids)
     prompts = rl_setup.ensure_prompts(exp.grpo_config.prompt_file, tok, cfg.vocab_size, talk)
     prefill_len, seq_len = _seq_len(prompts, exp.rollout_config.max_tokens)
@@ -290,6 +291,9 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
             results, sync_s = client.rollout(tasks, P if sync else None)
             rollout_s = time.perf_counter() - t0 - sync_s
             comps = [c for t in tasks for c in results[t.index]["completions"]][:N]
+            if it == start:  # which process is which, for whoever needs to find a worker
+                pids = {f"rank {res['worker']}": res["pid"] for res in results.values()}
+                (run_dir / "workers.json").write_text(json.dumps({"rank 0": os.getpid(), **pids}, indent=1) + "\n")
             # 2. rewards and advantages
             eos = set(plan.eos_token_ids)
             bodies = [c[:-1] if c and c[-1] in eos else c for c in comps]

@@ -125,6 +125,28 @@ def build_artifact(field: str, path: str | Path, target, compile_target: str, sa
 # weights
 
 
+def check_weights_source(path: str | Path, src: ModelSource, init_weights: str) -> None:
+    """Fail fast, naming what to download and where, when the weight file is missing and cannot be exported."""
+    from pcpc.exporters import hf_weights
+
+    path = Path(path)
+    if path.exists() or init_weights == "random":
+        return
+    try:
+        hf_weights.find_model_dir(src.model)
+    except UserError as e:
+        repo = hf_weights.HUB_REPOS.get(src.model)
+        if repo is None:  # a directory without weights: its own message says what is missing
+            raise UserError(f"weights_path: {path} does not exist and cannot be exported: {e}") from None
+        raise UserError(
+            f"weights_path: {path} does not exist, so pcpc exports it from the HF weights of {src.model}, which are "
+            f"not here. Download {repo} (config.json, generation_config.json, model.safetensors, tokenizer.json, "
+            f"tokenizer_config.json) into the HF cache with `huggingface-cli download {repo}` (it lands in "
+            f"{hf_weights.hub_cache_dirs()[0]}), or into a directory DIR and set \"model\": \"DIR\" in the config; "
+            f"then run again and {path} is written. (\"init_weights\": \"random\" starts from random weights "
+            f"instead.)") from None
+
+
 def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, seed: int,
                    say: Callable[[str], None]) -> Path:
     """Make the flat weight file if it is missing; always check its size against meta.json."""
@@ -138,12 +160,8 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
             say(f"weights_path: {path} missing; writing a seeded random initialisation (seed {seed})")
             tensors = [(k, v.numpy()) for k, v in qwen2.init_params(cfg, seed).items()]
         else:
-            try:
-                model_dir = hf_weights.find_model_dir(src.model)
-            except UserError as e:
-                raise UserError(f"weights_path: {path} does not exist, so pcpc exports it from the HF weights of "
-                                f"{src.model}; {e}. Or set \"init_weights\": \"random\" to start from random "
-                                f"weights.") from None
+            check_weights_source(path, src, init_weights)
+            model_dir = hf_weights.find_model_dir(src.model)
             found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
             if found != cfg:
                 raise UserError(f"{model_dir}: config.json describes a different model than {src.model!r}")
