@@ -37,7 +37,6 @@ from pcpc.runtime.grpo_config import GRPOExperiment, parse_grpo
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "metrics.png", "summary.json", "samples.jsonl", "workers.json")
 TRAJECTORY_FIELDS = ("model", "model_overrides", "weights_path", "tokenizer", "learning_rate", "nesterov_momentum",
                      "grpo_config", "rollout_config", "seed", "eos_token_ids")
-CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -81,32 +80,6 @@ def generation_target(exp: GRPOExperiment, src, prefill_len: int, seq_len: int):
                        max_seq=seq_len)
 
 
-def prepare_run_dir(run_dir: Path, exp: GRPOExperiment, resume: bool, overwrite: bool) -> None:
-    ckpt = run_dir / "checkpoints" / "latest.pt"
-    if resume:
-        if not ckpt.is_file():
-            raise UserError(f"--resume: no checkpoint at {ckpt}; start the run without --resume")
-        state = _load_checkpoint(ckpt)
-        want = {k: v for k, v in dataclasses.asdict(exp).items() if k in TRAJECTORY_FIELDS}
-        for k in TRAJECTORY_FIELDS:
-            if k == "grpo_config":  # more iterations may be asked for when resuming
-                a = {**state["config"][k], "num_iterations": None}
-                b = {**json.loads(json.dumps(want[k])), "num_iterations": None}
-            else:
-                a, b = state["config"].get(k), json.loads(json.dumps(want[k]))
-            if a != b:
-                raise UserError(f"--resume: {k} is {b!r} but the checkpoint {ckpt} was written with {a!r}; restore "
-                                f"it or start a new run with --out DIR")
-        return
-    if ckpt.is_file() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run (checkpoint after iteration "
-                        f"{_load_checkpoint(ckpt)['iteration']}); pass --resume to continue it, --out DIR to start a "
-                        f"new run elsewhere, or --overwrite to start this one over")
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    ckpt.unlink(missing_ok=True)
-
-
 def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir: str | None = None,
                    overwrite: bool = False, quiet: bool = False, say=print) -> dict | None:
     """`pcpc run` of a GRPO config: resolve model, artifacts, weights and prompts; launch learner + workers."""
@@ -140,7 +113,8 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     weights = rl_setup.ensure_weights(exp.weights_path, src, load_meta(gen.meta), exp.init_weights, exp.seed, talk)
     train = rl_setup.build_artifact("training_model_path", exp.training_model_path,
                                     training_target(exp, src, seq_len), exp.target, talk)
-    prepare_run_dir(run_dir, exp, resume, overwrite)
+    rl_setup.prepare_run_dir(run_dir, "grpo", trajectory(exp), resume, overwrite, RUN_FILES,
+                             may_change=("grpo_config.num_iterations",))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"experiment": exp.public_dict(), "config_path": str(config_path), "world": world,
@@ -242,19 +216,19 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     stop = _Stop()
 
     initial = rl_setup.read_weights(plan.weights_path, meta)
-    ckpt_path = run_dir / "checkpoints" / "latest.pt"
+    ckpt_path = rl_setup.checkpoint_path(run_dir)
+    zeros = [np.zeros(p.shape, np.float32) for p in meta.parameters]
+    state = {"step": 0, "arrays": {"params": initial, "m": zeros, "v": zeros, "momentum": None},
+             "extra": {"adam_step": 0, "elapsed_s": 0.0}}
     if plan.resume:
-        state = _load_checkpoint(ckpt_path)
-    else:
-        zeros = [np.zeros(p.shape, np.float32) for p in meta.parameters]
-        state = {"iteration": 0, "params": initial, "m": zeros, "v": zeros, "adam_step": 0, "momentum": zeros,
-                 "elapsed_s": 0.0}
-    P = mod.upload_all(state["params"])
-    M, V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
-    Bm = mod.upload_all(state["momentum"]) if exp.outer_step_active else None
+        state = rl_setup.load_checkpoint(ckpt_path, "grpo")
+    arrays = state["arrays"]
+    P = mod.upload_all(arrays["params"])
+    M, V = mod.upload_all(arrays["m"]), mod.upload_all(arrays["v"])
+    Bm = mod.upload_all(arrays["momentum"] or zeros) if exp.outer_step_active else None
     ref = mod.upload_all(initial) if g.beta > 0 else None  # the frozen reference: the initial weights
-    del initial
-    adam_step, start = state["adam_step"], state["iteration"]
+    del initial, zeros, arrays
+    adam_step, start = state["extra"]["adam_step"], state["step"]
     N, T = exp.rollouts_per_iteration, plan.seq_len
     L = T - 1
     zeros_bl = mod.upload(np.zeros((N, L), np.float32))
@@ -279,7 +253,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     _announce(log, exp, plan, world, meta, T, start)
     samples = open(run_dir / "samples.jsonl", "a")
     sync = True  # the workers have no weights yet
-    t_start = time.perf_counter() - state["elapsed_s"]
+    t_start = time.perf_counter() - state["extra"]["elapsed_s"]
     done, stopped = start, False
     try:
         for it in range(start, g.num_iterations):
@@ -344,7 +318,8 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
             stopped = stop.requested
             last = it + 1 == g.num_iterations
             if last or stopped or (exp.checkpoint_interval and (it + 1) % exp.checkpoint_interval == 0):
-                _save_checkpoint(ckpt_path, exp, it + 1, P, M, V, adam_step, Bm, elapsed)
+                rl_setup.save_checkpoint(ckpt_path, "grpo", it + 1, {"params": P, "m": M, "v": V, "momentum": Bm},
+                                         {"adam_step": adam_step, "elapsed_s": elapsed}, trajectory(exp))
             if stopped:
                 break
     finally:
@@ -388,38 +363,6 @@ def _announce(log, exp, plan, world, meta, T, start):
         log.say(f"  resuming after iteration {start}")
 
 
-def _save_checkpoint(path: Path, exp, iteration, P, M, V, adam_step, Bm, elapsed) -> None:
-    import io
-
-    import torch
-
-    from pcpc.mlir.build import write_atomic
-    from pcpc.runtime.module import to_host
-
-    def host(arrays):
-        return [torch.from_numpy(to_host(a)) for a in arrays] if arrays is not None else None
-
-    state = {"version": CHECKPOINT_VERSION, "kind": "grpo", "iteration": iteration, "params": host(P), "m": host(M),
-             "v": host(V), "adam_step": adam_step, "momentum": host(Bm), "elapsed_s": elapsed,
-             "config": json.loads(json.dumps({k: v for k, v in dataclasses.asdict(exp).items()
-                                              if k in TRAJECTORY_FIELDS}))}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_atomic(path, buf.getvalue())
-
-
-def _load_checkpoint(path: Path) -> dict:
-    import torch
-
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable pcpc checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("kind") != "grpo":
-        raise UserError(f"{path}: not a pcpc GRPO checkpoint of version {CHECKPOINT_VERSION}")
-    for k in ("params", "m", "v", "momentum"):
-        if state[k] is not None:
-            state[k] = [t.numpy() for t in state[k]]
-    if state["momentum"] is None:
-        state["momentum"] = [np.zeros_like(p) for p in state["params"]]
-    return state
+def trajectory(exp: GRPOExperiment) -> dict:
+    """The config fields a resumed run must share with the checkpoint (JSON-able)."""
+    return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(exp).items() if k in TRAJECTORY_FIELDS}))

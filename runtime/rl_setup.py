@@ -191,7 +191,7 @@ class ByteTokenizer:
     name = "bytes"
     eos_token_ids = (0,)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, chat: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -215,8 +215,9 @@ class HFTokenizer:
                 eos.append(tid)
         self.eos_token_ids = tuple(eos)
 
-    def encode(self, text: str) -> list[int]:
-        return self.codec.encode(text, chat=True)
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of `text`; chat=True wraps it in the chat template as a user turn (prompts)."""
+        return self.codec.encode(text, chat=chat)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.codec.decode(ids)
@@ -272,3 +273,82 @@ def ensure_prompts(path: str | Path, tokenizer, vocab_size: int, say: Callable[[
             raise UserError(f"prompt_file: {path}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
                             f"(0..{vocab_size - 1}); was it written with another tokenizer?")
     return prompts
+
+
+# ---------------------------------------------------------------------------
+# run directory and checkpoints
+
+CHECKPOINT_VERSION = 2
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints" / "latest.pt"
+
+
+def save_checkpoint(path: Path, kind: str, step: int, arrays: dict, extra: dict, config: dict) -> None:
+    """Write {arrays (lists of host arrays or device arrays, or None), extra, config} atomically (torch.save)."""
+    import io
+
+    import torch
+
+    from pcpc.mlir.build import write_atomic
+    from pcpc.runtime.module import to_host
+
+    state = {"version": CHECKPOINT_VERSION, "kind": kind, "step": step, "extra": extra, "config": config,
+             "arrays": {k: None if v is None else [torch.from_numpy(to_host(a)) for a in v] for k, v in arrays.items()}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(Path(path), buf.getvalue())
+
+
+def load_checkpoint(path: Path, kind: str) -> dict:
+    """A checkpoint written by save_checkpoint, arrays as numpy; loading never unpickles code."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at {path}; start the run without --resume")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable pcpc checkpoint ({type(e).__name__}: {e})") from None
+    if (not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind
+            or not {"step", "arrays", "extra", "config"} <= set(state)):
+        raise UserError(f"{path}: not a pcpc {kind.upper()} checkpoint of version {CHECKPOINT_VERSION}")
+    state["arrays"] = {k: None if v is None else [t.numpy() for t in v] for k, v in state["arrays"].items()}
+    return state
+
+
+def prepare_run_dir(run_dir: Path, kind: str, config: dict, resume: bool, overwrite: bool, run_files,
+                    may_change=()) -> None:
+    """Refuse to clobber a run by accident; on resume, refuse a config whose trajectory fields changed.
+
+    config: the trajectory-shaping fields (JSON-able). may_change: dotted fields a resume may change
+    (e.g. grpo_config.num_iterations, to run longer).
+    """
+    ckpt = checkpoint_path(run_dir)
+    if resume:
+        saved = load_checkpoint(ckpt, kind)["config"]
+        want = json.loads(json.dumps(config))
+        def flat(d, prefix=""):
+            out = {}
+            for k, v in d.items():
+                if isinstance(v, dict) and v:
+                    out.update(flat(v, f"{prefix}{k}."))
+                else:
+                    out[f"{prefix}{k}"] = v
+            return out
+
+        a, b = flat(saved), flat(want)
+        for key in sorted(set(a) | set(b)):
+            if key not in may_change and a.get(key) != b.get(key):
+                raise UserError(f"--resume: {key} is {b.get(key)!r} but the checkpoint {ckpt} was written with "
+                                f"{a.get(key)!r}; restore it or start a new run with --out DIR")
+        return
+    if ckpt.is_file() and not overwrite:
+        step = load_checkpoint(ckpt, kind)["step"]
+        raise UserError(f"{run_dir} already holds a run (checkpoint after step {step}); pass --resume to continue "
+                        f"it, --out DIR to start a new run elsewhere, or --overwrite to start this one over")
+    for name in run_files:
+        (Path(run_dir) / name).unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)
