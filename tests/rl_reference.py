@@ -8,11 +8,54 @@ a second implementation rather than against themselves.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
 from pcpc.exporters import qwen2
+
+B, T = 4, 16
+L = T - 1
+OVERRIDES = {"num_hidden_layers": 1}
+TOL = 1e-5
+
+
+@pytest.fixture(scope="session")
+def rl_module(tmp_path_factory):
+    """One tiny compiled module with every RL function (built once per session)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule
+
+    target = rl_target(
+        "test-rl-numerics", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+        functions=["token_logprobs", "sequence_logps", "grpo_value_and_grad", "grpo_train_step",
+                   "dpo_value_and_grad"],
+    )
+    # a fixed folder: a second test module asking for it finds the build up to date
+    return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_numerics").vmfb)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Weights (scaled up: a peaked policy), a perturbed reference, ids and a completion mask."""
+    cfg = qwen2.make_config("qwen2-tiny", **OVERRIDES)
+    params = qwen2.init_params(cfg, seed=3)
+    # Larger than HF's init so the policy is far from uniform and gradients are not tiny.
+    params = {k: v * 4 if v.dim() == 2 else v for k, v in params.items()}
+    ref_params = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in params.items()}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    prompt_len = torch.tensor([3, 3, 5, 5])
+    comp_len = torch.tensor([12, 6, 10, 1])  # completion targets per row (padding after)
+    t = torch.arange(L)
+    mask = ((t >= prompt_len[:, None] - 1) & (t < (prompt_len + comp_len)[:, None] - 1)).float()
+    return cfg, params, ref_params, ids, mask
+
+
+def np_params(params):
+    return [p.numpy() for p in params.values()]
 
 
 def hf_model(cfg: qwen2.Qwen2Config, params: dict[str, torch.Tensor]) -> transformers.Qwen2ForCausalLM:

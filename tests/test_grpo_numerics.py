@@ -1,7 +1,7 @@
-"""Compiled GRPO / DPO losses and gradients against plain PyTorch (HF Qwen2 + TRL's formulas).
+"""Compiled GRPO loss, gradients and train step against plain PyTorch (HF Qwen2 + TRL's formulas).
 
-One tiny module (1 layer, vocab 256) is compiled once per session with every
-RL function; each loss type, the clipped-ratio path (old log-probs given) and
+The tiny module (1 layer, vocab 256; rl_reference.rl_module) holds every RL
+function; each loss type, the clipped-ratio path (old log-probs given) and
 one AdamW train step are compared with relative error < 1e-5 in fp32.
 """
 
@@ -11,48 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_reference import dpo_loss, grpo_loss, hf_model, rel_err, token_logps
-from pcpc.autodiff.dpo import LOSS_TYPES as DPO_TYPES
+from rl_reference import B, L, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES
-from pcpc.exporters import qwen2
-from pcpc.mlir.build import build
-from pcpc.mlir.targets import rl_target
-from pcpc.runtime.module import CompiledModule
-
-B, T = 4, 16
-L = T - 1
-OVERRIDES = {"num_hidden_layers": 1}
-TOL = 1e-5
-
-
-@pytest.fixture(scope="session")
-def rl_module(tmp_path_factory):
-    target = rl_target(
-        "test-rl-numerics", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
-        functions=["token_logprobs", "sequence_logps", "grpo_value_and_grad", "grpo_train_step",
-                   "dpo_value_and_grad"],
-    )
-    return CompiledModule(build(target, tmp_path_factory.mktemp("rl")).vmfb)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    cfg = qwen2.make_config("qwen2-tiny", **OVERRIDES)
-    params = qwen2.init_params(cfg, seed=3)
-    # Larger than HF's init so the policy is far from uniform and gradients are not tiny.
-    params = {k: v * 4 if v.dim() == 2 else v for k, v in params.items()}
-    ref_params = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7)) for k, v in params.items()}
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
-    prompt_len = torch.tensor([3, 3, 5, 5])
-    comp_len = torch.tensor([12, 6, 10, 1])  # completion targets per row (padding after)
-    t = torch.arange(L)
-    mask = ((t >= prompt_len[:, None] - 1) & (t < (prompt_len + comp_len)[:, None] - 1)).float()
-    return cfg, params, ref_params, ids, mask
-
-
-def _np(params):
-    return [p.numpy() for p in params.values()]
 
 
 def test_token_logprobs_match_hf(rl_module, setup):
@@ -101,35 +61,6 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old)
         assert out[2] > 0  # the clip ratio sees clipped tokens on this input
     else:
         assert out[2] == 0  # ratio 1 everywhere: nothing is clipped
-
-
-@pytest.mark.parametrize("loss_type", DPO_TYPES)
-def test_dpo_value_and_grad_matches_torch(rl_module, setup, loss_type):
-    cfg, params, ref_params, ids, mask = setup
-    beta = 0.1
-    avg = loss_type == "ipo"
-
-    def seq(model):
-        s = (token_logps(model, ids) * mask).sum(-1)
-        return s / mask.sum(-1) if avg else s
-
-    with torch.no_grad():
-        ref = seq(hf_model(cfg, ref_params))
-    model = hf_model(cfg, params)
-    pol = seq(model)
-    loss, c_rew, r_rew = dpo_loss(pol[:2], pol[2:], ref[:2], ref[2:], beta, loss_type)
-    loss.backward()
-    named = dict(model.named_parameters())
-    sel = np.array([t == loss_type for t in DPO_TYPES], np.float32)
-    out = rl_module.call_host("dpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), ref.numpy(), sel,
-                              np.float32(beta))
-    assert rel_err(out[0], loss.detach()) < TOL
-    # rewards = beta (logp - ref) are differences of large sums: measure against the sums' scale
-    scale = beta * float(pol.detach().abs().max())
-    assert np.abs(out[1] - c_rew.numpy()).max() < TOL * scale
-    assert np.abs(out[2] - r_rew.numpy()).max() < TOL * scale
-    for name, got in zip(params, out[3:]):
-        assert rel_err(got, named[name].grad) < TOL, name
 
 
 def test_grpo_train_step_matches_torch_adamw(rl_module, setup):

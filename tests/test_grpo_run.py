@@ -1,0 +1,161 @@
+"""GRPO end to end on a toy Qwen2 (vocab 16, 1 layer): learning, workers, resume, a dead worker, errors.
+
+Every run shares one models/ folder, so the generation and training modules
+are built once (by the first run) and found up to date afterwards. The toy
+reward pays for emitting token 7; a random policy emits it 1/16 of the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pcpc.errors import UserError
+from pcpc.runtime import grpo
+from pcpc.runtime.prompts import write_prompts
+
+REWARD = "def target_token(completion_ids, **_):\n    return [sum(t == 7 for t in c) / max(len(c), 1) for c in completion_ids]\n"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_toy")
+    (root / "toy_reward.py").write_text(REWARD)
+    write_prompts(root / "prompts.bin", [[1, 2, 3], [4, 5], [6, 8, 9, 10], [11, 12]])
+
+    def config(name: str, **top) -> Path:
+        grpo_over = top.pop("grpo_config", {})
+        raw = {
+            "model_path": str(root / "models" / "toy_gen.mlir"),
+            "training_model_path": str(root / "models" / "toy_train.vmfb"),
+            "weights_path": str(root / "models" / "toy_flat.bin"),
+            "tokenizer": "bytes",
+            "grpo_config": {"num_iterations": 30, "group_size": 8, "learning_rate": 0.003, "beta": 0.04,
+                            "prompt_file": str(root / "prompts.bin"), "num_prompts": 2,
+                            "reward_funcs": ["toy_reward.py:target_token"], **grpo_over},
+            "rollout_config": {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "batch_size": 8},
+            "model": "qwen2-tiny",
+            "model_overrides": {"vocab_size": 16, "num_hidden_layers": 1},
+            "init_weights": "random",
+            "checkpoint_interval": 2,
+            **top,
+        }
+        path = root / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        return path
+
+    return root, config
+
+
+def run(cfg: Path, **kw) -> dict:
+    return grpo.run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True,
+                               **kw)
+
+
+def records(cfg: Path) -> list[dict]:
+    return [json.loads(line) for line in (cfg.with_suffix("") / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def learned(toy):
+    root, config = toy
+    cfg = config("learn")
+    return cfg, run(cfg)
+
+
+def test_policy_learns_the_toy_reward(learned):
+    cfg, summary = learned
+    recs = records(cfg)
+    assert summary["iterations"] == 30 and len(recs) == 30
+    first = sum(r["reward_mean"] for r in recs[:5]) / 5
+    last = sum(r["reward_mean"] for r in recs[-5:]) / 5
+    assert first < 0.2 and last > 0.6, (first, last)
+    assert all(r["kl"] is not None and r["kl"] >= 0 for r in recs)
+    assert recs[-1]["kl"] > 0  # the policy moved away from the reference
+    for key in ("reward/toy_reward.py:target_token", "frac_reward_zero_std", "clip_ratio", "completion_length_mean",
+                "completion_length_min", "completion_length_max", "rollout_tokens_per_s", "learner_step_s"):
+        assert recs[-1][key] is not None, key
+    run_dir = cfg.with_suffix("")
+    for name in ("metrics.csv", "metrics.png", "summary.json", "samples.jsonl", "config.json", "workers.json"):
+        assert (run_dir / name).is_file(), name
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["step", "reward_mean", "reward_std"]
+
+
+def test_two_workers_give_the_same_run(toy, learned):
+    """Each rollout batch is seeded by (seed, iteration, batch), so the worker count changes nothing."""
+    root, config = toy
+    cfg = config("two_workers", num_workers=2, grpo_config={"num_iterations": 3})
+    run(cfg)
+    got, want = records(cfg), records(learned[0])[:3]
+    for a, b in zip(got, want):
+        assert (a["reward_mean"], a["kl"], a["loss"]) == (b["reward_mean"], b["kl"], b["loss"])
+    assert len(json.loads((cfg.with_suffix("") / "workers.json").read_text())) == 3
+
+
+def test_resume_continues_exactly(toy, learned):
+    root, config = toy
+    cfg = config("resume", grpo_config={"num_iterations": 2})
+    run(cfg)
+    with pytest.raises(UserError, match="already holds a run"):
+        run(cfg)
+    cfg = config("resume", grpo_config={"num_iterations": 4})
+    run(cfg, resume=True)
+    got, want = records(cfg), records(learned[0])[:4]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [(r["reward_mean"], r["kl"], r["loss"]) for r in got] == [(r["reward_mean"], r["kl"], r["loss"]) for r in want]
+    bad = config("resume", grpo_config={"num_iterations": 4, "beta": 0.5})
+    with pytest.raises(UserError, match=r"--resume: grpo_config.beta is 0.5 but the checkpoint"):
+        run(bad, resume=True)
+
+
+def test_dead_worker_stops_the_run(toy, learned):
+    """SIGKILL a rollout worker mid-run: the run ends (not hangs) with an error naming the killed process."""
+    root, config = toy
+    cfg = config("dead", grpo_config={"num_iterations": 100000})
+    run_dir = cfg.with_suffix("")
+    proc = subprocess.Popen([sys.executable, "-m", "pcpc.cli", "run", str(cfg), "--out", str(run_dir), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        workers = run_dir / "workers.json"
+        for _ in range(600):
+            if workers.is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert workers.is_file(), proc.communicate()[1]
+        pid = json.loads(workers.read_text())["rank 1"]
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)  # bounded: a hang fails here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    assert f"(pid {pid}) was killed by SIGKILL" in err and "GRPO run failed" in err
+
+
+def test_missing_hf_weights_say_what_to_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    path = Path(__file__).parent.parent / "experiments" / "qwen_rl_test.json"
+    with pytest.raises(UserError, match=r"weights_path: checkpoints/initial_weights/qwen_flat.bin does not exist.*"
+                                         r"Download Qwen/Qwen2.5-0.5B-Instruct .*huggingface-cli download"):
+        grpo.run_experiment(str(path), json.loads(path.read_text()), quiet=True)
+    assert not (tmp_path / "models").exists()  # failed before building anything
+
+
+def test_foreign_artifact_is_refused(toy, tmp_path):
+    root, config = toy
+    foreign = tmp_path / "qwen_rl_generation.mlir"
+    foreign.write_text("module {}\n")
+    cfg = config("foreign", model_path=str(foreign))
+    with pytest.raises(UserError, match="model_path: .* was not produced by pcpc"):
+        run(cfg)
+    assert foreign.read_text() == "module {}\n"

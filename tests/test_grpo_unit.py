@@ -1,0 +1,105 @@
+"""GRPO pieces without compiled modules: advantages, the loss against TRL's formulas, row packing, tasks, config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rl_reference import grpo_loss as trl_grpo_loss
+from pcpc.autodiff.grpo import compute_advantages, grpo_loss
+from pcpc.errors import UserError
+from pcpc.runtime.grpo import pack_rows
+from pcpc.runtime.grpo_config import parse_grpo
+from pcpc.runtime.rollout import flatten_weights, make_tasks, unflatten_weights
+
+REFERENCE = json.loads((Path(__file__).parent.parent / "experiments" / "qwen_rl_test.json").read_text())
+
+
+def test_advantages_group_batch_none():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])
+    adv, frac = compute_advantages(r, 4, "group")
+    g = r.view(2, 4)
+    want = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert torch.allclose(adv, want) and frac == 0.5  # the second group is all 5s
+    adv, _ = compute_advantages(r, 4, "batch")
+    assert torch.allclose(adv, (r - g.mean(1).repeat_interleave(4)) / (r.std() + 1e-4))
+    adv, _ = compute_advantages(r, 4, "none")
+    assert torch.allclose(adv, r - g.mean(1).repeat_interleave(4))
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        compute_advantages(r, 3)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_eager_loss_matches_trl_formulas(loss_type):
+    gen = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 6, generator=gen) * 3
+    old = logp + 0.3 * torch.randn(4, 6, generator=gen)
+    ref = logp + 0.2 * torch.randn(4, 6, generator=gen)
+    adv = torch.tensor([1.0, -0.5, 0.3, 0.9])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]).float()
+    want = trl_grpo_loss(logp, old, ref, adv, mask, 0.04, 0.2, 0.28, loss_type, 6)
+    got, kl, clip, low, high = grpo_loss(logp, old, ref, adv, mask, 0.04, 0.2, 0.28, loss_type, 6)
+    assert torch.allclose(got, want, rtol=1e-6)
+    assert 0 < float(clip) <= 1 and float(clip) == pytest.approx(float(low + high))
+
+
+def test_pack_rows_masks_completion_targets():
+    ids, mask = pack_rows([[5, 6, 7], [8]], [[1, 2, 0], [3]], seq_len=6, pad=0)
+    assert ids.tolist() == [[5, 6, 7, 1, 2, 0], [8, 3, 0, 0, 0, 0]]
+    # mask[t] = 1 where token t+1 is a completion token (EOS included)
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_tasks_are_padded_and_seeded_per_batch():
+    rows = [[1], [1], [2], [2], [3], [3]]
+    tasks, real = make_tasks(rows, 4, seed=7, iteration=3)
+    assert real == 6 and [len(t.prompts) for t in tasks] == [4, 4]
+    assert tasks[1].prompts == [[3], [3], [3], [3]]
+    again, _ = make_tasks(rows, 4, seed=7, iteration=3)
+    assert [t.seed for t in tasks] == [t.seed for t in again] and tasks[0].seed != tasks[1].seed
+    assert make_tasks(rows, 4, seed=7, iteration=4)[0][0].seed != tasks[0].seed
+
+
+def test_flat_weights_round_trip():
+    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.float32)]
+    flat = flatten_weights(arrays)
+    back = unflatten_weights(flat, [a.shape for a in arrays])
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
+
+
+def test_reference_config_parses_with_its_values():
+    exp = parse_grpo(REFERENCE, "qwen_rl_test.json")
+    assert exp.grpo_config.beta == 0.1 and exp.rollout_config.top_p == 0.9
+    assert exp.learning_rate == 1e-5 and exp.grpo_config.learning_rate == 1e-6 and exp.outer_step_active
+    assert exp.rollouts_per_iteration == 4
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"grpo_config": {"group_size": 1}}, r"grpo_config: group_size must be >= 2"),
+    ({"rollout_config": {"batch_size": 6}}, r"rollout_config.batch_size \(6\) must be a multiple of "
+                                            r"grpo_config.group_size \(4\)"),
+    ({"grpo_config": {"loss_type": "ppo"}}, r"grpo_config: loss_type must be one of grpo, dapo, dr_grpo"),
+    ({"grpo_config": {"scale_rewards": "yes"}}, r"grpo_config: scale_rewards must be one of group, batch, none"),
+    ({"grpo_config": {"beta": "high"}}, r"grpo_config.beta: expected a number"),
+    ({"rollout_config": {"temperature": 0}}, r"rollout_config: temperature must be > 0"),
+    ({"rollout_config": {"top_p": 1.5}}, r"rollout_config: top_p must be in \(0, 1\]"),
+    ({"grpo_config": {"reward_funcs": ["default"], "reward_weights": [1, 2]}}, r"reward_weights has 2 entries"),
+    ({"nesterov_momentum": 1.0}, r"nesterov_momentum must be in \[0, 1\)"),
+    ({"model_path": "models/x.vmfb"}, r"model_path must name a .mlir build artifact"),
+    ({"training_model_path": "models/x.mlir"}, r"training_model_path must name a .vmfb"),
+    ({"grpo_config": {"promptfile": "x"}}, r"grpo_config: unknown key 'promptfile'"),
+])
+def test_config_errors_name_the_field(patch, match):
+    raw = copy.deepcopy(REFERENCE)
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            raw[key] = value
+    with pytest.raises(UserError, match=match):
+        parse_grpo(raw, "qwen_rl_test.json")
