@@ -113,9 +113,9 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     weights = rl_setup.ensure_weights(exp.weights_path, src, load_meta(gen.meta), exp.init_weights, exp.seed, talk)
     train = rl_setup.build_artifact("training_model_path", exp.training_model_path,
                                     training_target(exp, src, seq_len), exp.target, talk)
-    rl_setup.prepare_run_dir(run_dir, "grpo", trajectory(exp), resume, overwrite, RUN_FILES,
-                             may_change=("grpo_config.num_iterations",))
-    if rank == 0:
+    if rank == 0:  # under torchrun every rank gets here; only the learner owns the run directory
+        rl_setup.prepare_run_dir(run_dir, "grpo", trajectory(exp), resume, overwrite, RUN_FILES,
+                                 may_change=("grpo_config.num_iterations",))
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"experiment": exp.public_dict(), "config_path": str(config_path), "world": world,
                     "generation_vmfb": str(gen.vmfb), "training_vmfb": str(train.vmfb), "weights": str(weights),

@@ -1,0 +1,238 @@
+"""One GRPO iteration's two halves, pcpc (compiled modules) vs plain PyTorch eager (HF transformers), in one run.
+
+    .venv/bin/python bench/grpo.py [--shapes tiny,0.5b] [--group 4] [--prompt-len 16] [--max-tokens 32] [--reps 3]
+
+Random weights (no download). For each shape, each contender runs in its own
+subprocess (so its peak memory is its own) and measures, after a warm-up:
+
+  rollout   group_size completions of max_tokens tokens for one prompt, top-p 0.9 at temperature 0.7
+            (EOS disabled so both generate exactly max_tokens): tokens / s
+            pcpc: prefill_bs{G} + decode_bs{G} (runtime/rollout.generate_completions)
+            eager: HF Qwen2ForCausalLM.generate(do_sample=True, ...)
+  learner   one GRPO update on those G rows (prompt + completion, beta 0.04, loss grpo): seconds
+            pcpc: token_logprobs(reference) + grpo_train_step (loss, torch.func gradients, AdamW in one call)
+            eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
+
+Prints both, the ratios (eager time / pcpc time) and peak RSS. Build time of
+the modules is reported separately (built once, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"tiny": "qwen2-tiny", "0.5b": "qwen2.5-0.5b"}
+TEMPERATURE, TOP_P, BETA = 0.7, 0.9, 0.04
+
+
+def targets(preset: str, group: int, prompt_len: int, max_tokens: int):
+    from pcpc.mlir.targets import GRPO_FUNCTIONS, qwen_target, rl_target
+
+    T = prompt_len + max_tokens
+    gen = qwen_target(f"bench-grpo-gen-{preset}", preset, batch_sizes=[group], prefill_len=prompt_len, max_seq=T)
+    train = rl_target(f"bench-grpo-train-{preset}", preset, batch_size=group, seq_len=T, functions=GRPO_FUNCTIONS)
+    return gen, train
+
+
+def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
+    import torch
+
+    from pcpc.exporters import qwen2
+
+    cfg = qwen2.make_config(preset)
+    params = qwen2.init_params(cfg, seed)
+    prompt = torch.randint(1, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return cfg, params, prompt
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def run_pcpc(a) -> dict:
+    from pcpc.autodiff.grpo import loss_type_weights
+    from pcpc.mlir.build import build
+    from pcpc.runtime.generate import QwenModel
+    from pcpc.runtime.grpo import pack_rows
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rollout import SamplingPlan, generate_completions
+
+    preset = PRESETS[a.shape]
+    gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens)
+    out_dir = Path(a.artifacts)
+    t0 = time.perf_counter()
+    gen_b, train_b = build(gen_t, out_dir), build(train_t, out_dir)
+    build_s = time.perf_counter() - t0
+    cfg, params, prompt = inputs(preset, a.group, a.prompt_len)
+    host = [p.numpy() for p in params.values()]
+    del params
+    threads = os.cpu_count()
+
+    gen = CompiledModule(gen_b.vmfb, threads=threads)
+    model = QwenModel.from_module(gen, gen.upload_all(host))
+    plan = SamplingPlan(str(gen_b.vmfb), a.max_tokens, TEMPERATURE, TOP_P, (), threads)
+    rows = [prompt] * a.group
+    comps = generate_completions(model, rows, plan, seed=0)  # warm-up
+    times = []
+    for r in range(a.reps):
+        t0 = time.perf_counter()
+        comps = generate_completions(model, rows, plan, seed=r + 1)
+        times.append(time.perf_counter() - t0)
+    tokens = sum(len(c) for c in comps)
+    rollout = {"tokens": tokens, "best_s": min(times), "tok_s": tokens / min(times)}
+    del model, gen
+
+    mod = CompiledModule(train_b.vmfb, threads=threads)
+    n = len(host)
+    P, ref = mod.upload_all(host), mod.upload_all(host)
+    M = mod.upload_all([np.zeros_like(h) for h in host])
+    V = mod.upload_all([np.zeros_like(h) for h in host])
+    del host
+    T = a.prompt_len + a.max_tokens
+    ids, mask = pack_rows(rows, comps, T, 0)
+    adv = np.linspace(-1.0, 1.5, a.group, dtype=np.float32)
+    zeros = np.zeros((a.group, T - 1), np.float32)
+    sel = np.asarray(loss_type_weights("grpo"), np.float32)
+
+    def step(k):
+        nonlocal P, M, V
+        ref_logp = mod("token_logprobs", *ref, ids, np.float32(TEMPERATURE))[0]
+        out = mod("grpo_train_step", *P, *M, *V, np.float32(k), np.float32(1e-6), ids, mask, adv, zeros, ref_logp,
+                  sel, np.float32(BETA), np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE),
+                  np.float32(a.max_tokens), np.float32(0))
+        loss = float(to_host(out[0]))
+        P, M, V = out[5:5 + n], out[5 + n:5 + 2 * n], out[5 + 2 * n:]
+        return loss
+
+    step(1)  # warm-up
+    times = []
+    for k in range(a.reps):
+        t0 = time.perf_counter()
+        loss = step(k + 2)
+        times.append(time.perf_counter() - t0)
+    return {"rollout": rollout, "learner": {"best_s": min(times), "loss": loss}, "build_s": build_s,
+            "peak_rss_gb": peak_rss_gb(), "threads": threads}
+
+
+def run_eager(a) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    preset = PRESETS[a.shape]
+    cfg, params, prompt = inputs(preset, a.group, a.prompt_len)
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings)
+
+    def model_with(p):
+        m = transformers.Qwen2ForCausalLM(hf_cfg).float()
+        m.load_state_dict({**p, "lm_head.weight": p["model.embed_tokens.weight"]}, strict=True)
+        m.tie_weights()
+        return m
+
+    policy = model_with(params).eval()
+    x = torch.tensor([prompt] * a.group)
+    kw = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=a.max_tokens,
+              min_new_tokens=a.max_tokens, eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(x))
+    with torch.no_grad():
+        policy.generate(x, **kw)  # warm-up
+        times = []
+        for r in range(a.reps):
+            torch.manual_seed(r)
+            t0 = time.perf_counter()
+            seqs = policy.generate(x, **kw)
+            times.append(time.perf_counter() - t0)
+    tokens = int((seqs.shape[1] - x.shape[1]) * a.group)
+    rollout = {"tokens": tokens, "best_s": min(times), "tok_s": tokens / min(times)}
+
+    ref = model_with(params).eval()
+    del params
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0)
+    ids = seqs
+    mask = torch.zeros(a.group, ids.shape[1] - 1)
+    mask[:, a.prompt_len - 1:] = 1.0
+    adv = torch.linspace(-1.0, 1.5, a.group)
+
+    def logps(model):
+        logits = model(input_ids=ids).logits[:, :-1] / TEMPERATURE
+        return torch.gather(torch.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
+
+    def step():
+        with torch.no_grad():
+            ref_lp = logps(ref)
+        lp = logps(policy)
+        kl = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
+        ratio = torch.exp(lp - lp.detach())
+        per_tok = -torch.min(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None]) + BETA * kl
+        loss = ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        return float(loss)
+
+    step()  # warm-up
+    times = []
+    for _ in range(a.reps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    return {"rollout": rollout, "learner": {"best_s": min(times), "loss": loss}, "peak_rss_gb": peak_rss_gb(),
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="tiny,0.5b")
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--contender", choices=("pcpc", "eager"), help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.contender:
+        print(json.dumps(run_pcpc(a) if a.contender == "pcpc" else run_eager(a)))
+        return
+    import platform
+
+    print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}")
+    for shape in a.shapes.split(","):
+        res = {}
+        for who in ("pcpc", "eager"):
+            cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--group", str(a.group),
+                   "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps", str(a.reps),
+                   "--artifacts", a.artifacts]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode != 0:
+                sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
+            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
+        p, e = res["pcpc"], res["eager"]
+        print(f"\n[{shape}] ({PRESETS[shape]}; pcpc modules built/checked in {p['build_s']:.1f}s)")
+        print(f"  {'':22s}{'pcpc':>12s}{'eager (HF)':>14s}{'ratio':>9s}")
+        print(f"  {'rollout tok/s':22s}{p['rollout']['tok_s']:12.1f}{e['rollout']['tok_s']:14.1f}"
+              f"{p['rollout']['tok_s'] / e['rollout']['tok_s']:8.2f}x")
+        print(f"  {'learner step s':22s}{p['learner']['best_s']:12.3f}{e['learner']['best_s']:14.3f}"
+              f"{e['learner']['best_s'] / p['learner']['best_s']:8.2f}x")
+        print(f"  {'peak RSS GB':22s}{p['peak_rss_gb']:12.2f}{e['peak_rss_gb']:14.2f}")
+        print(f"  loss at the timed step: pcpc {p['learner']['loss']:.6f}, eager {e['learner']['loss']:.6f}")
+
+
+if __name__ == "__main__":
+    main()
