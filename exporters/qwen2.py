@@ -237,9 +237,16 @@ def cache_shape(cfg: Qwen2Config, batch: int, max_seq: int) -> tuple[int, ...]:
 
 
 def _linear(params, name, x, bias=True):
+    """x (..., in) @ weight.T + bias, as a 2-D matmul on a contiguous input.
+
+    A non-contiguous 3-D input (attention output after its transpose) would
+    trace to a batch matmul whose weight IREE transposes in memory on every
+    call; flattening to (rows, in) keeps it a plain matmul reading the weight once.
+    """
     w = params[f"{name}.weight"]
     b = params.get(f"{name}.bias") if bias else None
-    return F.linear(x.to(w.dtype), w, b).float()
+    rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (N, in)
+    return F.linear(rows, w, b).float().view(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 def _rms_norm(params, name, x, eps):
@@ -302,7 +309,8 @@ def _embed(params, input_ids):
 def _head(params, x, cfg):
     x = _rms_norm(params, "model.norm", x, cfg.rms_norm_eps)
     w = params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
-    return F.linear(x.to(w.dtype), w).float()  # (B, T, V)
+    rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (B*T, C)
+    return F.linear(rows, w).float().view(*x.shape[:-1], w.shape[0])  # (B, T, V)
 
 
 def _cache_slots(position_ids, S):
