@@ -22,8 +22,11 @@ test: install
 bench: install
 	$(BIN)/python bench/train_step.py
 
+# The main job. The data comes from ../shared/data when that exists (dev machines), else from the web.
 run: install
-	$(BIN)/pcpc run experiments/nanogpt_small.json
+	@test -f data/tiny_shakespeare.txt || { test -f ../shared/data/tiny_shakespeare.txt && mkdir -p data && \
+		cp ../shared/data/tiny_shakespeare.txt data/; } || $(BIN)/pcpc data fetch tiny_shakespeare
+	$(BIN)/pcpc run experiments/nanogpt_small.json --overwrite
 
 list: install
 	$(BIN)/pcpc build --list

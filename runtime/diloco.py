@@ -207,10 +207,12 @@ def train_diloco(rank: int, world: int, plan: WorkerPlan) -> dict | None:
     import torch.distributed as dist
 
     exp = plan.exp
-    local_world = env_rank()[2] if "LOCAL_WORLD_SIZE" in os.environ else world
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     threads = exp.threads or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
     backend = exp.backend if exp.backend != "auto" else ("nccl" if exp.target == "cuda" else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     init_process_group(backend, exp.timeout_s)
     stop = StopRequest()
     try:
@@ -220,104 +222,151 @@ def train_diloco(rank: int, world: int, plan: WorkerPlan) -> dict | None:
         dist.destroy_process_group()
 
 
-def _train(rank: int, world: int, plan: WorkerPlan, threads: int, backend: str, stop: StopRequest) -> dict | None:
-    """The loop, top to bottom: set up, rounds of tau compiled inner steps + one all-reduce + outer step, wrap up."""
-    import torch
-    import torch.distributed as dist
+@dataclass
+class _Setup:
+    """What a worker opens before its first round."""
 
-    from pcpc.runtime.metrics import RunLog, truncate_records
-    from pcpc.runtime.module import CompiledModule, to_host
+    mod: object
+    specs: tuple
+    block: int
+    tokenizer: object
+    sampler: WorkerSampler
+    my_val: list
+    rounds: int
 
-    exp, run_dir, tau = plan.exp, Path(plan.run_dir), plan.exp.tau
+
+def _open(plan: WorkerPlan, rank: int, world: int, threads: int) -> _Setup:
+    from pcpc.runtime.module import CompiledModule
+
+    exp = plan.exp
     mod = CompiledModule(plan.vmfb, threads=threads)
-    specs, n = mod.meta.parameters, len(mod.meta.parameters)
     block = _model_config(mod).block_size
     data = load_dataset(exp.data_path, plan.tokenizer)
     sampler = WorkerSampler(data.train, rank, world, block, exp.batch_size, exp.seed)
     my_val = val_batches(data.val, block, exp.eval_batch_size, exp.eval_batches)[rank::world]
-    rounds = min(exp.outer_loop_steps, exp.max_epochs * sampler.steps_per_epoch // tau)
+    rounds = min(exp.outer_loop_steps, exp.max_epochs * sampler.steps_per_epoch // exp.tau)
     if rounds < 1:
         raise UserError(f"max_epochs: {exp.max_epochs} epochs of {sampler.steps_per_epoch} steps is less than "
-                        f"one round of tau={tau} steps")
+                        f"one round of tau={exp.tau} steps")
+    return _Setup(mod, mod.meta.parameters, block, data.tokenizer, sampler, my_val, rounds)
+
+
+def _train(rank: int, world: int, plan: WorkerPlan, threads: int, backend: str, stop: StopRequest) -> dict | None:
+    """The loop, top to bottom: rounds of tau compiled inner steps, one all-reduce, one compiled outer step."""
+    from pcpc.runtime.metrics import RunLog, truncate_records
+    from pcpc.runtime.module import to_host
+
+    exp, tau = plan.exp, plan.exp.tau
+    s = _open(plan, rank, world, threads)
+    mod, n, rounds = s.mod, len(s.specs), s.rounds
     state = _initial_state(plan, rank, world, mod)
-    G_host, counters = state["params"], state["counters"]
-    G, Bm = mod.upload_all(G_host), mod.upload_all(state["momentum"])
+    G_host, counters, start = state["params"], state["counters"], state["round"]
+    G, Bm = mod.upload_all(G_host), mod.upload_all(state["momentum"])  # global params, outer momentum
     M, V, adam_step = mod.upload_all(state["m"]), mod.upload_all(state["v"]), state["adam_step"]
-    rng = np.random.default_rng(exp.seed)
+    rng = np.random.default_rng(exp.seed)  # text sampling
     rng.bit_generator.state = state["rng_state"] or rng.bit_generator.state
-    sizes = [int(np.prod(s.shape)) for s in specs]
-    flat = np.zeros(sum(sizes) + 2, np.float32)  # [Δ (all params), mean train loss, stop flag]
-    payload_bytes, dp_bytes = flat.nbytes, sum(sizes) * 4 * tau
-    tokens_per_step = world * exp.batch_size * block
+    sizes = [int(np.prod(spec.shape)) for spec in s.specs]
+    flat = np.zeros(sum(sizes) + 2, np.float32)  # [Δ of every param, mean train loss, stop flag]
+    traffic = {"allreduce_bytes_per_worker": flat.nbytes, "data_parallel_bytes_per_worker": sum(sizes) * 4 * tau}
+    tokens_per_step = world * exp.batch_size * s.block
     log = None
     if rank == 0:
-        records = truncate_records(run_dir, state["round"])
-        log = RunLog(exp, run_dir, rounds, state["round"], tokens_per_step, records, quiet=plan.quiet)
-        _announce(log, exp, plan, world, backend, sizes, rounds, sampler, state["round"], payload_bytes, dp_bytes)
+        log = RunLog(exp, Path(plan.run_dir), rounds, start, tokens_per_step, truncate_records(plan.run_dir, start),
+                     quiet=plan.quiet)
+        _announce(log, plan, world, backend, s, start, traffic)
         log.start()
-    val, stopped, done = None, False, state["round"]
-    t0 = time.perf_counter() - counters["elapsed_s"]
-    for r in range(state["round"], rounds):
+    val, stopped, done, t0 = None, False, start, time.perf_counter() - counters["elapsed_s"]
+    for r in range(start, rounds):
         if not exp.persist_inner_state:
             M, V, adam_step = mod.upload_all(state["zeros"]), mod.upload_all(state["zeros"]), 0
         P, loss_sum = G, 0.0
         for k in range(tau):
             step = r * tau + k  # the same on every worker: data position and schedule index
-            x, y = sampler.batch(step)
             adam_step += 1
-            loss, *rest = mod("train_step", *P, *M, *V, np.float32(adam_step), np.float32(exp.lr_at(step)), x, y)
+            loss, *rest = mod("train_step", *P, *M, *V, np.float32(adam_step), np.float32(exp.lr_at(step)),
+                              *s.sampler.batch(step))
             P, M, V = rest[:n], rest[n:2 * n], rest[2 * n:]
             loss_sum += float(to_host(loss))
             if log:
                 log.inner_step(r, step, loss_sum / (k + 1))
-        # Pseudo-gradient, averaged over the workers in one all-reduce of one flat buffer.
-        offset = 0
-        for g, p, size in zip(G_host, P, sizes):
-            flat[offset:offset + size] = g.reshape(-1) - to_host(p).reshape(-1)
-            offset += size
+        # Δ = θ_global − θ_local, averaged over the workers in one all-reduce of one flat buffer.
+        _pack(flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(G_host, P)])
         flat[-2], flat[-1] = loss_sum / tau, float(stop.requested)
-        dist.all_reduce(torch.from_numpy(flat))
-        flat /= world
-        delta = [flat[o - s:o].reshape(spec.shape) for o, s, spec in zip(np.cumsum(sizes), sizes, specs)]
-        out = mod("outer_step", *G, *Bm, *delta, np.float32(exp.outer_learning_rate),
+        _all_reduce_mean(flat, world, backend)
+        out = mod("outer_step", *G, *Bm, *_unpack(flat, s.specs, sizes), np.float32(exp.outer_learning_rate),
                   np.float32(exp.nesterov_momentum))
         G, Bm = out[:n], out[n:]
         G_host = [to_host(g) for g in G]
         done, stopped, last = r + 1, bool(flat[-1] > 0), r + 1 == rounds
-        val = None
-        if last or stopped or (exp.eval_interval and (r + 1) % exp.eval_interval == 0):
-            val = _evaluate(mod, G, my_val)
+        val = _evaluate(mod, G, s.my_val, backend) if last or stopped or _every(exp.eval_interval, done) else None
         counters = {"elapsed_s": time.perf_counter() - t0, "tokens": counters["tokens"] + tokens_per_step * tau}
         if log:
             log.round_end(dict(
-                round=r + 1, inner_step=(r + 1) * tau, train_loss=float(flat[-2]), val_loss=val,
-                lr=exp.lr_at(step), tokens=counters["tokens"], elapsed_s=round(counters["elapsed_s"], 3),
-                tokens_per_s=round(counters["tokens"] / counters["elapsed_s"], 1),
-                allreduce_bytes_per_worker=payload_bytes, data_parallel_bytes_per_worker=dp_bytes,
-            ))
-        if last or stopped or (exp.checkpoint_interval and (r + 1) % exp.checkpoint_interval == 0):
+                round=done, inner_step=done * tau, train_loss=float(flat[-2]), val_loss=val, lr=exp.lr_at(step),
+                tokens=counters["tokens"], elapsed_s=round(counters["elapsed_s"], 3),
+                tokens_per_s=round(counters["tokens"] / counters["elapsed_s"], 1), **traffic))
+        if last or stopped or _every(exp.checkpoint_interval, done):
             inner = {"m": [to_host(a) for a in M], "v": [to_host(a) for a in V], "adam_step": adam_step,
-                     "next_step": (r + 1) * tau}
-            _save_checkpoint(plan, rank, world, r + 1, G_host, [to_host(b) for b in Bm], inner,
+                     "next_step": done * tau}
+            _save_checkpoint(plan, rank, world, done, G_host, [to_host(b) for b in Bm], inner,
                              rng.bit_generator.state, counters)
         if stopped:
             break
     if val is None:  # nothing left to train (a resumed, finished run): evaluate what there is
-        val = _evaluate(mod, G, my_val)
-    if rank != 0:
-        return None
-    sample = "" if stopped or not exp.sample_tokens else _sample_text(mod, G, data.tokenizer, block,
+        val = _evaluate(mod, G, s.my_val, backend)
+    if rank == 0:
+        return _finish(log, plan, s, G, rng, world, done, val, stopped, counters, traffic)
+    return None
+
+
+def _every(interval: int, done: int) -> bool:
+    return bool(interval) and done % interval == 0
+
+
+def _pack(flat: np.ndarray, arrays: list[np.ndarray]) -> None:
+    offset = 0
+    for a in arrays:
+        flat[offset:offset + a.size] = a
+        offset += a.size
+
+
+def _unpack(flat: np.ndarray, specs, sizes) -> list[np.ndarray]:
+    """Views of flat shaped like the parameters (no copy)."""
+    ends = np.cumsum(sizes)
+    return [flat[e - n:e].reshape(spec.shape) for e, n, spec in zip(ends, sizes, specs)]
+
+
+def _all_reduce_mean(array: np.ndarray, world: int, backend: str) -> None:
+    """In place: the mean of `array` over the workers (nccl reduces a CUDA copy)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.from_numpy(array)
+    if backend == "nccl":
+        dev = t.cuda()
+        dist.all_reduce(dev)
+        t.copy_(dev.cpu())
+    else:
+        dist.all_reduce(t)
+    array /= world
+
+
+def _finish(log, plan, s: _Setup, G, rng, world, done, val, stopped, counters, traffic) -> dict:
+    """Rank 0: sample text, write the summary and the loss curve, say how it went."""
+    exp = plan.exp
+    sample = "" if stopped or not exp.sample_tokens else _sample_text(s.mod, G, s.tokenizer, s.block,
                                                                       exp.sample_tokens, rng)
     summary = {
-        "rounds": done, "rounds_planned": rounds, "inner_steps_per_worker": done * tau, "workers": world,
+        "rounds": done, "rounds_planned": s.rounds, "inner_steps_per_worker": done * exp.tau, "workers": world,
         "final_val_loss": val, "final_train_loss": log.records[-1]["train_loss"] if log.records else None,
         "tokens": counters["tokens"], "train_seconds": round(counters["elapsed_s"], 3),
         "tokens_per_s": round(counters["tokens"] / max(counters["elapsed_s"], 1e-9), 1),
-        "allreduce_bytes_per_worker_per_round": payload_bytes,
-        "data_parallel_bytes_per_worker_per_round": dp_bytes, "stopped": stopped, "run_dir": str(run_dir),
+        "allreduce_bytes_per_worker_per_round": traffic["allreduce_bytes_per_worker"],
+        "data_parallel_bytes_per_worker_per_round": traffic["data_parallel_bytes_per_worker"],
+        "stopped": stopped, "run_dir": plan.run_dir,
     }
     if sample:
-        (run_dir / "sample.txt").write_text(sample)
+        (Path(plan.run_dir) / "sample.txt").write_text(sample)
     log.close(summary)
     _report(log, summary, sample, plan)
     return summary
@@ -351,17 +400,14 @@ def _initial_state(plan: WorkerPlan, rank: int, world: int, mod) -> dict:
     return {**state, "m": mine["m"], "v": mine["v"], "adam_step": mine["adam_step"], "zeros": zeros}
 
 
-def _evaluate(mod, G, batches) -> float:
+def _evaluate(mod, G, batches, backend: str) -> float:
     """Mean validation loss over all workers' shares of the fixed validation batches."""
-    import torch
-    import torch.distributed as dist
-
     from pcpc.runtime.module import to_host
 
     total = sum(float(to_host(mod("eval_loss", *G, x, y)[0])) for x, y in batches)
-    t = torch.tensor([total, len(batches)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t[0] / t[1])
+    sums = np.array([total, len(batches)], np.float64)
+    _all_reduce_mean(sums, 1, backend)  # sums over workers (mean over 1 = the sum)
+    return float(sums[0] / sums[1])
 
 
 def _save_checkpoint(plan, rank, world, round_, params, momentum, inner, rng_state, counters) -> None:
@@ -392,13 +438,14 @@ def _sample_text(mod, G, tokenizer, block: int, n_tokens: int, rng, temperature:
     return tokenizer.decode(ids)
 
 
-def _announce(log, exp, plan, world, backend, sizes, rounds, sampler, start_round, payload, dp) -> None:
-    n_params = sum(sizes)
+def _announce(log, plan, world, backend, s: _Setup, start_round, traffic) -> None:
+    exp, payload, dp = plan.exp, traffic["allreduce_bytes_per_worker"], traffic["data_parallel_bytes_per_worker"]
+    n_params = sum(int(np.prod(spec.shape)) for spec in s.specs)
     log.say(f"DiLoCo: {Path(exp.model_path).stem} ({n_params:,} params), {world} workers ({backend}), "
-            f"tau {exp.tau}, {rounds} rounds; run dir {plan.run_dir}")
-    if rounds < exp.outer_loop_steps:
-        log.say(f"  max_epochs {exp.max_epochs} limits the run to {rounds} rounds "
-                f"({sampler.steps_per_epoch} steps per epoch of a worker's shard)")
+            f"tau {exp.tau}, {s.rounds} rounds; run dir {plan.run_dir}")
+    if s.rounds < exp.outer_loop_steps:
+        log.say(f"  max_epochs {exp.max_epochs} limits the run to {s.rounds} rounds "
+                f"({s.sampler.steps_per_epoch} steps per epoch of a worker's shard)")
     log.say(f"  each worker all-reduces {_bytes(payload)} per round; per-step data parallel would all-reduce "
             f"{_bytes(dp)} over the same {exp.tau} steps ({dp / payload:.1f}x more)")
     if start_round:

@@ -84,7 +84,8 @@ def _open_wandb(exp, run_dir: Path, say):
         return wandb.init(project=exp.wandb_project, entity=exp.wandb_entity, name=exp.wandb_run_name,
                           config=exp.public_dict(), dir=str(run_dir), resume="allow")
     except Exception as e:  # network down, bad key: the run goes on, locally
-        say(f"W&B: could not start a run ({type(e).__name__}: {str(e).splitlines()[0][:200]}); logging locally")
+        why = (str(e).splitlines() or [""])[0][:200].replace(key or "\0", "<redacted>")
+        say(f"W&B: could not start a run ({type(e).__name__}: {why}); logging locally to {run_dir}")
         return None
 
 

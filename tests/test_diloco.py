@@ -221,8 +221,10 @@ def test_max_restarts_relaunches_from_the_checkpoint_and_finishes_exactly(ws, un
     assert_same_state(final_state(ws, "runs/restart"), expected)
 
 
-def test_ctrl_c_stops_cleanly_after_saving(ws):
-    cfg = write_config(ws, "forever.json", **{**LONG, "outer_loop_steps": 100_000, "checkpoint_interval": 0})
+def test_ctrl_c_stops_cleanly_after_saving_and_never_leaks_the_api_key(ws):
+    secret = "sk-pcpc-test-0123456789abcdef"
+    cfg = write_config(ws, "forever.json", **{**LONG, "outer_loop_steps": 100_000, "checkpoint_interval": 0,
+                                              "wandb_project": "pcpc-test", "wandb_api_key": secret})
     proc = subprocess.Popen([PCPC, "run", cfg, "--out", "runs/int"], cwd=ws, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for_rounds(ws, "runs/int", 2, proc)
@@ -234,6 +236,11 @@ def test_ctrl_c_stops_cleanly_after_saving(ws):
     summary = json.loads((ws / "runs/int/summary.json").read_text())
     assert summary["stopped"] and summary["rounds"] == done >= 2
     assert f"stopped after round {done} (checkpoint saved)" in out and "--resume" in out
+    assert out.count("W&B: ") == 1  # said once (not installed / not logged in / could not start), or silent
+    assert secret not in out + err
+    for path in (ws / "runs/int").rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+    assert json.loads((ws / "runs/int/config.json").read_text())["experiment"]["wandb_api_key"] == "<redacted>"
 
 
 def test_reference_experiment_files_load_with_their_reference_values():
