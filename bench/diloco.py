@@ -21,6 +21,7 @@ eager, and both final validation losses.
 
     .venv/bin/python bench/diloco.py                      # 20 rounds of experiments/nanogpt_small.json
     .venv/bin/python bench/diloco.py --rounds 100         # the full experiment: quality comparison too
+    .venv/bin/python bench/diloco.py --repeat 3           # alternate the systems 3 times, report medians
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,11 +206,18 @@ def run_eager(exp, rounds: int) -> dict:
     return {**out, "wall_s": time.perf_counter() - t0}
 
 
+def _median(results: list[dict]) -> dict:
+    """The run with the median training tokens/s (its other numbers come with it)."""
+    return sorted(results, key=lambda r: r["tokens_per_s"])[len(results) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "experiments" / "nanogpt_small.json"))
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--out", default=None, help="pcpc's run directory (default: a temporary one)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="alternate pcpc and eager this many times and report the median (background load)")
+    ap.add_argument("--out", default=None, help="where pcpc's run directories go (default: a temporary dir)")
     args = ap.parse_args()
 
     from pcpc.config import load_json
@@ -220,13 +229,17 @@ def main():
     exp = parse_experiment(raw, where=args.config)
     check_data(exp)
     resolve_model(exp, load(exp.data_path, tokenizer_kind(exp)).tokenizer.vocab_size)  # build outside the timing
+    runs = {"pcpc": [], "eager": []}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out or Path(tmp) / "run")
-        pcpc = run_pcpc(Path(args.config), args.rounds, out)
-        eager = run_eager(exp, args.rounds)
+        for i in range(args.repeat):  # alternate, so background load hits both alike
+            out = Path(args.out or tmp) / f"run{i}"
+            shutil.rmtree(out, ignore_errors=True)
+            runs["pcpc"].append(run_pcpc(Path(args.config), args.rounds, out))
+            runs["eager"].append(run_eager(exp, args.rounds))
+    pcpc, eager = (_median(runs[k]) for k in ("pcpc", "eager"))
     print(f"DiLoCo {Path(args.config).name}: {args.rounds} rounds x tau {exp.tau}, {exp.num_workers} workers, "
           f"batch {exp.batch_size}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{datetime.date.today()}")
+          f"{datetime.date.today()}" + (f"; median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print(f"{'':8s} {'wall s':>8s} {'train s':>8s} {'tok/s':>9s} {'val loss':>9s}")
     for name, r in (("pcpc", pcpc), ("eager", eager)):
         print(f"{name:8s} {r['wall_s']:8.1f} {r['train_seconds']:8.1f} {r['tokens_per_s']:9.0f} "
