@@ -7,7 +7,7 @@ Round r, on each of W workers (DiLoCo, Douillard et al. 2023):
                                                       moments stay device arrays between the steps
     Δ_w = θ_global − θ_local                          the pseudo-gradient
     Δ = mean_w Δ_w                                    one all-reduce of one flat fp32 buffer
-    θ_global, b ← outer_step(θ_global, b, Δ, lr, μ)   compiled Nesterov: b ← μb + Δ; θ ← θ − lr(Δ + μb)
+    θ_global, b ← outer_step(θ_global, b, Δ, lr, μ)   compiled Nesterov: b ← μb + Δ, θ ← θ − lr(Δ + μb)
 
 Every worker applies the same outer step to the same Δ, so the global
 parameters stay identical everywhere without a broadcast. Only the

@@ -87,7 +87,8 @@ def test_workers_draw_from_disjoint_shards_and_epochs_cover_every_window(shakesp
         assert s.epoch_of(s.steps_per_epoch) == 1
         x, y = s.batch(3)
         for row, target, start in zip(x, y, s.starts(3)):  # rows are the shard's tokens at those offsets
-            assert np.array_equal(row, shard[start:start + block]) and np.array_equal(target, shard[start + 1:start + block + 1])
+            assert np.array_equal(row, shard[start:start + block])
+            assert np.array_equal(target, shard[start + 1:start + block + 1])
         seen.append({rank * len(shard) + int(v) for v in starts})  # offsets into the training split
     assert not seen[0] & seen[1]
 
