@@ -56,7 +56,7 @@ def run(ctx, config, resume, out_dir, overwrite, overrides, max_restarts, quiet)
     \b
     pcpc run experiments/nanogpt_small.json
     pcpc run experiments/nanogpt_small.json --resume
-    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-endpoint HOST:29500 --no-python \\
+    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --no-python \\
         pcpc run experiments/nanogpt_small.json
     """
     from pcpc.config import load_json
