@@ -21,6 +21,24 @@ LLVM_CPU_FLAGS = (
     "--iree-llvmcpu-target-cpu=host",
 )
 
+# Extra llvm-cpu flags for training modules (forward + backward + optimizer in
+# one call; a target opts in with Target.llvm_cpu_flags). Measured on the
+# nanoGPT train steps in bench/NOTES.md:
+TRAINING_CPU_FLAGS = (
+    # Pack matmul operands into the CPU's register-tile layout (mmt4d): the
+    # transposed weight-gradient matmuls of a backward pass run ~3x faster and
+    # the whole medium step ~1.3x. Not a default: it re-packs weights that are
+    # call arguments on every call, which costs decode-style modules 10x.
+    "--iree-opt-data-tiling",
+    # Vectorize float reductions (softmax max/sum, layer-norm and loss sums)
+    # instead of running them as scalar loops; sums change only in rounding order.
+    "--iree-llvmcpu-reassociate-fp-reductions",
+    # max/min without NaN-propagation bookkeeping (softmax's row max was a scalar
+    # compare + unordered-check chain). A NaN may be dropped by a max instead of
+    # propagated; it still reaches the loss through the matmuls.
+    "--iree-llvmcpu-use-fast-min-max-ops",
+)
+
 DEFAULT_ARCH = {"cuda": "sm_80", "rocm": "gfx942", "vulkan": "rdna3"}
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 DRIVERS = {"llvm-cpu": "local-task", "cuda": "cuda", "rocm": "hip", "vulkan": "vulkan"}

@@ -1,0 +1,269 @@
+"""Tokens/s of one nanoGPT training step: compiled pcpc module vs torch eager vs torch.compile.
+
+One step = forward + backward + global-norm clipping (1.0) + AdamW, on the
+same model (pcpc.exporters.nanogpt.forward), batch, data and thread count:
+
+    pcpc           the `train_step` function of the module built by
+                   pcpc.mlir.build (weights and optimizer state device-resident,
+                   outputs fed back as the next step's inputs)
+    eager          forward + F.cross_entropy, autograd, clip_grad_norm_,
+                   torch.optim.AdamW (decay on matrices only, as nanoGPT)
+    torch.compile  the same: loss graph torch.compile'd, clipping + optimizer
+                   step torch.compile'd (the recipe of the torch docs)
+
+Timing: each system is warmed up, then R rounds of N steps; the rounds of the
+systems are interleaved (so background load hits all alike) and the median
+round gives the step time. IREE runs on `--threads` task workers and torch
+with torch.set_num_threads(--threads). Also reported: export and compile
+seconds of a fresh build and the time of a no-op rebuild.
+
+    .venv/bin/python bench/train_step.py                  # both presets
+    .venv/bin/python bench/train_step.py --models small --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+MODELS = {"small": ("nanogpt-small", 64), "medium": ("nanogpt-medium", 32)}
+LR = 1e-3
+
+
+@dataclass
+class Result:
+    model: str
+    batch: int
+    tokens_per_step: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Median step time per system."""
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """Median process CPU time per step (all threads); less sensitive to other load than wall time."""
+    cpu_rounds: dict[str, list[float]] = field(default_factory=dict)
+    build: dict[str, float] = field(default_factory=dict)
+    first_loss: dict[str, float] = field(default_factory=dict)
+
+
+def make_batch(cfg, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, cfg.vocab_size, size=(batch, cfg.block_size + 1), dtype=np.int64)
+    return np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
+
+
+def pcpc_step(target, out_dir: Path, cfg, x, y, threads: int, result: Result) -> Callable[[], float]:
+    """Build (timed), then return a function running one compiled train_step."""
+    from pcpc.exporters.nanogpt import init_params
+    from pcpc.mlir.build import build
+    from pcpc.runtime.module import CompiledModule, to_host
+
+    r = build(target, out_dir)
+    result.build.update({k: round(v, 3) for k, v in r.seconds.items()})
+    for _ in range(3):  # a source edited meanwhile (e.g. by a concurrent checkout) makes a rebuild real
+        t0 = time.perf_counter()
+        r = build(target, out_dir)
+        result.build["noop_rebuild"] = round(time.perf_counter() - t0, 4)
+        if not r.ran:
+            break
+    else:
+        raise RuntimeError(f"{target.name}: three rebuilds in a row were not no-ops ({r.ran})")
+
+    mod = CompiledModule(r.vmfb, threads=threads)
+    params = [p.numpy() for p in init_params(cfg, seed=0).values()]
+    zeros = [np.zeros_like(p) for p in params]
+    n = len(params)
+    state = mod.upload_all(params) + mod.upload_all(zeros) + mod.upload_all(zeros)
+    xd, yd = mod.upload(x), mod.upload(y)
+    lr = np.float32(LR)
+    step = [0]
+    losses = []
+
+    def run() -> None:
+        step[0] += 1
+        out = mod("train_step", *state, np.float32(step[0]), lr, xd, yd)
+        state[:] = out[1 : 1 + 3 * n]
+        losses.append(out[0])
+
+    def sync() -> float:
+        return float(to_host(losses[-1]))
+
+    run()
+    result.first_loss["pcpc"] = float(to_host(losses[0]))
+    return run, sync
+
+
+def torch_step(cfg, x, y, compiled: bool) -> tuple[Callable, Callable, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from pcpc.exporters.nanogpt import forward, init_params
+
+    params = {k: v.clone().requires_grad_() for k, v in init_params(cfg, seed=0).items()}
+    groups = [
+        {"params": [p for p in params.values() if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params.values() if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    V = cfg.vocab_size
+
+    def loss_fn(params, x, y):
+        return F.cross_entropy(forward(params, x, cfg).view(-1, V), y.view(-1))
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+        update = torch.compile(update, fullgraph=False)
+    last = [None]
+
+    def run() -> None:
+        loss = loss_fn(params, xt, yt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        update()
+        last[0] = loss
+
+    def sync() -> float:
+        return float(last[0].detach())
+
+    run()
+    return run, sync, float(last[0].detach())
+
+
+def time_systems(systems: dict, steps: int, rounds: int, warmup: int):
+    """Interleaved rounds; returns (wall, process CPU) seconds per step of each round, per system."""
+    for run, sync in systems.values():
+        for _ in range(warmup):
+            run()
+        sync()
+    times = {name: [] for name in systems}
+    cpu = {name: [] for name in systems}
+    for _ in range(rounds):
+        for name, (run, sync) in systems.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                run()
+            sync()
+            times[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+    return times, cpu
+
+
+def bench_model(key: str, args, out_dir: Path) -> Result:
+    import torch
+
+    from pcpc.exporters.nanogpt import make_config
+    from pcpc.mlir.targets import nanogpt_target
+
+    preset, batch = MODELS[key]
+    batch = args.batch or batch
+    cfg = make_config(preset)
+    target = nanogpt_target(f"bench-{preset}-b{batch}", preset, batch_size=batch, functions=["train_step"])
+    x, y = make_batch(cfg, batch)
+    res = Result(preset, batch, batch * cfg.block_size)
+
+    systems = {}
+    systems["pcpc"] = pcpc_step(target, out_dir, cfg, x, y, args.threads, res)
+    run, sync, loss = torch_step(cfg, x, y, compiled=False)
+    systems["eager"] = (run, sync)
+    res.first_loss["eager"] = loss
+    if not args.no_torch_compile:
+        t0 = time.perf_counter()
+        run, sync, loss = torch_step(cfg, x, y, compiled=True)
+        res.build["torch_compile"] = round(time.perf_counter() - t0, 3)
+        systems["torch.compile"] = (run, sync)
+        res.first_loss["torch.compile"] = loss
+    torch.manual_seed(0)
+    res.rounds, res.cpu_rounds = time_systems(systems, args.steps, args.rounds, args.warmup)
+    res.seconds = {k: statistics.median(v) for k, v in res.rounds.items()}
+    res.cpu_seconds = {k: statistics.median(v) for k, v in res.cpu_rounds.items()}
+    return res
+
+
+def report(results: list[Result], args, loads: tuple) -> str:
+    lines = [
+        f"date {datetime.date.today()}  machine {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores  "
+        f"threads {args.threads}  steps/round {args.steps}  rounds {args.rounds} (median)  "
+        f"load average before/after {loads[0]:.2f}/{loads[1]:.2f}",
+        "",
+        "| model | batch | system | ms/step | tokens/s | pcpc speed-up | CPU ms/step | speed-up by CPU time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base, cbase = r.seconds["pcpc"], r.cpu_seconds["pcpc"]
+        for name, s in r.seconds.items():
+            c = r.cpu_seconds[name]
+            lines.append(
+                f"| {r.model} | {r.batch} | {name} | {s * 1e3:.1f} | {r.tokens_per_step / s:,.0f} | "
+                f"{'' if name == 'pcpc' else f'{s / base:.2f}x'} | {c * 1e3:.1f} | "
+                f"{'' if name == 'pcpc' else f'{c / cbase:.2f}x'} |"
+            )
+    lines += ["", "| model | export s | compile s | no-op rebuild s | torch.compile warm-up s | first loss pcpc / eager |",
+              "|---|---|---|---|---|---|"]
+    for r in results:
+        b = r.build
+        lines.append(
+            f"| {r.model} | {b.get('export', float('nan')):.2f} | {b.get('compile', float('nan')):.2f} | "
+            f"{b['noop_rebuild']:.4f} | {b.get('torch_compile', float('nan')):.1f} | "
+            f"{r.first_loss['pcpc']:.6f} / {r.first_loss['eager']:.6f} |"
+        )
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="small,medium", help="comma list of: " + ", ".join(MODELS))
+    ap.add_argument("--batch", type=int, default=0, help="override the batch size (default: 64 small, 32 medium)")
+    ap.add_argument("--threads", type=int, default=2, help="IREE task workers and torch threads")
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per system (median is reported)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per system before timing")
+    ap.add_argument("--artifacts", default="", help="build cache dir (default: a fresh temp dir, so export and "
+                    "compile are timed)")
+    ap.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--json", default="", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    bad = [k for k in keys if k not in MODELS]
+    if bad:
+        ap.error(f"--models: unknown {bad}; valid: {', '.join(MODELS)}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="pcpc-bench-") as tmp:
+        out_dir = Path(args.artifacts or tmp)
+        results = [bench_model(k, args, out_dir) for k in keys]
+    text = report(results, args, (load_before, os.getloadavg()[0]))
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+
+
+if __name__ == "__main__":
+    main()
