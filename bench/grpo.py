@@ -61,8 +61,9 @@ def peak_rss_gb() -> float:
 
 def run_pcpc(a) -> dict:
     from pcpc.autodiff.grpo import loss_type_weights
+    from pcpc.exporters.hf_weights import aligned_empty
     from pcpc.mlir.build import build
-    from pcpc.runtime.generate import QwenModel
+    from pcpc.runtime.generate import QwenModel, import_host_array
     from pcpc.runtime.grpo import pack_rows
     from pcpc.runtime.module import CompiledModule, to_host
     from pcpc.runtime.rollout import SamplingPlan, generate_completions
@@ -74,12 +75,16 @@ def run_pcpc(a) -> dict:
     gen_b, train_b = build(gen_t, out_dir), build(train_t, out_dir)
     build_s = time.perf_counter() - t0
     cfg, params, prompt = inputs(preset, a.group, a.prompt_len)
-    host = [p.numpy() for p in params.values()]
-    del params
+    host = []
+    for p in params.values():  # aligned host copies the devices use in place, as the run does
+        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
+        buf[...] = p.numpy()
+        host.append(buf)
+    del params, p
     threads = os.cpu_count()
 
     gen = CompiledModule(gen_b.vmfb, threads=threads)
-    model = QwenModel.from_module(gen, gen.upload_all(host))
+    model = QwenModel.from_module(gen, [import_host_array(gen, h) for h in host])
     plan = SamplingPlan(str(gen_b.vmfb), a.max_tokens, TEMPERATURE, TOP_P, (), threads)
     rows = [prompt] * a.group
     comps = generate_completions(model, rows, plan, seed=0)  # warm-up
@@ -94,9 +99,10 @@ def run_pcpc(a) -> dict:
 
     mod = CompiledModule(train_b.vmfb, threads=threads)
     n = len(host)
-    P, ref = mod.upload_all(host), mod.upload_all(host)
-    M = mod.upload_all([np.zeros_like(h) for h in host])
-    V = mod.upload_all([np.zeros_like(h) for h in host])
+    ref = [import_host_array(mod, h) for h in host]  # the learner's frozen reference, shared with P at first
+    P = ref
+    M = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
+    V = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     del host
     T = a.prompt_len + a.max_tokens
     ids, mask = pack_rows(rows, comps, T, 0)

@@ -199,6 +199,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
 
     from pcpc.autodiff.grpo import compute_advantages, loss_type_weights
     from pcpc.runtime import rl_setup
+    from pcpc.runtime.generate import import_host_array
     from pcpc.runtime.module import CompiledModule, to_host
     from pcpc.runtime.rewards import RewardSet
     from pcpc.runtime.rl_log import RLRunLog, truncate_records
@@ -212,7 +213,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     tok = rl_setup.load_tokenizer(exp.tokenizer, exp.model, plan.eos_token_ids)
     prompts = rl_setup.ensure_prompts(g.prompt_file, tok, meta.parameters[0].shape[0], lambda m: None)
     rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(plan.config_path).parent)
-    client = RolloutClient(world, meta.parameter_bytes // 4)
+    client = RolloutClient(world)
     stop = _Stop()
 
     initial = rl_setup.read_weights(plan.weights_path, meta)
@@ -223,11 +224,16 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     if plan.resume:
         state = rl_setup.load_checkpoint(ckpt_path, "grpo")
     arrays = state["arrays"]
-    P = mod.upload_all(arrays["params"])
+    # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
+    # fresh start, the first policy share them.
+    imported = mod.driver == "local-task"
+    ref = [import_host_array(mod, a) for a in initial] if imported else mod.upload_all(initial)
+    P = ref if arrays["params"] is initial else mod.upload_all(arrays["params"])
     M, V = mod.upload_all(arrays["m"]), mod.upload_all(arrays["v"])
     Bm = mod.upload_all(arrays["momentum"] or zeros) if exp.outer_step_active else None
-    ref = mod.upload_all(initial) if g.beta > 0 else None  # the frozen reference: the initial weights
-    del initial, zeros, arrays
+    if g.beta == 0:
+        ref = None
+    del initial, zeros, arrays, state["arrays"]
     adam_step, start = state["extra"]["adam_step"], state["step"]
     N, T = exp.rollouts_per_iteration, plan.seq_len
     L = T - 1

@@ -5,8 +5,13 @@ compiled generation module (prefill_bs{B} / decode_bs{B}) with its own copy
 of the policy weights. One exchange per iteration, all collectives from rank 0:
 
     broadcast_object_list([order])        order = {"op": "rollout", "sync": bool, "tasks": {rank: [task]}}
-    broadcast(flat weights)               only when sync: every parameter, fp32, in meta.json order
+    broadcast(parameter) x n              only when sync: every parameter, fp32, in meta.json order
     gather_object(results)                each worker's finished tasks (completion ids, timings)
+
+On the CPU the weights cross without extra copies: the learner broadcasts
+straight from its device arrays' host views, and a worker receives into
+aligned host buffers that its device arrays wrap (imported once, zero-copy),
+so a sync costs no weight-sized allocation on either side.
 
 and a final {"op": "stop"}. A task is one generation call: `batch_size`
 prompt rows plus the seed of its sampler, so the completions of an
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,38 +68,19 @@ def make_tasks(rows: list[list[int]], batch: int, seed: int, iteration: int) -> 
     return tasks, len(rows)
 
 
-def flatten_weights(arrays, out: np.ndarray | None = None) -> np.ndarray:
-    """One contiguous fp32 vector of all parameters (reusing `out` when given)."""
-    total = sum(int(np.prod(a.shape)) for a in arrays)
-    if out is None or out.size != total:
-        out = np.empty(total, np.float32)
-    offset = 0
-    for a in arrays:
-        host = np.asarray(a.to_host() if hasattr(a, "to_host") else a, np.float32)  # a view while `a` lives
-        out[offset:offset + host.size] = host.reshape(-1)
-        offset += host.size
-    return out
-
-
-def unflatten_weights(flat: np.ndarray, shapes) -> list[np.ndarray]:
-    """Views of `flat` shaped like the parameters."""
-    out, offset = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(flat[offset:offset + size].reshape(shape))
-        offset += size
-    return out
+def host_view(array) -> np.ndarray:
+    """A host numpy view of a device array (local-task: mapped memory, no copy), valid while `array` lives."""
+    return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
 
 
 class RolloutClient:
     """The learner's handle on the workers (rank 0 of the process group)."""
 
-    def __init__(self, world: int, num_params: int):
+    def __init__(self, world: int):
         self.world, self.workers = world, list(range(1, world))
-        self._flat = np.empty(num_params, np.float32)
 
     def rollout(self, tasks: list[Task], weights=None) -> tuple[dict[int, dict], float]:
-        """Hand tasks round-robin to the workers (first syncing `weights`, a list of host arrays, when given);
+        """Hand tasks round-robin to the workers (first syncing `weights`, device or host arrays, when given);
         returns ({task index: result}, seconds spent broadcasting weights)."""
         import torch
         import torch.distributed as dist
@@ -105,8 +92,10 @@ class RolloutClient:
         sync_s = 0.0
         if weights is not None:
             t0 = time.perf_counter()
-            self._flat = flatten_weights(weights, self._flat)
-            dist.broadcast(torch.from_numpy(self._flat), src=0)
+            with warnings.catch_warnings():  # torch warns on read-only memory; a source broadcast only reads it
+                warnings.simplefilter("ignore", UserWarning)
+                for w in weights:
+                    dist.broadcast(torch.from_numpy(np.ascontiguousarray(host_view(w), np.float32)), src=0)
             sync_s = time.perf_counter() - t0
         gathered = [None] * self.world
         dist.gather_object(None, gathered, dst=0)
@@ -132,12 +121,15 @@ def serve(rank: int, plan: SamplingPlan) -> None:
     from pcpc.runtime.module import CompiledModule
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the learner decides when to stop (after a checkpoint)
-    from pcpc.runtime.generate import QwenModel
+    from pcpc.exporters.hf_weights import aligned_empty
+    from pcpc.runtime.generate import QwenModel, import_host_array
 
     mod = CompiledModule(plan.generation_vmfb, threads=plan.threads)
-    shapes = [s.shape for s in mod.meta.parameters]
-    flat = torch.empty(sum(int(np.prod(s)) for s in shapes), dtype=torch.float32)
-    model = None
+    specs = mod.meta.parameters
+    # Receive buffers, aligned so the device can use them in place (CPU); other devices get a copy per sync.
+    buffers = [aligned_empty(max(s.nbytes, 4))[:s.nbytes].view(np.float32).reshape(s.shape) for s in specs]
+    zero_copy = mod.driver == "local-task"
+    model = QwenModel.from_module(mod, [import_host_array(mod, b) for b in buffers]) if zero_copy else None
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0)
@@ -145,8 +137,10 @@ def serve(rank: int, plan: SamplingPlan) -> None:
         if order["op"] == "stop":
             return
         if order["sync"]:
-            dist.broadcast(flat, src=0)
-            model = QwenModel.from_module(mod, mod.upload_all(unflatten_weights(flat.numpy(), shapes)))
+            for b in buffers:
+                dist.broadcast(torch.from_numpy(b), src=0)
+            if not zero_copy:
+                model = QwenModel.from_module(mod, mod.upload_all(buffers))
         results = []
         for task in order["tasks"].get(rank, []):
             t0 = time.perf_counter()

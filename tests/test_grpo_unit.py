@@ -15,7 +15,7 @@ from pcpc.autodiff.grpo import compute_advantages, grpo_loss
 from pcpc.errors import UserError
 from pcpc.runtime.grpo import pack_rows
 from pcpc.runtime.grpo_config import parse_grpo
-from pcpc.runtime.rollout import flatten_weights, make_tasks, unflatten_weights
+from pcpc.runtime.rollout import make_tasks
 
 REFERENCE = json.loads((Path(__file__).parent.parent / "experiments" / "qwen_rl_test.json").read_text())
 
@@ -63,13 +63,6 @@ def test_tasks_are_padded_and_seeded_per_batch():
     again, _ = make_tasks(rows, 4, seed=7, iteration=3)
     assert [t.seed for t in tasks] == [t.seed for t in again] and tasks[0].seed != tasks[1].seed
     assert make_tasks(rows, 4, seed=7, iteration=4)[0][0].seed != tasks[0].seed
-
-
-def test_flat_weights_round_trip():
-    arrays = [np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(4, np.float32)]
-    flat = flatten_weights(arrays)
-    back = unflatten_weights(flat, [a.shape for a in arrays])
-    assert all(np.array_equal(a, b) for a, b in zip(arrays, back))
 
 
 def test_reference_config_parses_with_its_values():
