@@ -35,6 +35,10 @@ def _config(driver: str, threads: int | None):
     import iree.runtime as rt
 
     if driver not in _configs:
+        if driver in ("local-task", "local-sync"):
+            from pcpc.runtime.host_memory import keep_freed_memory
+
+            keep_freed_memory()  # CPU calls reuse their transient buffers' pages (runtime/host_memory.py)
         if threads and driver == "local-task":
             rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
         try:
