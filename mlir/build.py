@@ -42,6 +42,9 @@ class Target:
     sources: tuple[str, ...]
     """Modules whose source the export depends on (hashed into export_key)."""
     description: str = ""
+    llvm_cpu_flags: tuple[str, ...] = ()
+    """Extra iree-compile flags for llvm-cpu builds of this target, after the defaults (a later
+    flag wins, e.g. `--iree-opt-data-tiling=false`); part of the compile key like every flag."""
 
 
 @dataclass
@@ -189,7 +192,7 @@ def build(
     out_dir = Path(out_dir)
     log = log or (lambda msg: None)
     mlir_path, sidecar, vmfb_path, meta_path = paths_for(target.name, out_dir)
-    flags = compile_flags(compile_target, arch)
+    flags = compile_flags(compile_target, arch) + (tuple(target.llvm_cpu_flags) if compile_target == "llvm-cpu" else ())
     versions = _versions()
     cpu = cpu_features_hash()
     result = BuildResult(mlir_path, vmfb_path, meta_path)

@@ -37,6 +37,13 @@ class ExportFunction:
     args: Sequence[TensorSpec]
     results: Sequence[tuple[str, str]]
     """(name, role) of each result, in order; shapes and dtypes come from tracing."""
+    globals: int = 0
+    """The first `globals` args become module globals backed by named parameters (scope
+    PARAMETER_SCOPE, key = the spec's name, loaded once when the module is loaded, e.g. from
+    the flat weight file) instead of call arguments; the signature lists only the rest."""
+
+
+PARAMETER_SCOPE = "model"
 
 
 def _example(spec: TensorSpec) -> torch.Tensor:
@@ -76,6 +83,17 @@ class _Graphs(torch.nn.Module):
     """Holds the traced graphs as submodules so one FxProgramsBuilder exports them all."""
 
 
+def _add_global(root: torch.nn.Module, index: int, name: str, example: torch.Tensor) -> str:
+    """Register `example` (uninitialised, never read) as an externalised parameter called `name`."""
+    from iree.turbine.aot import ExternalTensorTrait
+
+    attr = f"global_{index}"
+    param = torch.nn.Parameter(example, requires_grad=False)
+    ExternalTensorTrait(external_scope=PARAMETER_SCOPE, external_name=name).set(param)
+    root.register_parameter(attr, param)
+    return attr
+
+
 def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionSignature]]:
     """MLIR text of a module holding every function, and each function's signature."""
     import iree.turbine.aot as aot
@@ -83,20 +101,25 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     root = _Graphs()
     signatures = {}
     examples = {}
+    global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
         ex = [_example(s) for s in f.args]
         gm = _trace(f.fn, ex)
         root.add_module(f.name, gm)
-        signatures[f.name] = FunctionSignature(args=tuple(f.args), results=_result_specs(gm, f.results, f.name))
-        examples[f.name] = ex
+        for spec, t in zip(f.args[: f.globals], ex):
+            if spec.name not in global_attrs:
+                global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)
+        signatures[f.name] = FunctionSignature(args=tuple(f.args[f.globals :]),
+                                               results=_result_specs(gm, f.results, f.name))
+        examples[f.name] = ex[f.globals :]
 
     from iree.turbine.aot.decompositions import extend_aot_decompositions
 
     fxb = aot.FxProgramsBuilder(root)
     with extend_aot_decompositions(from_current=False):  # already decomposed by _trace
         for f in functions:
-            def call(module, *args, _name=f.name):
-                return getattr(module, _name)(*args)
+            def call(module, *args, _name=f.name, _g=tuple(global_attrs[a.name] for a in f.args[: f.globals])):
+                return getattr(module, _name)(*(getattr(module, g) for g in _g), *args)
 
             fxb.export_program(name=f.name, args=tuple(examples[f.name]), strict=False)(call)
     exported = aot.export(fxb)

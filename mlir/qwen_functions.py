@@ -11,6 +11,9 @@ Config keys (all JSON):
     loss_batch_size  rows of forward_loss (default 1)
     loss_seq_len     T of forward_loss (default 128)
     functions        subset of ("prefill", "decode", "forward_loss"); default prefill + decode
+    resident         true: weights are module globals backed by named parameters (loaded once from
+                     the flat weight file when the module loads) instead of leading call arguments;
+                     the exported contract stays the all-weights-as-inputs module (resident false)
 
 Every function takes all weights first, in `qwen2.param_shapes` order:
 
@@ -40,7 +43,7 @@ from pcpc.mlir.signature import TensorSpec
 FUNCTIONS = ("prefill", "decode", "forward_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KEYS = ("model", "hf_config", "model_overrides", "dtype", "batch_sizes", "prefill_len", "max_seq",
-        "loss_batch_size", "loss_seq_len", "functions")
+        "loss_batch_size", "loss_seq_len", "functions", "resident")
 
 
 def model_config(config: dict) -> qwen2.Qwen2Config:
@@ -115,13 +118,16 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         return [TensorSpec("tokens", "data", (B, T), "int64"), TensorSpec("positions", "data", (B, T), "int64")]
 
     results = [("logits", "output"), ("cache_k", "state"), ("cache_v", "state")]
+    n_globals = len(params) if config.get("resident", False) else 0
     for B in config.get("batch_sizes", [1]):
         if not isinstance(B, int) or B < 1:
             raise ValueError(f"qwen recipe: batch_sizes entries must be positive integers, got {B!r}")
         if "prefill" in wanted:
-            fns.append(ExportFunction(f"prefill_bs{B}", _step_fn(cfg, names, True), params + io(B, P) + cache_specs(B), results))
+            fns.append(ExportFunction(f"prefill_bs{B}", _step_fn(cfg, names, True), params + io(B, P) + cache_specs(B),
+                                      results, n_globals))
         if "decode" in wanted:
-            fns.append(ExportFunction(f"decode_bs{B}", _step_fn(cfg, names, True), params + io(B, 1) + cache_specs(B), results))
+            fns.append(ExportFunction(f"decode_bs{B}", _step_fn(cfg, names, True), params + io(B, 1) + cache_specs(B),
+                                      results, n_globals))
     if "forward_loss" in wanted:
         LB, LT = config.get("loss_batch_size", 1), config.get("loss_seq_len", 128)
         n = len(names)
@@ -134,5 +140,5 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             TensorSpec("attention_mask", "data", (LB, LT), "int64"),
             TensorSpec("weights", "data", (LB,), "float32"),
         ]
-        fns.append(ExportFunction("forward_loss", forward_loss, params + data, [("loss", "loss")]))
+        fns.append(ExportFunction("forward_loss", forward_loss, params + data, [("loss", "loss")], n_globals))
     return fns, params

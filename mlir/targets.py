@@ -44,6 +44,11 @@ def nanogpt_target(
 
 
 QWEN_RECIPE = "pcpc.mlir.qwen_functions:build"
+QWEN_CPU_FLAGS = ("--iree-opt-data-tiling=false",)
+"""Weights are call arguments: data tiling would re-pack every weight on every call (decode
+10x slower, a weight-sized allocation per call; bench/NOTES_generate.md)."""
+RESIDENT_CPU_FLAGS = ("--iree-opt-data-tiling",)
+"""Weights are module parameters: data tiling packs them once, when the module loads."""
 QWEN_SOURCES = (
     "pcpc.exporters.qwen2",
     "pcpc.autodiff.derive",
@@ -52,14 +57,17 @@ QWEN_SOURCES = (
 )
 
 
-def qwen_target(name: str, model: str | None = None, hf_config: dict | None = None, **recipe) -> Target:
+def qwen_target(name: str, model: str | None = None, hf_config: dict | None = None,
+                llvm_cpu_flags: tuple[str, ...] = QWEN_CPU_FLAGS, **recipe) -> Target:
     """A Qwen2 module (prefill_bs{B} / decode_bs{B} / forward_loss); recipe keys: mlir/qwen_functions.py."""
     config = {"model": model} if hf_config is None else {"hf_config": dict(hf_config)}
     config.update(recipe)
     what = model or "Qwen2 (config.json)"
     fns = ", ".join(config.get("functions", ["prefill", "decode"]))
+    where = ", weights as module parameters" if config.get("resident") else ""
     return Target(name, QWEN_RECIPE, config, QWEN_SOURCES,
-                  f"{what} {config.get('dtype', 'float32')} {fns}, batch {config.get('batch_sizes', [1])}")
+                  f"{what} {config.get('dtype', 'float32')} {fns}, batch {config.get('batch_sizes', [1])}{where}",
+                  tuple(llvm_cpu_flags))
 
 
 RL_RECIPE = "pcpc.mlir.rl_functions:build"
@@ -90,6 +98,13 @@ def _registry() -> dict[str, Target]:
         qwen_target("qwen-generation", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024),
         qwen_target("qwen-generation-bf16", "qwen2.5-0.5b", dtype="bfloat16", batch_sizes=[1], prefill_len=128,
                     max_seq=1024),
+        # Same functions with the weights as parameter-backed module globals, loaded once from the
+        # flat weight file: data tiling then packs them once at load instead of on every call
+        # (bf16 decode 2.4x the fp32 contract module; bench/NOTES_generate.md).
+        qwen_target("qwen-generation-resident", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024,
+                    resident=True, llvm_cpu_flags=RESIDENT_CPU_FLAGS),
+        qwen_target("qwen-generation-resident-bf16", "qwen2.5-0.5b", dtype="bfloat16", batch_sizes=[1],
+                    prefill_len=128, max_seq=1024, resident=True, llvm_cpu_flags=RESIDENT_CPU_FLAGS),
         qwen_target("qwen-tiny", "qwen2-tiny", batch_sizes=[1, 2], prefill_len=8, max_seq=64,
                     functions=["prefill", "decode", "forward_loss"], loss_batch_size=2, loss_seq_len=16),
         # GRPO learner of experiments/qwen_rl_test.json: 1 prompt x group 4, 16 prompt + 128 completion tokens.

@@ -30,12 +30,13 @@ def register(cli: click.Group, data: click.Group) -> None:
     cli.add_command(generate)
 
 
-def artifact_name(model: str, dtype: str) -> str:
-    """Artifact name of a model: qwen-generation for the 0.5B preset, qwen-<dir name> for a path."""
+def artifact_name(model: str, dtype: str, resident: bool = False) -> str:
+    """Artifact name of a model's module: qwen-generation[-resident][-bf16] for the 0.5B preset,
+    qwen-<dir name>[-resident][-bf16] for a path."""
     from pcpc.errors import UserError
     from pcpc.exporters.hf_weights import HUB_REPOS
 
-    suffix = "" if dtype == "float32" else "-bf16"
+    suffix = ("-resident" if resident else "") + ("" if dtype == "float32" else "-bf16")
     if Path(model).is_dir():
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model).resolve().name).strip("-.").lower() or "model"
         return f"qwen-{slug}{suffix}"
@@ -44,14 +45,20 @@ def artifact_name(model: str, dtype: str) -> str:
     raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
 
 
-def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int, max_seq: int | None):
+def weights_name(model: str, dtype: str) -> str:
+    """The flat weight file is shared by a model's contract and resident modules of one dtype."""
+    return artifact_name(model, dtype) + ".weights.bin"
+
+
+def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int, max_seq: int | None,
+                 resident: bool = False):
     """The build target of `model`'s generation module with these settings."""
     from pcpc.errors import UserError
     from pcpc.exporters import qwen2
     from pcpc.exporters.hf_weights import read_hf_config
-    from pcpc.mlir.targets import qwen_target
+    from pcpc.mlir.targets import QWEN_CPU_FLAGS, RESIDENT_CPU_FLAGS, qwen_target
 
-    name = artifact_name(model, dtype)
+    name = artifact_name(model, dtype, resident)
     if Path(model).is_dir():
         hf_config = read_hf_config(Path(model))
         cfg = qwen2.config_from_hf(hf_config, where=str(Path(model) / "config.json"))
@@ -67,7 +74,10 @@ def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: in
     opts = dict(batch_sizes=sorted(set(batch_sizes)), prefill_len=prefill_len, max_seq=seq)
     if dtype != "float32":
         opts["dtype"] = dtype
-    return qwen_target(name, **source, **opts), cfg
+    if resident:
+        opts["resident"] = True
+    flags = RESIDENT_CPU_FLAGS if resident else QWEN_CPU_FLAGS
+    return qwen_target(name, **source, **opts, llvm_cpu_flags=flags), cfg
 
 
 def _record_path(out_dir: Path, name: str) -> Path:
@@ -83,9 +93,11 @@ def _record_path(out_dir: Path, name: str) -> Path:
               help="Batch sizes to export (prefill_bs{B} / decode_bs{B}); repeat for several.")
 @click.option("--prefill-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per prefill call.")
 @click.option("--max-seq", type=click.IntRange(min=1), default=None, help="KV-cache capacity [default: min(1024, max positions)].")
+@click.option("--resident", is_flag=True,
+              help="Build the variant whose weights are module parameters (faster, packs weights at load).")
 @click.option("--target", default="llvm-cpu", type=click.Choice(COMPILE_TARGETS), show_default=True)
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
-def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, target, out_dir):
+def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, resident, target, out_dir):
     """Build a Qwen2 generation module and write its flat weight file into artifacts/."""
     from pcpc.errors import UserError
     from pcpc.exporters import hf_weights, qwen2
@@ -93,7 +105,7 @@ def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, target, out
     from pcpc.mlir.signature import load_meta
 
     out_dir = Path(out_dir)
-    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq)
+    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq, resident)
     model_dir = hf_weights.find_model_dir(model, weights)  # fails fast, before the slow build
     found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
     if found != cfg:
@@ -104,13 +116,13 @@ def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, target, out
     meta = load_meta(result.meta)
     tensors = hf_weights.read_safetensors(model_dir)
     ordered = hf_weights.ordered_tensors(tensors, qwen2.param_shapes(cfg), cfg.tie_word_embeddings, str(model_dir))
-    weights_path = out_dir / f"{tgt.name}.weights.bin"
+    weights_path = out_dir / weights_name(model, dtype)
     size = hf_weights.write_flat(weights_path, list(ordered), dtype, meta.parameter_bytes)
     record = {
         "model": model,
         "model_dir": str(model_dir.resolve()),
         "target": {"name": tgt.name, "recipe": tgt.recipe, "config": tgt.config, "sources": list(tgt.sources),
-                   "description": tgt.description},
+                   "description": tgt.description, "llvm_cpu_flags": list(tgt.llvm_cpu_flags)},
         "compile_target": target,
         "weights": weights_path.name,
         "parameter_bytes": meta.parameter_bytes,
@@ -132,9 +144,10 @@ def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, target, out
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--raw", is_flag=True, help="Do not apply the tokenizer's chat template.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--resident", is_flag=True, help="Use the module exported with --resident.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime worker threads.")
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
-def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, raw, dtype, threads, out_dir):
+def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, raw, dtype, resident, threads, out_dir):
     """Generate text from prompts; streams one prompt's reply as it is produced."""
     from pcpc.config import load_json
     from pcpc.errors import UserError
@@ -148,16 +161,17 @@ def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, 
     if bool(prompts) == bool(prompt_file):
         raise UserError("give --prompt TEXT (one or more) or --prompt-file FILE, not both or neither")
     out_dir = Path(out_dir)
-    name = artifact_name(model, dtype)
+    name = artifact_name(model, dtype, resident)
     rec_path = _record_path(out_dir, name)
     if not rec_path.is_file():
         raise UserError(f"{model}: not exported yet ({rec_path} missing); run `pcpc export --model {model}"
-                        f"{'' if dtype == 'float32' else ' --dtype ' + dtype}` first")
+                        f"{'' if dtype == 'float32' else ' --dtype ' + dtype}{' --resident' if resident else ''}` first")
     record = load_json(rec_path)
     codec = TextCodec(record["model_dir"])
     ids = read_prompts(prompt_file) if prompt_file else [codec.encode(p, chat=not raw) for p in prompts]
-    result = build(Target(**{**record["target"], "sources": tuple(record["target"]["sources"])}), out_dir,
-                   record.get("compile_target", "llvm-cpu"))
+    spec = record["target"]
+    target = Target(**{**spec, "sources": tuple(spec["sources"]), "llvm_cpu_flags": tuple(spec.get("llvm_cpu_flags", ()))})
+    result = build(target, out_dir, record.get("compile_target", "llvm-cpu"))
     model_ = gen.QwenModel.load(result.vmfb, out_dir / record["weights"], threads=threads)
 
     streams = [TextStream(codec) for _ in ids]

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pcpc.errors import UserError
-from pcpc.runtime.module import CompiledModule, to_host
+from pcpc.mlir.signature import load_meta, meta_path_for
+from pcpc.runtime.module import CompiledModule, is_resident, to_host
 
 
 @dataclass(frozen=True)
@@ -93,16 +94,23 @@ class QwenModel:
         if not sizes:
             raise UserError(f"{module.path}: exports no prefill_bs{{B}} / decode_bs{{B}} pair; not a generation module")
         pre = fns[f"prefill_bs{sizes[0]}"]
-        n = len(module.meta.parameters)
+        n = 0 if module.resident else len(module.meta.parameters)
         if len(weights) != n:
             raise UserError(f"{module.path}: {len(weights)} weight arrays given, the module takes {n}")
-        return cls(module, list(weights), sizes, pre.args[n].shape[1], pre.args[-1].shape[3], pre.results[0].shape[-1])
+        tokens = next(a for a in pre.args if a.name == "tokens")
+        return cls(module, list(weights), sizes, tokens.shape[1], pre.args[-1].shape[3], pre.results[0].shape[-1])
 
     @classmethod
     def load(cls, vmfb: str | Path, weights_file: str | Path, threads: int | None = None) -> "QwenModel":
-        """Load the module and import its flat weight file (size checked against meta.json)."""
+        """Load the module and its flat weight file (size checked against meta.json).
+
+        A module taking its weights as arguments gets them imported without a copy
+        (aligned host arrays); a resident module loads them as its parameters.
+        """
         from pcpc.exporters.hf_weights import read_flat
 
+        if is_resident(load_meta(meta_path_for(Path(vmfb)))):
+            return cls.from_module(CompiledModule(vmfb, threads=threads, parameters=weights_file), [])
         module = CompiledModule(vmfb, threads=threads)
         meta = module.meta
         arrays = read_flat(Path(weights_file), meta.parameters, meta.parameter_bytes)

@@ -56,6 +56,12 @@ def _np_dtype(spec: TensorSpec):
     return NP_DTYPES[spec.dtype]
 
 
+def is_resident(meta: ModuleMeta) -> bool:
+    """True when the module's weights are parameter-backed globals: it has parameters, but no
+    function takes one as an argument (see pcpc.mlir.lower.ExportFunction.globals)."""
+    return bool(meta.parameters) and not any(a.role == "param" for sig in meta.functions.values() for a in sig.args)
+
+
 def to_host(array) -> np.ndarray:
     """A numpy copy of a device array (safe after the device buffer is released)."""
     host = array.to_host() if hasattr(array, "to_host") else array
@@ -66,7 +72,9 @@ class CompiledModule:
     """A VMFB + meta.json pair, checked against each other, with validated calls."""
 
     def __init__(self, vmfb: str | Path, meta: str | Path | None = None, driver: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, parameters: str | Path | None = None):
+        """`parameters`: the flat weight file, for a module whose weights are parameter-backed
+        globals (`resident`: no function takes them as arguments); loaded once, here."""
         import iree.runtime as rt
 
         self.path = Path(vmfb)
@@ -86,13 +94,42 @@ class CompiledModule:
             self.vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{self.path}: not a valid VMFB (corrupt or truncated): {e}") from None
-        self.context = rt.SystemContext(vm_modules=[self.vm_module], config=self.config)
+        self.resident = is_resident(self.meta)
+        modules = [self.vm_module]
+        if self.resident:
+            if parameters is None:
+                raise UserError(f"{self.path}: its weights are module parameters; give the flat weight file")
+            modules.insert(0, self._parameters_module(Path(parameters)))
+        elif parameters is not None:
+            raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
+        self.context = rt.SystemContext(vm_modules=modules, config=self.config)
         exported = {n for n in self.vm_module.function_names if not n.startswith("__") and "$" not in n}
         if exported != set(self.meta.functions):
             raise UserError(
                 f"{self.path}: module exports {sorted(exported)} but meta.json lists {sorted(self.meta.functions)}"
             )
         self._module = self.context.modules[self.vm_module.name]
+
+    def _parameters_module(self, path: Path):
+        """An io_parameters module serving each parameter from its offset in the flat file
+        (scope "model", keys = parameter names; see pcpc.mlir.lower.PARAMETER_SCOPE)."""
+        import os
+
+        import iree.runtime as rt
+
+        size = path.stat().st_size if path.is_file() else None
+        if size != self.meta.parameter_bytes:
+            raise UserError(f"{path}: weight file is {size if size is not None else 'missing'} bytes but the module's "
+                            f"parameters need {self.meta.parameter_bytes:,} bytes (meta.json parameter_bytes)")
+        self._param_fd = os.open(path, os.O_RDONLY)
+        handle = rt.FileHandle.wrap_fd(self._param_fd)
+        self._param_index = rt.ParameterIndex()
+        offset = 0
+        for spec in self.meta.parameters:
+            self._param_index.add_from_file_handle(spec.name, handle, spec.nbytes, offset)
+            offset += spec.nbytes
+        provider = self._param_index.create_provider(scope="model")
+        return rt.create_io_parameters_module(self.config.vm_instance, provider)
 
     @property
     def device(self):

@@ -85,6 +85,18 @@ def test_prompt_file_and_batch_generation(exported, tmp_path):
     assert s1.stdout == s2.stdout and s1.exit_code == 0
 
 
+def test_resident_export_and_generate(exported):
+    _, hf_dir, out = exported
+    res = run("export", "--model", hf_dir, "--resident", "--batch-size", 1, "--prefill-len", PREFILL_LEN,
+              "--max-seq", MAX_SEQ, "--out-dir", out)
+    assert res.exit_code == 0, res.output
+    assert not (out / "qwen-hf-gqa-tied-resident.weights.bin").exists()  # shares the contract module's file
+    args = ["generate", "--model", hf_dir, "--prompt", "Is fire hot?", "--max-tokens", 12, "--out-dir", out]
+    a, b = run(*args), run(*args, "--resident")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert a.stdout == b.stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -94,6 +106,8 @@ def test_prompt_file_and_batch_generation(exported, tmp_path):
         (["generate", "--model", "{hf}", "--prompt", "x", "--max-tokens", "500", "--out-dir", "{out}"],
          "the module's KV cache holds 64"),
         (["generate", "--model", "{hf}", "--out-dir", "{out}"], "give --prompt TEXT"),
+        (["generate", "--model", "{hf}", "--prompt", "x", "--dtype", "bfloat16", "--out-dir", "{out}"],
+         "run `pcpc export --model"),
         (["export", "--model", "{hf}", "--weights", "{tmp}", "--out-dir", "{tmp}"], "expected a directory with config.json"),
         (["data", "prompts", "show", "{tmp}/cut.bin"], "truncated"),
         (["data", "prompts", "encode", "{tmp}/x.bin", "--model", "{hf}"], "no prompts"),

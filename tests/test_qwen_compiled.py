@@ -7,6 +7,8 @@ device arrays, the path `pcpc export` / `pcpc generate` take.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +172,43 @@ def test_forward_loss_matches_torch(root):
     params = [p.detach().numpy() for p in hf.parameters()]
     (got,) = mod.call_host("forward_loss", *params, ids.numpy(), mask.numpy(), weights.numpy())
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def resident(root):
+    """The gqa-tied case as a resident module (weights as parameter-backed globals, packed by data
+    tiling at load) exactly as `pcpc export --resident` builds it, + its weight file."""
+    from pcpc.cmd_qwen import model_target
+    from pcpc.mlir.build import build
+    from qwen_helpers import PREFILL_LEN
+
+    target, cfg = model_target(str(make_hf_dir(root, "gqa-tied")), "float32", [1], PREFILL_LEN, MAX_SEQ, resident=True)
+    assert "--iree-opt-data-tiling" in target.llvm_cpu_flags
+    result = build(target, root / "artifacts")
+    return result, write_weights(root, "gqa-tied", result, cfg)
+
+
+def test_resident_module_matches_hf(resident, models):
+    result, weights = resident
+    meta = load_meta(result.meta)
+    assert all(a.role != "param" for sig in meta.functions.values() for a in sig.args)
+    assert [p.name for p in meta.parameters] == list(qwen2.param_shapes(models("gqa-tied")[1]))
+    model = gen.QwenModel.load(result.vmfb, weights)
+    assert model.module.resident and model.weights == []
+    _, _, hf = models("gqa-tied")
+    prompt = prompt_ids(11, seed=2)
+    assert gen.generate(model, [prompt], 32, eos_ids=[]).tokens[0] == hf_greedy(hf, prompt, 32)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+    logits, _ = gen.prefill(model, [prompt], 1, model.new_cache(1))
+    assert rel_err(logits[0], ref) < 1e-4
+
+
+def test_resident_module_needs_a_matching_weight_file(resident, tmp_path):
+    result, _ = resident
+    with pytest.raises(UserError, match="its weights are module parameters; give the flat weight file"):
+        CompiledModule(result.vmfb)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 64)
+    with pytest.raises(UserError, match=r"short.bin: weight file is 64 bytes but the module's parameters need [\d,]+ bytes"):
+        CompiledModule(result.vmfb, parameters=short)
