@@ -288,7 +288,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
             ref_logp = mod("token_logprobs", *ref, ids_d, np.float32(r.temperature))[0] if ref else zeros_bl
             old_logp = (mod("token_logprobs", *P, ids_d, np.float32(r.temperature))[0]
                         if g.updates_per_iteration > 1 else zeros_bl)
-            before = P
+            before = P if exp.outer_step_active else None  # kept only when the outer step needs it
             stats = []
             for _ in range(g.updates_per_iteration):
                 adam_step += 1
@@ -300,6 +300,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
                 out = mod("outer_step", *before, *Bm, *P, np.float32(exp.learning_rate),
                           np.float32(exp.nesterov_momentum))
                 P, Bm = out[:n], out[n:]
+            del before, out
             learner_s = time.perf_counter() - t1
             sync, done = True, it + 1
             # 4. record
