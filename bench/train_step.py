@@ -171,8 +171,10 @@ def bench_model(key: str, args, out_dir: Path) -> Result:
 
     preset, batch = MODELS[key]
     batch = args.batch or batch
-    cfg = make_config(preset)
-    target = nanogpt_target(f"bench-{preset}-b{batch}", preset, batch_size=batch, functions=["train_step"])
+    overrides = {"compute_dtype": args.compute_dtype}
+    cfg = make_config(preset, **overrides)
+    target = nanogpt_target(f"bench-{preset}-b{batch}-{args.compute_dtype}", preset, batch_size=batch,
+                            model_overrides=overrides, functions=["train_step"])
     x, y = make_batch(cfg, batch)
     res = Result(preset, batch, batch * cfg.block_size)
 
@@ -194,10 +196,69 @@ def bench_model(key: str, args, out_dir: Path) -> Result:
     return res
 
 
+def text_batches(cfg, batch: int, steps: int, data_path: str, seed: int = 0):
+    """`steps` (x, y) batches of random windows of a text file (chars for vocab 65, bytes for 256)."""
+    raw = Path(data_path).read_bytes()
+    if cfg.vocab_size >= 256:
+        ids = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+    else:
+        chars = sorted(set(raw))
+        if len(chars) > cfg.vocab_size:
+            raise SystemExit(f"{data_path}: {len(chars)} distinct bytes, more than vocab {cfg.vocab_size}")
+        ids = np.searchsorted(np.array(chars), np.frombuffer(raw, dtype=np.uint8)).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    T = cfg.block_size
+    for _ in range(steps):
+        starts = rng.integers(0, len(ids) - T - 1, size=batch)
+        win = np.stack([ids[s : s + T + 1] for s in starts])
+        yield np.ascontiguousarray(win[:, :-1]), np.ascontiguousarray(win[:, 1:])
+
+
+def accuracy(key: str, args, out_dir: Path) -> str:
+    """bfloat16 vs float32 compute: gradients at init, then the loss over a short training run."""
+    from pcpc.exporters.nanogpt import init_params, make_config
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import nanogpt_target
+    from pcpc.runtime.module import CompiledModule, to_host
+
+    preset, batch = MODELS[key]
+    batch = args.batch or batch
+    mods, cfg = {}, None
+    for dtype in ("float32", "bfloat16"):
+        cfg = make_config(preset, compute_dtype=dtype)
+        target = nanogpt_target(f"acc-{preset}-b{batch}-{dtype}", preset, batch_size=batch,
+                                model_overrides={"compute_dtype": dtype}, functions=["value_and_grad", "train_step"])
+        mods[dtype] = CompiledModule(build(target, out_dir).vmfb, threads=args.threads)
+    params = [p.numpy() for p in init_params(cfg, seed=0).values()]
+    n = len(params)
+    batches = list(text_batches(cfg, batch, args.accuracy + 1, args.data))
+    x0, y0 = batches.pop()
+    vg = {k: [to_host(a) for a in m("value_and_grad", *params, x0, y0)] for k, m in mods.items()}
+    g32 = np.concatenate([g.ravel() for g in vg["float32"][1:]])
+    g16 = np.concatenate([g.ravel() for g in vg["bfloat16"][1:]])
+    grad_err = float(np.linalg.norm(g16 - g32) / np.linalg.norm(g32))
+    cos = float(g16 @ g32 / (np.linalg.norm(g16) * np.linalg.norm(g32)))
+    losses = {}
+    for dtype, mod in mods.items():
+        state = mod.upload_all(params) + mod.upload_all([np.zeros_like(p) for p in params]) * 2
+        out, curve = None, []
+        for i, (x, y) in enumerate(batches):
+            out = mod("train_step", *state, np.float32(i + 1), np.float32(args.accuracy_lr), x, y)
+            state = out[1 : 1 + 3 * n]
+            curve.append(float(to_host(out[0])))
+        losses[dtype] = np.array(curve)
+    tail = max(1, len(batches) // 10)
+    f32, b16 = losses["float32"], losses["bfloat16"]
+    return (
+        f"| {preset} | {batch} | {vg['float32'][0]:.5f} / {vg['bfloat16'][0]:.5f} | {grad_err:.2e} | {cos:.6f} | "
+        f"{len(batches)} | {f32[-tail:].mean():.4f} / {b16[-tail:].mean():.4f} | {np.abs(f32 - b16).max():.4f} |"
+    )
+
+
 def report(results: list[Result], args, loads: tuple) -> str:
     lines = [
         f"date {datetime.date.today()}  machine {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores  "
-        f"threads {args.threads}  steps/round {args.steps}  rounds {args.rounds} (median)  "
+        f"threads {args.threads}  compute {args.compute_dtype}  steps/round {args.steps}  rounds {args.rounds} (median)  "
         f"load average before/after {loads[0]:.2f}/{loads[1]:.2f}",
         "",
         "| model | batch | system | ms/step | tokens/s | pcpc speed-up | CPU ms/step | speed-up by CPU time |",
@@ -244,8 +305,15 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per system before timing")
     ap.add_argument("--artifacts", default="", help="build cache dir (default: a fresh temp dir, so export and "
                     "compile are timed)")
+    ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="nanoGPT compute_dtype of every system (bfloat16: weight matmuls in bf16)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--json", default="", help="also write the results as JSON here")
+    ap.add_argument("--accuracy", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: compare bfloat16 with float32 compute (gradients at init, then "
+                    "STEPS compiled train steps on --data)")
+    ap.add_argument("--accuracy-lr", type=float, default=1e-3, help="learning rate of the --accuracy runs")
+    ap.add_argument("--data", default="/work/shared/data/tiny_shakespeare.txt", help="text for --accuracy")
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     bad = [k for k in keys if k not in MODELS]
@@ -255,6 +323,15 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.accuracy:
+        with tempfile.TemporaryDirectory(prefix="pcpc-bench-") as tmp:
+            rows = [accuracy(k, args, Path(args.artifacts or tmp)) for k in keys]
+        print(f"date {datetime.date.today()}  bfloat16 vs float32 compute, lr {args.accuracy_lr}, data {args.data}\n")
+        print("| model | batch | loss at init f32 / bf16 | grad rel. error | grad cosine | steps | "
+              "last-10% mean loss f32 / bf16 | max abs loss diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="pcpc-bench-") as tmp:
         out_dir = Path(args.artifacts or tmp)
