@@ -185,6 +185,8 @@ def logits_to_probs(logits: np.ndarray, temperature: float, top_p: float = 1.0) 
     order = cand[np.argsort(-p[cand], kind="stable")]
     before = np.cumsum(p[order]) - p[order]  # mass of the more likely tokens
     keep = order[before < top_p]
+    if keep.size == 0:  # non-finite logits: fall back to the most likely token
+        keep = order[:1]
     return keep, p[keep] / p[keep].sum()
 
 
@@ -239,7 +241,8 @@ def decode_n_tokens(model, first, positions, cache, n, rng, sampling, eos, on_to
             break
         logits, cache = decode_one_token(model, cur, np.where(done, -1, pos), cache)
         steps += 1
-        cur = np.where(done, 0, sample(logits, rng, sampling))
+        cur = np.zeros(batch, np.int64)
+        cur[~done] = sample(logits[~done], rng, sampling)  # padding rows' logits are garbage: never sampled
         pos = pos + 1
     return out, [bool(done[b]) and b in rows for b in range(batch)], steps
 
