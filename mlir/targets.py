@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pcpc.errors import UserError
 from pcpc.mlir.build import Target
+from pcpc.mlir.compile import TRAINING_CPU_FLAGS
 
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
@@ -40,7 +41,8 @@ def nanogpt_target(
     }
     if functions is not None:
         config["functions"] = list(functions)
-    return Target(name, NANOGPT_RECIPE, config, NANOGPT_SOURCES, f"{model} training module (batch {batch_size})")
+    return Target(name, NANOGPT_RECIPE, config, NANOGPT_SOURCES, f"{model} training module (batch {batch_size})",
+                  TRAINING_CPU_FLAGS)
 
 
 QWEN_RECIPE = "pcpc.mlir.qwen_functions:build"
