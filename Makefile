@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+# Every side-by-side benchmark in bench/, in a fixed order (the known ones first, then any others
+# alphabetically, not _private ones); each prints its own table with ratios. Stops at the first that fails.
+BENCH_ORDER := train_step diloco generate grpo
+BENCH := $(foreach b,$(BENCH_ORDER),$(wildcard bench/$(b).py)) \
+	$(filter-out $(foreach b,$(BENCH_ORDER),bench/$(b).py) bench/_%,$(sort $(wildcard bench/*.py)))
+
 bench: install
-	$(BIN)/python bench/train_step.py
+	@set -e; for b in $(BENCH); do echo "== $$b"; $(BIN)/python $$b; done
 
 # The main job. The data comes from ../shared/data when that exists (dev machines), else from the web.
 run: install
