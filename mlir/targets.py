@@ -46,10 +46,12 @@ def nanogpt_target(
 
 
 QWEN_RECIPE = "pcpc.mlir.qwen_functions:build"
-QWEN_CPU_FLAGS = ("--iree-opt-data-tiling=false",)
+_QWEN_REDUCTIONS = ("--iree-llvmcpu-reassociate-fp-reductions", "--iree-llvmcpu-use-fast-min-max-ops")
+QWEN_CPU_FLAGS = ("--iree-opt-data-tiling=false", *_QWEN_REDUCTIONS)
 """Weights are call arguments: data tiling would re-pack every weight on every call (decode
-10x slower, a weight-sized allocation per call; bench/NOTES_generate.md)."""
-RESIDENT_CPU_FLAGS = ("--iree-opt-data-tiling",)
+10x slower, a weight-sized allocation per call; bench/NOTES_generate.md). Vectorized
+RMSNorm/softmax reductions as in the benchmarked build."""
+RESIDENT_CPU_FLAGS = ("--iree-opt-data-tiling", *_QWEN_REDUCTIONS)
 """Weights are module parameters: data tiling packs them once, when the module loads."""
 QWEN_SOURCES = (
     "pcpc.exporters.qwen2",

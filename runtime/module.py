@@ -94,20 +94,21 @@ class CompiledModule:
             self.vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{self.path}: not a valid VMFB (corrupt or truncated): {e}") from None
-        self.resident = is_resident(self.meta)
-        modules = [self.vm_module]
-        if self.resident:
-            if parameters is None:
-                raise UserError(f"{self.path}: its weights are module parameters; give the flat weight file")
-            modules.insert(0, self._parameters_module(Path(parameters)))
-        elif parameters is not None:
-            raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
-        self.context = rt.SystemContext(vm_modules=modules, config=self.config)
         exported = {n for n in self.vm_module.function_names if not n.startswith("__") and "$" not in n}
         if exported != set(self.meta.functions):
             raise UserError(
                 f"{self.path}: module exports {sorted(exported)} but meta.json lists {sorted(self.meta.functions)}"
             )
+        self.resident = is_resident(self.meta)
+        if parameters is not None and not self.resident:
+            raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
+        self.context = self._module = None
+        if self.resident and parameters is None:
+            return  # inspectable, not callable: a call says which file is missing
+        modules = [self.vm_module]
+        if self.resident:
+            modules.insert(0, self._parameters_module(Path(parameters)))
+        self.context = rt.SystemContext(vm_modules=modules, config=self.config)
         self._module = self.context.modules[self.vm_module.name]
 
     def _parameters_module(self, path: Path):
@@ -158,6 +159,9 @@ class CompiledModule:
     def __call__(self, fn: str, *args) -> list:
         """Invoke `fn`; returns its results as device arrays (see `to_host`)."""
         sig = self.signature(fn)
+        if self._module is None:
+            raise UserError(f"{self.path}: its weights are module parameters; load it with the flat weight file "
+                            f"(CompiledModule(..., parameters=FILE))")
         if len(args) != len(sig.args):
             raise UserError(f"{fn}: expects {len(sig.args)} arguments, got {len(args)}")
         converted = []

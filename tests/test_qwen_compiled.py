@@ -206,8 +206,11 @@ def test_resident_module_matches_hf(resident, models):
 
 def test_resident_module_needs_a_matching_weight_file(resident, tmp_path):
     result, _ = resident
-    with pytest.raises(UserError, match="its weights are module parameters; give the flat weight file"):
-        CompiledModule(result.vmfb)
+    bare = CompiledModule(result.vmfb)  # inspectable without weights, not callable
+    assert bare.resident and "decode_bs1" in bare.meta.functions
+    with pytest.raises(UserError, match="its weights are module parameters; load it with the flat weight file"):
+        bare("decode_bs1", np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), *[np.zeros(s.shape, np.float32)
+             for s in bare.meta.functions["decode_bs1"].args[2:]])
     short = tmp_path / "short.bin"
     short.write_bytes(b"\0" * 64)
     with pytest.raises(UserError, match=r"short.bin: weight file is 64 bytes but the module's parameters need [\d,]+ bytes"):
