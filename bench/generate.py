@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,8 +186,7 @@ def main():
             rows["hf-eager"] = run_child(["hf", str(args.prompt_len), str(args.new_tokens)])
             rows["hf-eager"]["weight_bytes"] = rows["pcpc-fp32"]["weight_bytes"]
     finally:
-        for f in work.glob("*.bin"):
-            f.unlink()
+        shutil.rmtree(work, ignore_errors=True)  # random weight files and (without --artifacts) the builds
 
     fp32_bytes = rows["pcpc-fp32"]["weight_bytes"]
     print(f"\n{'':14s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'peak RSS GB':>11s} {'RSS/weights':>11s}  first tokens")
