@@ -1,6 +1,7 @@
 """One GRPO iteration's two halves, pcpc (compiled modules) vs plain PyTorch eager (HF transformers), in one run.
 
     .venv/bin/python bench/grpo.py [--shapes tiny,0.5b] [--group 4] [--prompt-len 16] [--max-tokens 32] [--reps 3]
+                                   [--repeat 1]
 
 Random weights (no download). For each shape, each contender runs in its own
 subprocess (so its peak memory is its own) and measures, after a warm-up:
@@ -14,7 +15,9 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
 
 Prints both, the ratios (eager time / pcpc time) and peak RSS. Build time of
-the modules is reported separately (built once, cached).
+the modules is reported separately (built once, cached). On a shared, busy
+machine use --repeat N: the contenders then alternate N times and the medians
+of their per-round bests are compared (the load average is printed too).
 """
 
 from __future__ import annotations
@@ -201,6 +204,13 @@ def run_eager(a) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _median_round(rs: list[dict]) -> dict:
+    """Medians over rounds of the per-round best rollout tok/s and learner seconds; max peak RSS."""
+    return {"rollout": {"tok_s": float(np.median([r["rollout"]["tok_s"] for r in rs]))},
+            "learner": {"best_s": float(np.median([r["learner"]["best_s"] for r in rs])), "loss": rs[-1]["learner"]["loss"]},
+            "peak_rss_gb": max(r["peak_rss_gb"] for r in rs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="tiny,0.5b")
@@ -208,6 +218,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the contenders this many times (medians)")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--contender", choices=("pcpc", "eager"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -218,19 +229,26 @@ def main() -> None:
     import platform
 
     print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}")
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; group {a.group}, prompt {a.prompt_len}, "
+          f"{a.max_tokens} new tokens, best of {a.reps}")
     for shape in a.shapes.split(","):
-        res = {}
-        for who in ("pcpc", "eager"):
-            cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--group", str(a.group),
-                   "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps", str(a.reps),
-                   "--artifacts", a.artifacts]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode != 0:
-                sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
-            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
-        p, e = res["pcpc"], res["eager"]
-        print(f"\n[{shape}] ({PRESETS[shape]}; pcpc modules built/checked in {p['build_s']:.1f}s)")
+        rounds = {"pcpc": [], "eager": []}
+        for _ in range(a.repeat):
+            for who in ("pcpc", "eager"):
+                cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--group", str(a.group),
+                       "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps", str(a.reps),
+                       "--artifacts", a.artifacts]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
+                rounds[who].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        p, e = (_median_round(rounds[w]) for w in ("pcpc", "eager"))
+        print(f"\n[{shape}] ({PRESETS[shape]}; pcpc modules built/checked in {rounds['pcpc'][0]['build_s']:.1f}s; "
+              f"load average {os.getloadavg()[0]:.1f}; median of {a.repeat} alternating round(s))")
+        if a.repeat > 1:
+            for w in ("pcpc", "eager"):
+                print(f"  {w} rounds: rollout tok/s {[round(r['rollout']['tok_s'], 1) for r in rounds[w]]}, "
+                      f"learner s {[round(r['learner']['best_s'], 3) for r in rounds[w]]}")
         print(f"  {'':22s}{'pcpc':>12s}{'eager (HF)':>14s}{'ratio':>9s}")
         print(f"  {'rollout tok/s':22s}{p['rollout']['tok_s']:12.1f}{e['rollout']['tok_s']:14.1f}"
               f"{p['rollout']['tok_s'] / e['rollout']['tok_s']:8.2f}x")
