@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from pcpc.config import from_dict
+from pcpc.config import check_choice, from_dict
 from pcpc.errors import UserError
 
 
@@ -60,26 +60,21 @@ class NanoGPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
-                raise ValueError(f"nanogpt config: {name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(
-                f"nanogpt config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        _check_choice("activation", self.activation, ("relu", "gelu"))
-        _check_choice("norm", self.norm, ("layernorm",))
-        _check_choice("positions", self.positions, ("learned",))
-        _check_choice("compute_dtype", self.compute_dtype, tuple(COMPUTE_DTYPES))
+        check_choice(self, "activation", ("relu", "gelu"))
+        check_choice(self, "norm", ("layernorm",))
+        check_choice(self, "positions", ("learned",))
+        check_choice(self, "compute_dtype", tuple(COMPUTE_DTYPES))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _check_choice(field: str, value: str, choices: tuple[str, ...]):
-    if value not in choices:
-        raise ValueError(f"nanogpt config: {field} must be one of {', '.join(choices)}; got {value!r}")
 
 
 PRESETS = {

@@ -122,3 +122,27 @@ def load_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
+
+
+# Checks for config dataclasses' __post_init__: each raises ValueError naming the field,
+# which from_dict turns into a UserError prefixed with the file or section.
+
+
+def check_positive(obj, *names: str) -> None:
+    """Each named field of obj must be > 0."""
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(obj, name)}")
+
+
+def check_at_least(obj, low, *names: str) -> None:
+    """Each named field of obj must be >= low."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ValueError(f"{name} must be >= {low}, got {getattr(obj, name)}")
+
+
+def check_choice(obj, name: str, choices) -> None:
+    """Field `name` of obj must be one of `choices`."""
+    if getattr(obj, name) not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(obj, name)!r}")

@@ -17,7 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcpc.config import from_dict, load_json
+from pcpc.config import check_at_least, check_choice, check_positive, from_dict, load_json
 
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 TOKENIZERS = ("auto", "char", "byte")
@@ -110,19 +110,19 @@ class DiLoCoExperiment:
         if Path(self.model_path).suffix != ".mlir":
             raise ValueError(f"model_path must name a .mlir build artifact (e.g. models/nanogpt_small.mlir), "
                              f"got {self.model_path!r}")
-        _positive(self, "learning_rate", "outer_learning_rate", "timeout_s")
-        _at_least(self, 1, "tau", "outer_loop_steps", "max_epochs", "num_workers", "batch_size", "eval_batch_size")
-        _at_least(self, 0, "eval_batches", "seed", "eval_interval", "checkpoint_interval", "warmup_steps",
+        check_positive(self, "learning_rate", "outer_learning_rate", "timeout_s")
+        check_at_least(self, 1, "tau", "outer_loop_steps", "max_epochs", "num_workers", "batch_size", "eval_batch_size")
+        check_at_least(self, 0, "eval_batches", "seed", "eval_interval", "checkpoint_interval", "warmup_steps",
                   "sample_tokens", "weight_decay", "grad_clip")
         for name in ("nesterov_momentum", "beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
-        _choice(self, "target", TARGETS)
-        _choice(self, "backend", BACKENDS)
-        _choice(self, "tokenizer", TOKENIZERS)
-        _choice(self, "lr_schedule", LR_SCHEDULES)
+        check_choice(self, "target", TARGETS)
+        check_choice(self, "backend", BACKENDS)
+        check_choice(self, "tokenizer", TOKENIZERS)
+        check_choice(self, "lr_schedule", LR_SCHEDULES)
         if self.min_learning_rate is not None and not 0.0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"min_learning_rate must be in [0, learning_rate={self.learning_rate}], "
                              f"got {self.min_learning_rate}")
@@ -160,23 +160,6 @@ class DiLoCoExperiment:
             if out[name] is not None:
                 out[name] = "<redacted>"
         return out
-
-
-def _positive(exp, *names):
-    for name in names:
-        if not getattr(exp, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(exp, name)}")
-
-
-def _at_least(exp, low, *names):
-    for name in names:
-        if getattr(exp, name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {getattr(exp, name)}")
-
-
-def _choice(exp, name, choices):
-    if getattr(exp, name) not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(exp, name)!r}")
 
 
 def parse_experiment(raw: dict, where: str = "config") -> DiLoCoExperiment:
