@@ -144,7 +144,7 @@ def run_process(rank: int, world: int, plan: Plan):
 
     exp = plan.exp
     cores = os.cpu_count() or 1
-    backend = exp.backend if exp.backend != "auto" else ("nccl" if exp.target == "cuda" else "gloo")
+    backend = "gloo" if exp.backend == "auto" else exp.backend  # the exchange is host memory (ids, weights)
     init_process_group(backend, exp.timeout_s)
     try:
         if rank == 0:

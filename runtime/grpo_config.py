@@ -27,7 +27,7 @@ from pcpc.autodiff.grpo import LOSS_TYPES, SCALE_REWARDS
 from pcpc.config import from_dict
 
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
-BACKENDS = ("auto", "gloo", "nccl")
+BACKENDS = ("auto", "gloo")
 INIT_WEIGHTS = ("hf", "random")
 SECRET_FIELDS = ("wandb_api_key",)
 
@@ -174,7 +174,7 @@ class GRPOExperiment:
     target: str = "llvm-cpu"
     """Compile target and device of the modules: llvm-cpu (this host's CPU), cuda, rocm, vulkan."""
     backend: str = "auto"
-    """torch.distributed backend: auto (nccl for cuda, else gloo), gloo, nccl."""
+    """torch.distributed backend: auto (gloo: prompts, completions and weights cross as host memory), gloo."""
     threads: int | None = None
     """IREE CPU threads per process (null: all cores for the learner, cores / num_workers per worker)."""
     timeout_s: float = 1800.0
