@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpc.autodiff.grpo import LOSS_TYPES, SCALE_REWARDS
-from pcpc.config import from_dict
+from pcpc.config import check_at_least, check_choice, from_dict
 
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 BACKENDS = ("auto", "gloo")
@@ -76,19 +76,19 @@ class GRPOSection:
     """Clip each update's global gradient norm to this (0: off)."""
 
     def __post_init__(self):
-        _at_least(self, 1, "num_iterations", "num_prompts", "updates_per_iteration")
+        check_at_least(self, 1, "num_iterations", "num_prompts", "updates_per_iteration")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare completions within a group), "
                              f"got {self.group_size}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        _at_least(self, 0.0, "beta", "weight_decay", "max_grad_norm")
+        check_at_least(self, 0.0, "beta", "weight_decay", "max_grad_norm")
         if not 0.0 < self.epsilon < 1.0:
             raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ValueError(f"epsilon_high must be > 0 or null, got {self.epsilon_high}")
-        _choice(self, "loss_type", LOSS_TYPES)
-        _choice(self, "scale_rewards", SCALE_REWARDS)
+        check_choice(self, "loss_type", LOSS_TYPES)
+        check_choice(self, "scale_rewards", SCALE_REWARDS)
         if not self.prompt_file:
             raise ValueError("prompt_file must not be empty")
         if not self.reward_funcs:
@@ -119,7 +119,7 @@ class RolloutSection:
     """Sequences per compiled generation call on a worker; a multiple of grpo_config.group_size."""
 
     def __post_init__(self):
-        _at_least(self, 1, "max_tokens", "batch_size")
+        check_at_least(self, 1, "max_tokens", "batch_size")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 (GRPO needs sampled completions), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -203,15 +203,15 @@ class GRPOExperiment:
         if r.batch_size % g.group_size:
             raise ValueError(f"rollout_config.batch_size ({r.batch_size}) must be a multiple of "
                              f"grpo_config.group_size ({g.group_size}): a rollout batch holds whole groups")
-        _at_least(self, 1, "num_workers")
-        _at_least(self, 0, "seed", "checkpoint_interval")
+        check_at_least(self, 1, "num_workers")
+        check_at_least(self, 0, "seed", "checkpoint_interval")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
-        _choice(self, "target", TARGETS)
-        _choice(self, "backend", BACKENDS)
-        _choice(self, "init_weights", INIT_WEIGHTS)
+        check_choice(self, "target", TARGETS)
+        check_choice(self, "backend", BACKENDS)
+        check_choice(self, "init_weights", INIT_WEIGHTS)
 
     @property
     def outer_step_active(self) -> bool:
@@ -229,17 +229,6 @@ class GRPOExperiment:
             if out[name] is not None:
                 out[name] = "<redacted>"
         return out
-
-
-def _at_least(obj, low, *names):
-    for name in names:
-        if getattr(obj, name) < low:
-            raise ValueError(f"{name} must be >= {low}, got {getattr(obj, name)}")
-
-
-def _choice(obj, name, choices):
-    if getattr(obj, name) not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(obj, name)!r}")
 
 
 def parse_grpo(raw: dict, where: str = "config") -> GRPOExperiment:
