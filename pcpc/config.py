@@ -146,3 +146,12 @@ def check_choice(obj, name: str, choices) -> None:
     """Field `name` of obj must be one of `choices`."""
     if getattr(obj, name) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(obj, name)!r}")
+
+
+def redacted_dict(obj, secrets: tuple[str, ...] = ("wandb_api_key",)) -> dict:
+    """dataclasses.asdict(obj) with the named secret fields replaced (what may be printed or saved)."""
+    out = dataclasses.asdict(obj)
+    for name in secrets:
+        if out.get(name) is not None:
+            out[name] = "<redacted>"
+    return out

@@ -13,11 +13,10 @@ learning rate and `outer_learning_rate` (default 0.7) the outer Nesterov rate.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pcpc.config import check_at_least, check_choice, check_positive, from_dict, load_json
+from pcpc.config import check_at_least, check_choice, check_positive, from_dict, load_json, redacted_dict
 
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 TOKENIZERS = ("auto", "char", "byte")
@@ -155,11 +154,7 @@ class DiLoCoExperiment:
 
     def public_dict(self) -> dict:
         """All fields, secrets redacted: what is printed, saved in the run directory and sent to W&B."""
-        out = dataclasses.asdict(self)
-        for name in SECRET_FIELDS:
-            if out[name] is not None:
-                out[name] = "<redacted>"
-        return out
+        return redacted_dict(self, SECRET_FIELDS)
 
 
 def parse_experiment(raw: dict, where: str = "config") -> DiLoCoExperiment:

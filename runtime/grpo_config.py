@@ -19,12 +19,11 @@ plain GRPO (the outer step is then skipped).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpc.autodiff.grpo import LOSS_TYPES, SCALE_REWARDS
-from pcpc.config import check_at_least, check_choice, from_dict
+from pcpc.config import check_at_least, check_choice, from_dict, redacted_dict
 
 TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 BACKENDS = ("auto", "gloo")
@@ -224,11 +223,7 @@ class GRPOExperiment:
 
     def public_dict(self) -> dict:
         """All fields, secrets redacted: what is printed, saved in the run directory and sent to W&B."""
-        out = dataclasses.asdict(self)
-        for name in SECRET_FIELDS:
-            if out[name] is not None:
-                out[name] = "<redacted>"
-        return out
+        return redacted_dict(self, SECRET_FIELDS)
 
 
 def parse_grpo(raw: dict, where: str = "config") -> GRPOExperiment:
