@@ -89,6 +89,16 @@ def _open_wandb(exp, run_dir: Path, say):
         return None
 
 
+def finish_run(run_dir: Path, summary: dict | None, wandb_run) -> None:
+    """Write summary.json (and the W&B summary), then close the W&B run if there is one."""
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if wandb_run is not None:
+            wandb_run.summary.update(summary)
+    if wandb_run is not None:
+        wandb_run.finish()
+
+
 def _wandb_logged_in(wandb) -> bool:
     try:
         if getattr(getattr(wandb, "api", None), "api_key", None):
@@ -172,9 +182,4 @@ class RunLog:
         self._csv_file.close()
         if self.records:
             plot_losses(self.records, self.run_dir / "loss.png", f"DiLoCo {Path(self.exp.model_path).stem}")
-        if summary is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            if self.wandb is not None:
-                self.wandb.summary.update(summary)
-        if self.wandb is not None:
-            self.wandb.finish()
+        finish_run(self.run_dir, summary, self.wandb)

@@ -106,9 +106,6 @@ class RLRunLog:
         self._csv_file.close()
         if self.records:
             plot(self.records, self.panels, self.run_dir / "metrics.png", self.title)
-        if summary is not None:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            if self.wandb is not None:
-                self.wandb.summary.update(summary)
-        if self.wandb is not None:
-            self.wandb.finish()
+        from pcpc.runtime.metrics import finish_run
+
+        finish_run(self.run_dir, summary, self.wandb)
