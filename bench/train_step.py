@@ -12,13 +12,20 @@ same model (pcpc.exporters.nanogpt.forward), batch, data and thread count:
                    step torch.compile'd (the recipe of the torch docs)
 
 Timing: each system is warmed up, then R rounds of N steps; the rounds of the
-systems are interleaved (so background load hits all alike) and the median
-round gives the step time. IREE runs on `--threads` task workers and torch
-with torch.set_num_threads(--threads). Also reported: export and compile
-seconds of a fresh build and the time of a no-op rebuild.
+systems are interleaved (so background load hits all alike), each after a
+50 ms pause, and the median round gives the step time (the best round and the
+process CPU time per step are printed too: on a shared machine they show what
+load did). IREE runs on `--threads` task workers and torch with
+torch.set_num_threads(--threads). Also reported: export and compile seconds of
+a fresh build, the time of a no-op rebuild, torch.compile's warm-up, and the
+first step's loss of each system (same init and batch: they must agree).
+`--compute-dtype bfloat16` runs all three with nanoGPT's bf16 matmuls;
+`--accuracy STEPS` compares bf16 with fp32 compute instead of timing.
 
-    .venv/bin/python bench/train_step.py                  # both presets
-    .venv/bin/python bench/train_step.py --models small --rounds 9
+    .venv/bin/python bench/train_step.py                  # both presets, 2 threads
+    .venv/bin/python bench/train_step.py --threads 1 --models small --rounds 9
+    .venv/bin/python bench/train_step.py --compute-dtype bfloat16
+    .venv/bin/python bench/train_step.py --accuracy 300   # bf16 vs fp32 on tiny Shakespeare
 """
 
 from __future__ import annotations
@@ -39,10 +46,14 @@ import numpy as np
 
 MODELS = {"small": ("nanogpt-small", 64), "medium": ("nanogpt-medium", 32)}
 LR = 1e-3
+PAUSE_S = 0.05
+"""Idle time before each timed round."""
 
 
 @dataclass
 class Result:
+    """One model's measurements; times in seconds, keyed by system name."""
+
     model: str
     batch: int
     tokens_per_step: int
@@ -62,8 +73,8 @@ def make_batch(cfg, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
 
 
-def pcpc_step(target, out_dir: Path, cfg, x, y, threads: int, result: Result) -> Callable[[], float]:
-    """Build (timed), then return a function running one compiled train_step."""
+def pcpc_step(target, out_dir: Path, cfg, x, y, threads: int, result: Result) -> tuple[Callable, Callable]:
+    """Build (timed, then a timed no-op rebuild); return (run one compiled train_step, sync -> loss)."""
     from pcpc.exporters.nanogpt import init_params
     from pcpc.mlir.build import build
     from pcpc.runtime.module import CompiledModule, to_host
@@ -104,6 +115,7 @@ def pcpc_step(target, out_dir: Path, cfg, x, y, threads: int, result: Result) ->
 
 
 def torch_step(cfg, x, y, compiled: bool) -> tuple[Callable, Callable, float]:
+    """(run one eager or torch.compile'd step, sync -> loss, the first step's loss)."""
     import torch
     import torch.nn.functional as F
 
@@ -154,6 +166,10 @@ def time_systems(systems: dict, steps: int, rounds: int, warmup: int):
     cpu = {name: [] for name in systems}
     for _ in range(rounds):
         for name, (run, sync) in systems.items():
+            # torch's OpenMP workers keep spinning a few ms after their last op; let them go idle
+            # so that time is not charged to the next system's round (the first pcpc step after an
+            # eager round measured 12.4 vs 9.2 ms).
+            time.sleep(PAUSE_S)
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(steps):
                 run()
@@ -167,14 +183,17 @@ def bench_model(key: str, args, out_dir: Path) -> Result:
     import torch
 
     from pcpc.exporters.nanogpt import make_config
-    from pcpc.mlir.targets import nanogpt_target
+    from pcpc.mlir.targets import get_target, nanogpt_target
 
-    preset, batch = MODELS[key]
-    batch = args.batch or batch
+    preset, default_batch = MODELS[key]
+    batch = args.batch or default_batch
     overrides = {"compute_dtype": args.compute_dtype}
     cfg = make_config(preset, **overrides)
-    target = nanogpt_target(f"bench-{preset}-b{batch}-{args.compute_dtype}", preset, batch_size=batch,
-                            model_overrides=overrides, functions=["train_step"])
+    if batch == default_batch and args.compute_dtype == "float32":
+        target = get_target(preset)  # what `make nanogpt-small.vmfb` builds: all six functions, timed as such
+    else:
+        target = nanogpt_target(f"bench-{preset}-b{batch}-{args.compute_dtype}", preset, batch_size=batch,
+                                model_overrides=overrides, functions=["train_step"])
     x, y = make_batch(cfg, batch)
     res = Result(preset, batch, batch * cfg.block_size)
 
