@@ -53,10 +53,15 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     return rows.sum(-1).double().sum()
 
 
+def clip_coef(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The factor torch.nn.utils.clip_grad_norm_ scales grads by: min(1, max_norm / (global L2 norm + 1e-6))."""
+    total = torch.sqrt(sum(_sum_of_squares(g) for g in grads)).float()
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+
+
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
     """Scale grads so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_)."""
-    total = torch.sqrt(sum(_sum_of_squares(g) for g in grads)).float()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coef = clip_coef(grads, max_norm)
     return [g * coef for g in grads]
 
 
@@ -69,12 +74,18 @@ def adamw(
     lr: torch.Tensor,
     cfg: AdamWConfig,
     decay: list[bool],
+    coef: torch.Tensor | None = None,
 ):
     """One AdamW update. `step` is the 1-based count of this update (t in the Adam paper).
 
     Returns (new_params, new_m, new_v); matches torch.optim.AdamW (foreach=False).
+    Gradients are clipped to cfg.grad_clip by their global norm, or, when `coef`
+    is given, scaled by it: the clip factor of a global norm computed over more
+    parameters than this call updates (`clip_coef`; see `update_groups`).
     """
-    if cfg.grad_clip > 0:
+    if coef is not None:
+        grads = [g * coef for g in grads]
+    elif cfg.grad_clip > 0:
         grads = clip_by_global_norm(grads, cfg.grad_clip)
     bc1 = 1.0 - torch.pow(cfg.beta1, step)
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step))
@@ -107,3 +118,39 @@ def nesterov_outer(
     new_b = [mu * b + d for b, d in zip(momentum, delta)]
     new_p = [p - lr * (d + mu * b) for p, d, b in zip(params, delta, new_b)]
     return new_p, new_b
+
+
+def update_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[tuple[int, list[int]]]:
+    """Split the parameters into chunks the optimizer updates one call at a time.
+
+    A chunk is a run of consecutive parameters under the same numbered prefix
+    (`model.layers.7.`: one transformer block), or a single parameter outside
+    any. Returns [(kind, indices)] in parameter order, where chunks of one kind
+    have the same names (up to the number) and shapes — or, single tensors,
+    the same shape (a tied-off lm_head shares the embedding's) — so one
+    compiled function serves every block. Updating chunk by chunk keeps the optimizer's
+    transients at one block's size instead of the whole model's.
+    """
+    import re
+
+    chunks: list[tuple[str, list[int]]] = []
+    for i, name in enumerate(names):
+        m = re.match(r"(.*?\.\d+\.)", name)
+        key = m.group(1) if m else name
+        if chunks and m and chunks[-1][0] == key:
+            chunks[-1][1].append(i)
+        else:
+            chunks.append((key, [i]))
+    kinds: dict[tuple, int] = {}
+    out = []
+    for key, idx in chunks:
+        sig = tuple((names[i][len(key):] if key != names[i] else "", tuple(shapes[i])) for i in idx)
+        out.append((kinds.setdefault(sig, len(kinds)), idx))
+    return out
+
+
+def generic_name(name: str) -> str:
+    """`model.layers.7.mlp.up_proj.weight` -> `model.layers.*.mlp.up_proj.weight` (names of a chunk kind's arguments)."""
+    import re
+
+    return re.sub(r"\.\d+\.", ".*.", name, count=1)

@@ -11,7 +11,8 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             pcpc: prefill_bs{G} + decode_bs{G} (runtime/rollout.generate_completions)
             eager: HF Qwen2ForCausalLM.generate(do_sample=True, ...)
   learner   one GRPO update on those G rows (prompt + completion, beta 0.04, loss grpo): seconds
-            pcpc: token_logprobs(reference) + grpo_train_step (loss, torch.func gradients, AdamW in one call)
+            pcpc: token_logprobs(reference) + grpo_value_and_grad (loss, torch.func gradients) + AdamW chunk
+                  by chunk (runtime/rl_update.py), as the learner runs it
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
 
 Prints both, the ratios (eager time / pcpc time) and peak RSS. Build time of
@@ -69,6 +70,7 @@ def run_pcpc(a) -> dict:
     from pcpc.runtime.generate import QwenModel, import_host_array
     from pcpc.runtime.grpo import pack_rows
     from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rl_update import ChunkedOptimizer
     from pcpc.runtime.rollout import SamplingPlan, generate_completions
 
     preset = PRESETS[a.shape]
@@ -101,9 +103,9 @@ def run_pcpc(a) -> dict:
     del model, gen
 
     mod = CompiledModule(train_b.vmfb, threads=threads)
-    n = len(host)
+    opt = ChunkedOptimizer(mod)
     ref = [import_host_array(mod, h) for h in host]  # the learner's frozen reference, shared with P at first
-    P = ref
+    P = list(ref)
     M = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     V = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     del host
@@ -114,13 +116,13 @@ def run_pcpc(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        nonlocal P, M, V
         ref_logp = mod("token_logprobs", *ref, ids, np.float32(TEMPERATURE))[0]
-        out = mod("grpo_train_step", *P, *M, *V, np.float32(k), np.float32(1e-6), ids, mask, adv, zeros, ref_logp,
-                  sel, np.float32(BETA), np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE),
-                  np.float32(a.max_tokens), np.float32(0))
+        out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
+                  np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0))
         loss = float(to_host(out[0]))
-        P, M, V = out[5:5 + n], out[5 + n:5 + 2 * n], out[5 + 2 * n:]
+        grads = list(out[5:])
+        del out
+        opt.step(P, M, V, grads, k, 1e-6)
         return loss
 
     step(1)  # warm-up

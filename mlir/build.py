@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pcpc.errors import UserError
 from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash
-from pcpc.mlir.signature import SCHEMA_VERSION, FunctionSignature, ModuleMeta, Provenance, TensorSpec, parse_meta
+from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
 
 ARTIFACTS = Path("artifacts")
 
@@ -109,13 +108,15 @@ def compile_key(mlir_sha: str, compile_target: str, flags: tuple[str, ...], vers
     return sha256_bytes(json.dumps(blob, sort_keys=True).encode())
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename into place."""
+@contextmanager
+def atomic_file(path: Path):
+    """A binary file to write `path` through: a temp file in the same directory, fsynced and renamed into
+    place when the block ends, removed if it raises (the old `path`, if any, is untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -123,6 +124,12 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename into place."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 @contextmanager

@@ -15,12 +15,18 @@ optimizer state, then scalars, then data. Rows are laid out
     token_logprobs      (*P, ids (B,T) i64, temperature) -> logp (B,L)
     sequence_logps      (*P, ids, mask (B,L) f32) -> (B,) sum of masked token log-probs
     grpo_value_and_grad (*P, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *grads
-    grpo_train_step     (*P, *m, *v, step, lr, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *P', *m', *v'
     dpo_value_and_grad  (*P, <dpo data>) -> loss, chosen_rewards (B/2,), rejected_rewards (B/2,), *grads
-    dpo_train_step      (*P, *m, *v, step, lr, <dpo data>) -> loss, chosen_rewards, rejected_rewards, *P', *m', *v'
-    outer_step          (*P, *momentum, *local, lr, mu) -> *P', *momentum'
-                        Nesterov on the pseudo-gradient delta = P - local (the learner's update of the
-                        iteration): b <- mu b + delta; P <- P - lr (delta + mu b)
+    grad_clip_coef      (*grads) -> coef: min(1, max_grad_norm / (global norm + 1e-6)); 1 without clipping
+    adamw_K             (*p, *g, *m, *v, step, lr, coef) -> *p', *m', *v'  AdamW on one chunk of kind K
+    outer_K             (*p, *b, *local, lr, mu) -> *p', *b'  Nesterov on one chunk of kind K, on the
+                        pseudo-gradient delta = p - local (the learner's update of the iteration):
+                        b <- mu b + delta; p <- p - lr (delta + mu b)
+
+The optimizer works chunk by chunk (autodiff/optim.update_groups: one
+transformer block, or one other parameter, per call; chunks of a kind K share
+a function), so at 0.5B its transients are one block (~60 MB), not a second
+and third copy of the weights and moments; runtime/rl_update.py drives it.
+The recipe's "adamw" and "outer" name all the adamw_K / outer_K functions.
 
 <grpo data> = ids (B,T) i64, mask (B,L) f32 (1 on completion targets),
     advantages (B,), old_logp (B,L), ref_logp (B,L), loss_type (3,) f32
@@ -43,15 +49,15 @@ import torch
 from pcpc.autodiff import derive
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, sequence_logps
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_logprobs
-from pcpc.autodiff.optim import AdamWConfig, nesterov_outer
+from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import qwen2
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.qwen_functions import model_config, param_specs
 from pcpc.mlir.signature import TensorSpec
 
-FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "grpo_train_step",
-             "dpo_value_and_grad", "dpo_train_step", "outer_step")
+FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
+             "adamw", "outer")
 KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "optimizer", "functions")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
@@ -112,11 +118,6 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     P = param_specs(cfg)
     names = [p.name for p in P]
     n = len(names)
-    decay = [len(p.shape) >= 2 for p in P]
-    M = [TensorSpec("m." + p.name, "optimizer_state", p.shape, "float32") for p in P]
-    V = [TensorSpec("v." + p.name, "optimizer_state", p.shape, "float32") for p in P]
-    mom = [TensorSpec("momentum." + p.name, "optimizer_state", p.shape, "float32") for p in P]
-    local = [TensorSpec("local." + p.name, "data", p.shape, "float32") for p in P]
 
     def scalar(name):
         return TensorSpec(name, "scalar", (), "float32")
@@ -134,44 +135,67 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     dpo_data = [ids, mask, f32("ref_logps", (B,)), f32("loss_type", (len(DPO_LOSS_TYPES),)), scalar("beta")]
     dpo_stats = [("loss", "loss"), ("chosen_rewards", "output"), ("rejected_rewards", "output")]
     grads = [("grad." + nm, "grad") for nm in names]
-    new_state = [(s.name, s.role) for s in P + M + V]
-    step_lr = [scalar("step"), scalar("lr")]
-
-    grpo_fn = make_grpo_loss(cfg)
-    dpo_fn = make_dpo_loss(cfg)
+    grad_specs = [TensorSpec("grad." + p.name, "data", p.shape, "float32") for p in P]
 
     def logprobs(*flat):
         return token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), flat[n], None, cfg), flat[n], flat[n + 1])
-
-    def outer(*flat):
-        params, momentum, after = list(flat[:n]), list(flat[n : 2 * n]), flat[2 * n : 3 * n]
-        delta = [p - q for p, q in zip(params, after)]
-        new_p, new_b = nesterov_outer(params, momentum, delta, flat[3 * n], flat[3 * n + 1])
-        return (*new_p, *new_b)
 
     def seq_logps(*flat):
         x, m = flat[n], flat[n + 1]
         return sequence_logps(token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), x, None, cfg), x, 1.0), m)
 
+    def coef(*flat):
+        return clip_coef(list(flat), opt.grad_clip) if opt.grad_clip > 0 else torch.ones((), dtype=torch.float32)
+
+    def chunk_functions(kind: int, idx: list[int]) -> list[ExportFunction]:
+        """adamw_K and outer_K over the parameters idx (the first chunk of kind K)."""
+        k = len(idx)
+        specs = [TensorSpec(generic_name(P[i].name), "param", P[i].shape, "float32") for i in idx]
+
+        def state(prefix, role):
+            return [TensorSpec(prefix + s.name, role, s.shape, "float32") for s in specs]
+
+        decay = [len(s.shape) >= 2 for s in specs]
+
+        def adamw_chunk(*flat):
+            p, g, m, v = (list(flat[j * k:(j + 1) * k]) for j in range(4))
+            step, lr, c = flat[4 * k:]
+            new_p, new_m, new_v = adamw(p, g, m, v, step, lr, opt, decay, coef=c)
+            return (*new_p, *new_m, *new_v)
+
+        def outer_chunk(*flat):
+            p, b, local = (list(flat[j * k:(j + 1) * k]) for j in range(3))
+            new_p, new_b = nesterov_outer(p, b, [x - y for x, y in zip(p, local)], flat[3 * k], flat[3 * k + 1])
+            return (*new_p, *new_b)
+
+        m, v, g = state("m.", "optimizer_state"), state("v.", "optimizer_state"), state("grad.", "data")
+        mom, local = state("momentum.", "optimizer_state"), state("local.", "data")
+        return [
+            ExportFunction(f"adamw_{kind}", adamw_chunk, specs + g + m + v + [scalar("step"), scalar("lr"),
+                                                                                scalar("coef")],
+                           [(s.name, s.role) for s in specs + m + v]),
+            ExportFunction(f"outer_{kind}", outer_chunk, specs + mom + local + [scalar("lr"), scalar("mu")],
+                           [(s.name, s.role) for s in specs + mom]),
+        ]
+
+    firsts = {}
+    for kind, idx in update_groups(names, [p.shape for p in P]):
+        firsts.setdefault(kind, idx)
+    chunked = [f for kind, idx in firsts.items() for f in chunk_functions(kind, idx)]
+
     fns = {
-        "token_logprobs": lambda: ExportFunction(
-            "token_logprobs", logprobs, P + [ids, scalar("temperature")], [("logp", "output")]),
-        "sequence_logps": lambda: ExportFunction(
-            "sequence_logps", seq_logps, P + [ids, mask], [("logps", "output")]),
-        "grpo_value_and_grad": lambda: ExportFunction(
-            "grpo_value_and_grad", derive.value_and_grad_fn(grpo_fn, names, has_aux=True), P + grpo_data,
-            grpo_stats + grads),
-        "grpo_train_step": lambda: ExportFunction(
-            "grpo_train_step", derive.train_step_fn(grpo_fn, names, decay, opt, has_aux=True),
-            P + M + V + step_lr + grpo_data, grpo_stats + new_state),
-        "dpo_value_and_grad": lambda: ExportFunction(
-            "dpo_value_and_grad", derive.value_and_grad_fn(dpo_fn, names, has_aux=True), P + dpo_data,
-            dpo_stats + grads),
-        "dpo_train_step": lambda: ExportFunction(
-            "dpo_train_step", derive.train_step_fn(dpo_fn, names, decay, opt, has_aux=True),
-            P + M + V + step_lr + dpo_data, dpo_stats + new_state),
-        "outer_step": lambda: ExportFunction(
-            "outer_step", outer, P + mom + local + [scalar("lr"), scalar("mu")],
-            [(s.name, s.role) for s in P + mom]),
+        "token_logprobs": lambda: [ExportFunction(
+            "token_logprobs", logprobs, P + [ids, scalar("temperature")], [("logp", "output")])],
+        "sequence_logps": lambda: [ExportFunction(
+            "sequence_logps", seq_logps, P + [ids, mask], [("logps", "output")])],
+        "grpo_value_and_grad": lambda: [ExportFunction(
+            "grpo_value_and_grad", derive.value_and_grad_fn(make_grpo_loss(cfg), names, has_aux=True),
+            P + grpo_data, grpo_stats + grads)],
+        "dpo_value_and_grad": lambda: [ExportFunction(
+            "dpo_value_and_grad", derive.value_and_grad_fn(make_dpo_loss(cfg), names, has_aux=True),
+            P + dpo_data, dpo_stats + grads)],
+        "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
+        "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_")],
+        "outer": lambda: [f for f in chunked if f.name.startswith("outer_")],
     }
-    return [fns[f]() for f in config.get("functions", FUNCTIONS)], P
+    return [f for name in config.get("functions", FUNCTIONS) for f in fns[name]()], P

@@ -10,7 +10,7 @@ malformed entry are errors naming the file and the field.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pcpc.config import from_dict

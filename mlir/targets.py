@@ -81,8 +81,8 @@ RL_SOURCES = QWEN_SOURCES + (
     "pcpc.autodiff.optim",
     "pcpc.mlir.rl_functions",
 )
-GRPO_FUNCTIONS = ["token_logprobs", "grpo_train_step", "outer_step"]
-DPO_FUNCTIONS = ["sequence_logps", "dpo_train_step"]
+GRPO_FUNCTIONS = ["token_logprobs", "grpo_value_and_grad", "grad_clip_coef", "adamw", "outer"]
+DPO_FUNCTIONS = ["sequence_logps", "dpo_value_and_grad", "grad_clip_coef", "adamw"]
 
 
 def rl_target(name: str, model: str | None = None, hf_config: dict | None = None, **recipe) -> Target:

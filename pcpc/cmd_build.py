@@ -52,7 +52,7 @@ def inspect(vmfb):
     meta = mod.meta
     prov = meta.provenance
     click.echo(f"{vmfb}: target {prov.target_name}, compiled for {prov.compile_target}")
-    click.echo(f"  versions: " + ", ".join(f"{k} {v}" for k, v in prov.versions.items()))
+    click.echo("  versions: " + ", ".join(f"{k} {v}" for k, v in prov.versions.items()))
     click.echo(f"  flags: {' '.join(prov.compile_flags)}")
     click.echo(f"  parameters: {len(meta.parameters)} tensors, {meta.parameter_bytes:,} bytes")
     for name, sig in meta.functions.items():

@@ -4,8 +4,9 @@
                "rejected_ids"} (token ids); completions get EOS appended
     reference  sequence_logps of the initial weights for every pair, computed once before training
                (per-token means for ipo)
-    step k     the k-th batch of a seeded per-epoch shuffle; dpo_train_step(...) = loss (sigmoid / ipo /
-               hinge), implicit rewards, gradients derived by torch.func and AdamW in one compiled call
+    step k     the k-th batch of a seeded per-epoch shuffle; dpo_value_and_grad(...) = loss (sigmoid / ipo /
+               hinge), implicit rewards and gradients derived by torch.func; then compiled AdamW chunk by
+               chunk (runtime/rl_update.py)
     metrics    loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies per step, and
                the same over the whole data set with the final weights (summary.json)
 
@@ -90,7 +91,7 @@ class DPOExperiment:
     """One DPO run of a Qwen2-family model."""
 
     training_model_path: str
-    """Training module artifact (.vmfb): sequence_logps and dpo_train_step, built there when missing or stale."""
+    """Training module artifact (.vmfb): sequence_logps, dpo_value_and_grad and the chunked AdamW, built there when missing or stale."""
     weights_path: str
     """Flat fp32 weight file of the initial policy (and reference); exported from HF weights when missing."""
     dpo_config: DPOSection
@@ -230,6 +231,7 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     from pcpc.runtime import rl_setup
     from pcpc.runtime.module import CompiledModule, to_host
     from pcpc.runtime.rl_log import RLRunLog, truncate_records
+    from pcpc.runtime.rl_update import ChunkedOptimizer
 
     exp = parse_dpo(raw, where=str(config_path))
     d = exp.dpo_config
@@ -249,6 +251,7 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
                        functions=DPO_FUNCTIONS, optimizer=opt)
     built = rl_setup.build_artifact("training_model_path", exp.training_model_path, target, exp.target, say)
     mod = CompiledModule(built.vmfb, threads=exp.threads)
+    opt = ChunkedOptimizer(mod)
     meta = mod.meta
     weights = rl_setup.ensure_weights(exp.weights_path, src, meta, exp.init_weights, exp.seed, say)
     trajectory = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(exp).items()
@@ -260,7 +263,7 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     (run_dir / "config.json").write_text(json.dumps({"experiment": exp.public_dict(), "config_path": str(config_path),
                                                      "training_vmfb": str(built.vmfb), "seq_len": T,
                                                      "pairs": len(pairs.prompts)}, indent=1) + "\n")
-    n, n_pairs, P2 = len(meta.parameters), len(pairs.prompts), 2 * d.batch_size
+    n_pairs = len(pairs.prompts)
     steps = d.num_epochs * math.ceil(n_pairs / d.batch_size)
     steps = min(steps, d.max_steps) if d.max_steps else steps
     pad = tok.eos_token_ids[0]
@@ -310,10 +313,11 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
             ids, mask = batch_rows(pairs, idx, T, pad)
             refs = np.concatenate([ref_c[idx], ref_r[idx]]).astype(np.float32)
             t0 = time.perf_counter()
-            out = mod("dpo_train_step", *P, *M, *V, np.float32(k + 1), np.float32(d.learning_rate), ids, mask, refs,
-                      sel, np.float32(d.beta))
+            out = mod("dpo_value_and_grad", *P, ids, mask, refs, sel, np.float32(d.beta))
             loss, c_rew, r_rew = (to_host(x) for x in out[:3])
-            P, M, V = out[3:3 + n], out[3 + n:3 + 2 * n], out[3 + 2 * n:]
+            grads = list(out[3:])
+            del out
+            opt.step(P, M, V, grads, k + 1, d.learning_rate)
             step_s = time.perf_counter() - t0
             done = k + 1
             log.step({"step": k + 1, "epoch": round((k + 1) * d.batch_size / n_pairs, 4), "loss": float(loss),

@@ -8,9 +8,9 @@ Iteration i (rank 0 = learner, ranks 1..W = rollout workers, runtime/rollout.py)
     rewards   reward functions on (prompts, completions, completion ids), weighted sum
     adv       (r - group mean) / (std + 1e-4)                    autodiff/grpo.py: compute_advantages
     ref, old  token_logprobs of the frozen reference (beta > 0) and of the policy (updates_per_iteration > 1)
-    update    updates_per_iteration x grpo_train_step(...)       loss + gradients (derived by torch.func) +
-                                                                 AdamW in one compiled call
-    outer     outer_step(θ_global, b, θ_after, lr, μ)            Nesterov on θ_global − θ_after, unless
+    update    updates_per_iteration x grpo_value_and_grad(...)   loss + gradients (derived by torch.func),
+              then AdamW chunk by chunk                          runtime/rl_update.py (adamw_K calls)
+    outer     outer_K(θ_global, b, θ_after, lr, μ) per chunk     Nesterov on θ_global − θ_after, unless
                                                                  learning_rate 1 and nesterov_momentum 0
 
 Policy, optimizer state and reference stay device arrays on the learner;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import time
@@ -203,13 +202,14 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     from pcpc.runtime.module import CompiledModule, to_host
     from pcpc.runtime.rewards import RewardSet
     from pcpc.runtime.rl_log import RLRunLog, truncate_records
+    from pcpc.runtime.rl_update import ChunkedOptimizer
     from pcpc.runtime.rollout import RolloutClient, make_tasks
 
     exp, g, r = plan.exp, plan.exp.grpo_config, plan.exp.rollout_config
     run_dir = Path(plan.run_dir)
     mod = CompiledModule(plan.training_vmfb, threads=threads)
+    opt = ChunkedOptimizer(mod)
     meta = mod.meta
-    n = len(meta.parameters)
     tok = rl_setup.load_tokenizer(exp.tokenizer, exp.model, plan.eos_token_ids)
     prompts = rl_setup.ensure_prompts(g.prompt_file, tok, meta.parameters[0].shape[0], lambda m: None)
     rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(plan.config_path).parent)
@@ -228,7 +228,7 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
     # fresh start, the first policy share them.
     imported = mod.driver == "local-task"
     ref = [import_host_array(mod, a) for a in initial] if imported else mod.upload_all(initial)
-    P = ref if arrays["params"] is initial else mod.upload_all(arrays["params"])
+    P = list(ref) if arrays["params"] is initial else mod.upload_all(arrays["params"])  # a new list: updated in place
     M, V = mod.upload_all(arrays["m"]), mod.upload_all(arrays["v"])
     Bm = mod.upload_all(arrays["momentum"] or zeros) if exp.outer_step_active else None
     if g.beta == 0:
@@ -288,19 +288,22 @@ def _learn(world: int, plan: Plan, threads: int) -> dict:
             ref_logp = mod("token_logprobs", *ref, ids_d, np.float32(r.temperature))[0] if ref else zeros_bl
             old_logp = (mod("token_logprobs", *P, ids_d, np.float32(r.temperature))[0]
                         if g.updates_per_iteration > 1 else zeros_bl)
-            before = P if exp.outer_step_active else None  # kept only when the outer step needs it
+            # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
+            # kept); several: the iteration's starting weights are kept for it.
+            fused = exp.outer_step_active and g.updates_per_iteration == 1
+            before = list(P) if exp.outer_step_active and not fused else None
             stats = []
             for _ in range(g.updates_per_iteration):
                 adam_step += 1
-                out = mod("grpo_train_step", *P, *M, *V, np.float32(adam_step), np.float32(g.learning_rate), ids_d,
-                          mask_d, adv_d, old_logp, ref_logp, sel, *scalars)
+                out = mod("grpo_value_and_grad", *P, ids_d, mask_d, adv_d, old_logp, ref_logp, sel, *scalars)
                 stats.append([float(to_host(x)) for x in out[:5]])
-                P, M, V = out[5:5 + n], out[5 + n:5 + 2 * n], out[5 + 2 * n:]
-            if exp.outer_step_active:
-                out = mod("outer_step", *before, *Bm, *P, np.float32(exp.learning_rate),
-                          np.float32(exp.nesterov_momentum))
-                P, Bm = out[:n], out[n:]
-            del before, out
+                grads = list(out[5:])
+                del out
+                opt.step(P, M, V, grads, adam_step, g.learning_rate,
+                         outer=(Bm, exp.learning_rate, exp.nesterov_momentum) if fused else None)
+            if before is not None:
+                opt.outer(before, Bm, P, exp.learning_rate, exp.nesterov_momentum)
+            del before
             learner_s = time.perf_counter() - t1
             sync, done = True, it + 1
             # 4. record
@@ -358,7 +361,7 @@ def _mean(xs):
 
 
 def _announce(log, exp, plan, world, meta, T, start):
-    g, r = exp.grpo_config, exp.rollout_config
+    g = exp.grpo_config
     n_params = meta.parameter_bytes // 4
     log.say(f"GRPO: {exp.model} ({n_params:,} params), 1 learner + {world - 1} rollout worker(s); "
             f"{exp.rollouts_per_iteration} rollouts/iteration ({g.num_prompts} prompts x {g.group_size}), "

@@ -68,6 +68,11 @@ def to_host(array) -> np.ndarray:
     return np.array(host, copy=True)
 
 
+def host_view(array) -> np.ndarray:
+    """A host numpy view of a device array (local-task: mapped memory, no copy), valid while `array` lives."""
+    return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
+
+
 class CompiledModule:
     """A VMFB + meta.json pair, checked against each other, with validated calls."""
 

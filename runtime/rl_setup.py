@@ -286,19 +286,22 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(path: Path, kind: str, step: int, arrays: dict, extra: dict, config: dict) -> None:
-    """Write {arrays (lists of host arrays or device arrays, or None), extra, config} atomically (torch.save)."""
-    import io
+    """Write {arrays (lists of host arrays or device arrays, or None), extra, config} atomically (torch.save).
 
+    Streamed from views of the arrays (no host copy: at 0.5B the policy and both moments are 6 GB)."""
     import torch
 
-    from pcpc.mlir.build import write_atomic
-    from pcpc.runtime.module import to_host
+    from pcpc.mlir.build import atomic_file
+    from pcpc.runtime.module import host_view
 
+    with warnings.catch_warnings():  # torch warns on read-only (mapped) memory; saving only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        tensors = {k: None if v is None else [torch.from_numpy(np.ascontiguousarray(host_view(a))) for a in v]
+                   for k, v in arrays.items()}
     state = {"version": CHECKPOINT_VERSION, "kind": kind, "step": step, "extra": extra, "config": config,
-             "arrays": {k: None if v is None else [torch.from_numpy(to_host(a)) for a in v] for k, v in arrays.items()}}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    write_atomic(Path(path), buf.getvalue())
+             "arrays": tensors}
+    with atomic_file(Path(path)) as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path, kind: str) -> dict:

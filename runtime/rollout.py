@@ -68,11 +68,6 @@ def make_tasks(rows: list[list[int]], batch: int, seed: int, iteration: int) -> 
     return tasks, len(rows)
 
 
-def host_view(array) -> np.ndarray:
-    """A host numpy view of a device array (local-task: mapped memory, no copy), valid while `array` lives."""
-    return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
-
-
 class RolloutClient:
     """The learner's handle on the workers (rank 0 of the process group)."""
 
@@ -84,6 +79,8 @@ class RolloutClient:
         returns ({task index: result}, seconds spent broadcasting weights)."""
         import torch
         import torch.distributed as dist
+
+        from pcpc.runtime.module import host_view
 
         by_rank = {r: [] for r in self.workers}
         for i, t in enumerate(tasks):

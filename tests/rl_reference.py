@@ -30,8 +30,8 @@ def rl_module(tmp_path_factory):
 
     target = rl_target(
         "test-rl-numerics", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
-        functions=["token_logprobs", "sequence_logps", "grpo_value_and_grad", "grpo_train_step",
-                   "dpo_value_and_grad"],
+        functions=["token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad",
+                   "grad_clip_coef", "adamw", "outer"],
     )
     # a fixed folder: a second test module asking for it finds the build up to date
     return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_numerics").vmfb)

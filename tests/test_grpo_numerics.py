@@ -63,9 +63,12 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old)
         assert out[2] == 0  # ratio 1 everywhere: nothing is clipped
 
 
-def test_grpo_train_step_matches_torch_adamw(rl_module, setup):
-    """One update from a mid-run optimizer state (step 10; second moments well above eps, so the update is a
-    well-conditioned function of the gradient) against torch.optim.AdamW + clip_grad_norm_."""
+def test_grpo_update_matches_torch_adamw(rl_module, setup):
+    """Gradients, then the chunked AdamW update (runtime/rl_update.py), from a mid-run optimizer state (step 10;
+    second moments well above eps, so the update is a well-conditioned function of the gradient) against
+    torch.optim.AdamW + clip_grad_norm_."""
+    from pcpc.runtime.rl_update import ChunkedOptimizer
+
     cfg, params, ref_params, ids, mask = setup
     adv = torch.tensor([1.0, -0.5, 0.7, 0.2])
     beta, eps, temperature, lr, step = 0.05, (0.2, 0.2), 1.0, 1e-3, 10
@@ -84,23 +87,66 @@ def test_grpo_train_step_matches_torch_adamw(rl_module, setup):
     logp = token_logps(model, ids, temperature)
     loss = grpo_loss(logp, logp.detach(), ref, adv, mask, beta, eps[0], eps[1], "grpo", L)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([named[n] for n in names], 1.0)
+    norm = torch.nn.utils.clip_grad_norm_([named[n] for n in names], 1.0)
+    assert norm > 1.0  # the clip acts on this input
     opt.step()
+
     sel = np.array([1, 0, 0], np.float32)
-    out = rl_module.call_host(
-        "grpo_train_step", *_np(params), *[m0[n].numpy() for n in names], *[v0[n].numpy() for n in names],
-        np.float32(step), np.float32(lr), ids.numpy(), mask.numpy(), adv.numpy(), np.zeros((B, L), np.float32),
-        ref.numpy(), sel, np.float32(beta), np.float32(eps[0]), np.float32(eps[1]), np.float32(temperature),
-        np.float32(L), np.float32(0))
-    assert rel_err(out[0], loss.detach()) < TOL
-    n = len(names)
+    out = rl_module("grpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), adv.numpy(),
+                    np.zeros((B, L), np.float32), ref.numpy(), sel, np.float32(beta), np.float32(eps[0]),
+                    np.float32(eps[1]), np.float32(temperature), np.float32(L), np.float32(0))
+    assert rel_err(out[0].to_host(), loss.detach()) < TOL
+    P = rl_module.upload_all(_np(params))
+    M = rl_module.upload_all([m0[n].numpy() for n in names])
+    V = rl_module.upload_all([v0[n].numpy() for n in names])
+    grads = list(out[5:])
+    ChunkedOptimizer(rl_module).step(P, M, V, grads, step, lr)
+    assert grads == [None] * len(names)  # consumed as the chunks went
     f32 = float(np.finfo(np.float32).eps)
     for i, name in enumerate(names):
         # The moments carry the clipped gradient: 1e-5. The weights: 1e-4 of one update (the compiled step
         # forms 1 - 0.999^step in fp32, torch in float64: ~6e-6 relative at step 10), plus the fp32 rounding
         # of weights ~1000x larger than one update.
-        assert rel_err(out[5 + n + i], opt.state[named[name]]["exp_avg"]) < TOL, name
-        assert rel_err(out[5 + 2 * n + i], opt.state[named[name]]["exp_avg_sq"]) < TOL, name
+        assert rel_err(M[i].to_host(), opt.state[named[name]]["exp_avg"]) < TOL, name
+        assert rel_err(V[i].to_host(), opt.state[named[name]]["exp_avg_sq"]) < TOL, name
         want = named[name].detach().numpy()
         update = np.abs(want - params[name].numpy()).max()
-        assert np.abs(out[5 + i] - want).max() <= 1e-4 * update + 2 * f32 * np.abs(want).max(), name
+        assert np.abs(P[i].to_host() - want).max() <= 1e-4 * update + 2 * f32 * np.abs(want).max(), name
+
+
+def test_outer_step_per_chunk_matches_sgd_nesterov(rl_module, setup):
+    """The outer Nesterov step, fused behind each chunk's AdamW and on its own, against torch SGD(nesterov)
+    with the pseudo-gradient (weights before - after) as the gradient."""
+    from pcpc.runtime.rl_update import ChunkedOptimizer
+
+    _, params, _, _, _ = setup
+    names = list(params)
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-2 for p in params.values()]
+    b0 = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params.values()]
+    up = rl_module.upload_all
+    chunked = ChunkedOptimizer(rl_module)
+    zeros = [np.zeros(p.shape, np.float32) for p in params.values()]
+    # fused: AdamW then the outer step, chunk by chunk
+    P, M, V, Bm = up(_np(params)), up(zeros), up(zeros), up([b.numpy() for b in b0])
+    chunked.step(P, M, V, up([g.numpy() for g in grads]), 1, 1e-2, outer=(Bm, 0.7, 0.9))
+    # separately: AdamW on all chunks, then the outer step over all of them
+    P2, M2, V2, B2 = up(_np(params)), up(zeros), up(zeros), up([b.numpy() for b in b0])
+    chunked.step(P2, M2, V2, up([g.numpy() for g in grads]), 1, 1e-2)
+    after = [a.to_host().copy() for a in P2]
+    before = up(_np(params))
+    chunked.outer(before, B2, P2, 0.7, 0.9)
+    assert before == [None] * len(names)
+    # torch: SGD with nesterov on delta = before - after
+    ws = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    sgd = torch.optim.SGD(ws, lr=0.7, momentum=0.9, nesterov=True)
+    for w, b in zip(ws, b0):
+        sgd.state[w] = {"momentum_buffer": b.clone()}
+    for w, p, a in zip(ws, params.values(), after):
+        w.grad = p - torch.from_numpy(a)
+    sgd.step()
+    for i, name in enumerate(names):
+        want_b = sgd.state[ws[i]]["momentum_buffer"]
+        for got_p, got_b in ((P[i], Bm[i]), (P2[i], B2[i])):
+            assert rel_err(got_b.to_host(), want_b) < TOL, name
+            assert np.allclose(got_p.to_host(), ws[i].detach().numpy(), rtol=0, atol=1e-6), name

@@ -96,3 +96,25 @@ def test_config_errors_name_the_field(patch, match):
             raw[key] = value
     with pytest.raises(UserError, match=match):
         parse_grpo(raw, "qwen_rl_test.json")
+
+
+def test_update_groups_one_chunk_per_block():
+    from pcpc.autodiff.optim import generic_name, update_groups
+    from pcpc.exporters import qwen2
+
+    for preset, untied in (("qwen2.5-0.5b", False), ("qwen2-tiny", True)):
+        cfg = qwen2.make_config(preset, tie_word_embeddings=not untied)
+        shapes = qwen2.param_shapes(cfg)
+        names = list(shapes)
+        chunks = update_groups(names, list(shapes.values()))
+        # embedding, one chunk per layer, the final norm (and lm_head, each alone)
+        assert len(chunks) == 1 + cfg.num_hidden_layers + 1 + untied
+        assert sorted(i for _, idx in chunks for i in idx) == list(range(len(names)))  # each once, in order
+        layer_kinds = {kind for kind, idx in chunks if len(idx) > 1}
+        assert len(layer_kinds) == 1  # every block shares one compiled function
+        for kind, idx in chunks:
+            first = next(i for k, i in chunks if k == kind)
+            assert [shapes[names[i]] for i in idx] == [shapes[names[i]] for i in first]
+            if len(idx) > 1:  # blocks: the same parameters; single tensors of one shape share too (embed, lm_head)
+                assert [generic_name(names[i]) for i in idx] == [generic_name(names[i]) for i in first]
+    assert generic_name("model.layers.17.mlp.up_proj.weight") == "model.layers.*.mlp.up_proj.weight"
