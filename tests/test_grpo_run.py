@@ -159,3 +159,33 @@ def test_foreign_artifact_is_refused(toy, tmp_path):
     with pytest.raises(UserError, match="model_path: .* was not produced by pcpc"):
         run(cfg)
     assert foreign.read_text() == "module {}\n"
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_outer_step_at_rate_1_is_plain_grpo(toy, learned, updates):
+    """The outer Nesterov step with learning_rate 1 and (almost) no momentum moves the global weights onto the
+    learner's: the same weights as plain GRPO, whether it runs behind each AdamW chunk (one update per
+    iteration) or after several updates."""
+    import numpy as np
+
+    from pcpc.runtime import rl_setup
+
+    root, config = toy
+    grpo_config = {"num_iterations": 2, "updates_per_iteration": updates}
+    plain = config(f"plain{updates}", grpo_config=dict(grpo_config))
+    outer = config(f"outer{updates}", learning_rate=1.0, nesterov_momentum=1e-7, grpo_config=dict(grpo_config))
+    run(plain), run(outer)
+    a = rl_setup.load_checkpoint(rl_setup.checkpoint_path(plain.with_suffix("")), "grpo")["arrays"]
+    b = rl_setup.load_checkpoint(rl_setup.checkpoint_path(outer.with_suffix("")), "grpo")["arrays"]
+    assert a["momentum"] is None and b["momentum"] is not None
+    moved = max(np.abs(p - q).max() for p, q in zip(b["params"], rl_setup.read_weights(
+        root / "models" / "toy_flat.bin", _meta(root))))
+    assert moved > 1e-4  # the run did train
+    for p, q in zip(a["params"], b["params"]):
+        np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+
+
+def _meta(root: Path):
+    from pcpc.mlir.signature import load_meta
+
+    return load_meta(root / "models" / "toy_train.meta.json")
