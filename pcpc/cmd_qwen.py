@@ -56,7 +56,7 @@ def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: in
     from pcpc.errors import UserError
     from pcpc.exporters import qwen2
     from pcpc.exporters.hf_weights import read_hf_config
-    from pcpc.mlir.targets import QWEN_CPU_FLAGS, RESIDENT_CPU_FLAGS, qwen_target
+    from pcpc.mlir.targets import QWEN_CPU_FLAGS, qwen_target, resident_cpu_flags
 
     name = artifact_name(model, dtype, resident)
     if Path(model).is_dir():
@@ -76,7 +76,7 @@ def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: in
         opts["dtype"] = dtype
     if resident:
         opts["resident"] = True
-    flags = RESIDENT_CPU_FLAGS if resident else QWEN_CPU_FLAGS
+    flags = resident_cpu_flags(dtype) if resident else QWEN_CPU_FLAGS
     return qwen_target(name, **source, **opts, llvm_cpu_flags=flags), cfg
 
 
