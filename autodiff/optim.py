@@ -150,7 +150,8 @@ def update_groups(names: list[str], shapes: list[tuple[int, ...]]) -> list[tuple
 
 
 def generic_name(name: str) -> str:
-    """`model.layers.7.mlp.up_proj.weight` -> `model.layers.*.mlp.up_proj.weight` (names of a chunk kind's arguments)."""
+    """`model.layers.7.mlp.up_proj.weight` -> `model.layers.*.mlp.up_proj.weight`: the argument names of the
+    compiled function that updates every chunk of one kind."""
     import re
 
     return re.sub(r"\.\d+\.", ".*.", name, count=1)

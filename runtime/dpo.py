@@ -91,7 +91,8 @@ class DPOExperiment:
     """One DPO run of a Qwen2-family model."""
 
     training_model_path: str
-    """Training module artifact (.vmfb): sequence_logps, dpo_value_and_grad and the chunked AdamW, built there when missing or stale."""
+    """Training module artifact (.vmfb): sequence_logps, dpo_value_and_grad and the chunked AdamW; built
+    there when missing or stale."""
     weights_path: str
     """Flat fp32 weight file of the initial policy (and reference); exported from HF weights when missing."""
     dpo_config: DPOSection
