@@ -271,18 +271,21 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     average = d.loss_type == "ipo"
 
     # The reference: the initial weights' sequence log-probs of every pair, once.
+    def pair_logps(weights) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence log-probs (per-token means for ipo) of every pair's chosen and rejected completion."""
+        chosen, rejected = np.zeros(n_pairs), np.zeros(n_pairs)
+        for start in range(0, n_pairs, d.batch_size):
+            idx = [i % n_pairs for i in range(start, start + d.batch_size)]
+            ids, mask = batch_rows(pairs, idx, T, pad)
+            seq = to_host(mod("sequence_logps", *weights, ids, mask)[0])
+            if average:
+                seq = seq / np.maximum(mask.sum(-1), 1.0)
+            chosen[idx], rejected[idx] = seq[:d.batch_size], seq[d.batch_size:]
+        return chosen, rejected
+
     initial = rl_setup.read_weights(weights, meta)
-    ref_w = mod.upload_all(initial)
-    ref_c, ref_r = np.zeros(n_pairs, np.float32), np.zeros(n_pairs, np.float32)
     t0 = time.perf_counter()
-    for start in range(0, n_pairs, d.batch_size):
-        idx = [i % n_pairs for i in range(start, start + d.batch_size)]
-        ids, mask = batch_rows(pairs, idx, T, pad)
-        seq = to_host(mod("sequence_logps", *ref_w, ids, mask)[0])
-        if average:
-            seq = seq / np.maximum(mask.sum(-1), 1.0)
-        ref_c[idx], ref_r[idx] = seq[:d.batch_size], seq[d.batch_size:]
-    del ref_w
+    ref_c, ref_r = pair_logps(mod.upload_all(initial))
     ref_s = time.perf_counter() - t0
 
     zeros = [np.zeros(p.shape, np.float32) for p in meta.parameters]
@@ -333,14 +336,7 @@ def run_experiment(config_path: str, raw: dict, *, resume: bool = False, out_dir
     finally:
         signal.signal(signal.SIGINT, old)
     # The whole data set with the final weights.
-    pol_c, pol_r = np.zeros(n_pairs), np.zeros(n_pairs)
-    for s in range(0, n_pairs, d.batch_size):
-        idx = [i % n_pairs for i in range(s, s + d.batch_size)]
-        ids, mask = batch_rows(pairs, idx, T, pad)
-        seq = to_host(mod("sequence_logps", *P, ids, mask)[0])
-        if average:
-            seq = seq / np.maximum(mask.sum(-1), 1.0)
-        pol_c[idx], pol_r[idx] = seq[:d.batch_size], seq[d.batch_size:]
+    pol_c, pol_r = pair_logps(P)
     final = _reward_metrics(d.beta * (pol_c - ref_c), d.beta * (pol_r - ref_r))
     recs = log.records
     summary = {"steps": done, "steps_planned": steps, "stopped": stop["requested"], "pairs": n_pairs,
