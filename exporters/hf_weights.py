@@ -66,6 +66,14 @@ def find_in_hub_cache(repo: str) -> Path | None:
     return None
 
 
+def find_preset(model: str) -> tuple[str, Path | None]:
+    """(HF repo, its snapshot in the HF cache or None) of a preset name; an unknown name is a UserError."""
+    repo = HUB_REPOS.get(model)
+    if repo is None:
+        raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
+    return repo, find_in_hub_cache(repo)
+
+
 def find_model_dir(model: str, weights: str | Path | None = None) -> Path:
     """The HF directory holding the weights of `model` (a preset name or a path)."""
     if weights is not None:
@@ -78,10 +86,7 @@ def find_model_dir(model: str, weights: str | Path | None = None) -> Path:
         if not _is_model_dir(path):
             raise UserError(f"--model {path}: expected a HF model directory with config.json and *.safetensors")
         return path
-    repo = HUB_REPOS.get(model)
-    if repo is None:
-        raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
-    found = find_in_hub_cache(repo)
+    repo, found = find_preset(model)
     if found is None:
         raise UserError(
             f"no weights for {model}: download {repo} (config.json, model.safetensors, tokenizer.json, "

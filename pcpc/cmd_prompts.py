@@ -19,15 +19,12 @@ def register(cli: click.Group, data: click.Group) -> None:
 def _tokenizer_dir(model: str) -> Path:
     """A directory with tokenizer.json: the model path, or the preset's HF cache snapshot."""
     from pcpc.errors import UserError
-    from pcpc.exporters.hf_weights import HUB_REPOS, find_in_hub_cache, hub_cache_dirs
+    from pcpc.exporters.hf_weights import find_preset, hub_cache_dirs
 
     path = Path(model)
     if path.is_dir():
         return path
-    repo = HUB_REPOS.get(model)
-    if repo is None:
-        raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
-    found = find_in_hub_cache(repo)
+    repo, found = find_preset(model)
     if found is None:
         raise UserError(f"no tokenizer for {model}: download {repo} into the HF cache ({hub_cache_dirs()[-1]}) "
                         f"or pass --model DIR with tokenizer.json")
