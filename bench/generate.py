@@ -193,6 +193,10 @@ def main():
     for label, r in rows.items():
         print(f"{label:14s} {r['decode_tok_s']:12.2f} {r['prefill_tok_s']:13.1f} {r['peak_rss'] / 1e9:11.2f} "
               f"{r['peak_rss'] / r['weight_bytes']:11.2f}  {r['tokens'][:4]}")
+    ref = rows["pcpc-fp32"]["tokens"]
+    mismatched = [label for label, r in rows.items() if label.startswith("pcpc") and r["tokens"] != ref]
+    print("greedy tokens of every pcpc variant equal the fp32 contract module's: "
+          + ("yes" if not mismatched else f"NO ({', '.join(mismatched)} differ: check the build)"))
     floor = floor_bw * 1e9 / fp32_bytes
     print(f"\nfp32 floor (best bandwidth / {fp32_bytes / 1e9:.2f} GB of weights per token): {floor:.2f} tok/s")
     hf = rows.get("hf-eager")

@@ -21,6 +21,13 @@ LLVM_CPU_FLAGS = (
     "--iree-llvmcpu-target-cpu=host",
 )
 
+DATA_TILING = "--iree-global-opt-data-tiling"
+"""Data tiling (mmt4d operand layouts) through IREE's global-optimization path. The path that
+`--iree-opt-data-tiling` picks in IREE 3.13 (dispatch creation) miscompiles a batch matmul whose
+narrow, padded operand comes from a fused elementwise producer through a reshape: Qwen2.5-0.5B
+decode (RoPE'd queries, 7 heads per KV head) got the second KV group's attention wrong, rel.
+error 4e-2 (tests/test_qwen_compiled.py, the gqa7 case). Same speed on the benchmarked modules."""
+
 # Extra llvm-cpu flags for training modules (forward + backward + optimizer in
 # one call; a target opts in with Target.llvm_cpu_flags). Measured on the
 # nanoGPT train steps in bench/NOTES.md:
@@ -29,7 +36,8 @@ TRAINING_CPU_FLAGS = (
     # transposed weight-gradient matmuls of a backward pass run ~3x faster and
     # the whole medium step ~1.3x. Not a default: it re-packs weights that are
     # call arguments on every call, which costs decode-style modules 10x.
-    "--iree-opt-data-tiling",
+    # DATA_TILING picks IREE's global-optimization path; see its note.
+    DATA_TILING,
     # Vectorize float reductions (softmax max/sum, layer-norm and loss sums)
     # instead of running them as scalar loops; sums change only in rounding order.
     "--iree-llvmcpu-reassociate-fp-reductions",

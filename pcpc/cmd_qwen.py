@@ -185,7 +185,7 @@ def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, 
 
     res = gen.generate(model_, ids, max_tokens, sampling, record.get("eos_token_ids", []), on_token)
     if live:
-        click.echo()
+        click.echo(streams[0].finish())
     else:
         for i, toks in enumerate(res.tokens):
             click.echo(f"--- [{i}] {prompts[i] if prompts else f'prompt {i}'}")

@@ -164,6 +164,12 @@ class TextStream:
         new, self.shown = text[len(self.shown):], text
         return new
 
+    def finish(self) -> str:
+        """The text held back at the end (an incomplete UTF-8 sequence decodes as replacement characters)."""
+        text = self.codec.decode(self.tokens)
+        new, self.shown = (text[len(self.shown):] if text.startswith(self.shown) else ""), text
+        return new
+
 
 def _read_json(path: Path) -> dict:
     import json

@@ -16,6 +16,7 @@ import torch
 from qwen_helpers import CASES, MAX_SEQ, build_case, build_loss_module, hf_model, make_hf_dir, rel_err, session_root
 
 from pcpc.errors import UserError
+from pcpc.mlir.compile import DATA_TILING
 from pcpc.exporters import hf_weights, qwen2
 from pcpc.mlir.signature import load_meta
 from pcpc.runtime import generate as gen
@@ -183,7 +184,7 @@ def resident(root):
     from qwen_helpers import PREFILL_LEN
 
     target, cfg = model_target(str(make_hf_dir(root, "gqa-tied")), "float32", [1], PREFILL_LEN, MAX_SEQ, resident=True)
-    assert "--iree-opt-data-tiling" in target.llvm_cpu_flags
+    assert DATA_TILING in target.llvm_cpu_flags
     result = build(target, root / "artifacts")
     return result, write_weights(root, "gqa-tied", result, cfg)
 
@@ -200,8 +201,13 @@ def test_resident_module_matches_hf(resident, models):
     assert gen.generate(model, [prompt], 32, eos_ids=[]).tokens[0] == hf_greedy(hf, prompt, 32)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].numpy()
-    logits, _ = gen.prefill(model, [prompt], 1, model.new_cache(1))
+    logits, cache = gen.prefill(model, [prompt], 1, model.new_cache(1))
     assert rel_err(logits[0], ref) < 1e-4
+    # decode attends over the cache prefill wrote (the step IREE's dispatch-creation data tiling got wrong)
+    step, _ = gen.decode_one_token(model, np.array([7]), np.array([len(prompt)]), cache)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + [7]])).logits[0, -1].numpy()
+    assert rel_err(step[0], ref) < 1e-4
 
 
 def test_resident_module_needs_a_matching_weight_file(resident, tmp_path):

@@ -137,3 +137,18 @@ def test_truncated_prompt_file_is_an_error_at_every_cut():
         decode_prompts(data + b"extra", "p.bin")
     with pytest.raises(UserError, match="token ids must be >= 0"):
         encode_prompts([[1, -2]])
+
+
+def test_text_stream_holds_back_incomplete_utf8_and_flushes_it_at_the_end():
+    from pcpc.runtime.prompts import TextStream
+
+    class ByteCodec:  # token = one byte, as a byte-level tokenizer without merges
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(ByteCodec())
+    euro = "€".encode()  # 3 bytes
+    assert [stream.push(b) for b in b"a" + euro] == ["a", "", "", "€"]
+    assert stream.push(euro[0]) == ""  # held back: the sequence may still complete
+    assert stream.finish() == "\ufffd"  # the stream ended: shown as the decoder shows it
+    assert stream.finish() == ""
