@@ -6,7 +6,8 @@ Random weights at the 0.5B shape (no download needed). Steps, in order:
   1. the memory-bandwidth floor: numpy streaming reads over 2.4 GB (1 and 2 threads, best);
      decode must read every weight once per token, so floor tok/s = bandwidth / weight bytes
   2. export + compile qwen-generation (and -bf16) into a fresh directory (timed), unless --artifacts
-  3. random weights written as flat binaries (the `pcpc export` format)
+  3. random weights written as flat binaries (the `pcpc export` format); for the resident modules
+     also packed into the layout their matmuls read, as `pcpc export --resident` does (timed)
   4. each contender in its own subprocess (so peak memory is its own): warm-up, then a
      --prompt-len prompt (prefill) and --new-tokens greedy decode steps
 Prints tok/s, peak RSS and the ratios the targets are stated in.
@@ -179,6 +180,12 @@ def main():
             if dtype not in weight_files:
                 weight_files[dtype] = work / f"weights-{dtype}.bin"
                 hf_weights.write_flat(weight_files[dtype], random_weights(meta.parameters), dtype, meta.parameter_bytes)
+            if meta.provenance.encoder_sha256:  # as `pcpc export --resident` does: pack once, before generating
+                from pcpc.runtime.pack import ensure_packed
+
+                t0 = time.perf_counter()
+                ensure_packed(result.vmfb, meta, weight_files[dtype])
+                print(f"{target}: weights packed in {time.perf_counter() - t0:.1f}s", flush=True)
             r = run_child(["pcpc", str(result.vmfb), str(weight_files[dtype]), str(args.prompt_len), str(args.new_tokens)])
             r["weight_bytes"] = meta.parameter_bytes
             rows[label] = r

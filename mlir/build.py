@@ -20,12 +20,12 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash
+from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash, packs_at_export
 from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
 
 ARTIFACTS = Path("artifacts")
@@ -109,21 +109,28 @@ def compile_key(mlir_sha: str, compile_target: str, flags: tuple[str, ...], vers
 
 
 @contextmanager
-def atomic_file(path: Path):
-    """A binary file to write `path` through: a temp file in the same directory, fsynced and renamed into
-    place when the block ends, removed if it raises (the old `path`, if any, is untouched)."""
+def atomic_path(path: Path):
+    """A temp path in `path`'s directory to write `path` through; renamed into place when the block
+    ends, removed if it raises (the old `path`, if any, is untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """A binary file to write `path` through (atomic_path), fsynced before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -165,6 +172,11 @@ def paths_for(name: str, out_dir: Path) -> tuple[Path, Path, Path, Path]:
     )
 
 
+def encoder_path_for(vmfb: Path) -> Path:
+    """NAME.encoder.vmfb next to NAME.vmfb: the weight-packing module of a PACK_AT_EXPORT build."""
+    return vmfb.with_name(vmfb.name.removesuffix(".vmfb") + ".encoder.vmfb")
+
+
 def _run_export(target: Target, key: str, mlir_path: Path, sidecar: Path) -> dict:
     from pcpc.mlir.lower import lower
 
@@ -199,6 +211,7 @@ def build(
     out_dir = Path(out_dir)
     log = log or (lambda msg: None)
     mlir_path, sidecar, vmfb_path, meta_path = paths_for(target.name, out_dir)
+    encoder_path = encoder_path_for(vmfb_path)
     flags = compile_flags(compile_target, arch) + (tuple(target.llvm_cpu_flags) if compile_target == "llvm-cpu" else ())
     versions = _versions()
     cpu = cpu_features_hash()
@@ -228,20 +241,17 @@ def build(
             and prov.get("export_key") == ekey
             and vmfb_path.is_file()
             and sha256_file(vmfb_path) == prov.get("vmfb_sha256")
+            and (not prov.get("encoder_sha256") or (encoder_path.is_file()
+                                                    and sha256_file(encoder_path) == prov["encoder_sha256"]))
         )
         if vmfb_ok:
             return result
 
         log(f"compile {target.name} -> {vmfb_path} ({compile_target})")
         t0 = time.perf_counter()
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{vmfb_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            compile_mlir(mlir_path, Path(tmp), flags)
-            os.replace(tmp, vmfb_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        encodes = packs_at_export(flags)
+        with atomic_path(vmfb_path) as out, (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
+            compile_mlir(mlir_path, out, flags, encoder_out)
         result.seconds["compile"] = time.perf_counter() - t0
         result.ran.append("compile")
 
@@ -263,6 +273,7 @@ def build(
                     "compile_target": compile_target,
                     "compile_flags": list(flags),
                     "cpu_features": cpu,
+                    "encoder_sha256": sha256_file(encoder_path) if encodes else "",
                 },
             },
             where=f"{meta_path} (being written)",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from pcpc.errors import UserError
@@ -27,6 +29,15 @@ DATA_TILING = "--iree-global-opt-data-tiling"
 narrow, padded operand comes from a fused elementwise producer through a reshape: Qwen2.5-0.5B
 decode (RoPE'd queries, 7 heads per KV head) got the second KV group's attention wrong, rel.
 error 4e-2 (tests/test_qwen_compiled.py, the gqa7 case). Same speed on the benchmarked modules."""
+
+PACKED_SCOPE = "packed"
+"""Parameter scope of the weights a PACK_AT_EXPORT module reads already packed."""
+PACK_AT_EXPORT = ("--iree-parameter-encoder-mode=overlay", f"--iree-parameter-encoder-output-scope={PACKED_SCOPE}")
+"""For modules whose weights are parameter-backed globals and data-tiled: split the packing of the weights
+out into a separate encoder module (NAME.encoder.vmfb, see compile_mlir). pcpc runs it once per weight
+file (pcpc.runtime.pack) and the module maps the packed weights from that file instead of loading and
+packing them on every start, which held the loaded and the packed weights at once (2.07x the weight bytes
+at Qwen2.5-0.5B fp32; 1.16x with the packed file)."""
 
 # Extra llvm-cpu flags for training modules (forward + backward + optimizer in
 # one call; a target opts in with Target.llvm_cpu_flags). Measured on the
@@ -112,10 +123,73 @@ def iree_compile_exe() -> str:
     return find_tool("iree-compile")
 
 
-def compile_mlir(mlir_path: Path, vmfb_path: Path, flags: tuple[str, ...]) -> None:
-    """Run iree-compile MLIR -> VMFB. The caller handles atomic placement of vmfb_path."""
-    cmd = [iree_compile_exe(), str(mlir_path), *flags, "-o", str(vmfb_path)]
+def _iree_compile(src: Path, out: Path, flags) -> None:
+    cmd = [iree_compile_exe(), str(src), *flags, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise RuntimeError(f"iree-compile failed ({proc.returncode}) for {mlir_path}:\n{tail}")
+        raise RuntimeError(f"iree-compile failed ({proc.returncode}) for {src}:\n{tail}")
+
+
+def packs_at_export(flags) -> bool:
+    """True when `flags` ask for a parameter encoder (PACK_AT_EXPORT)."""
+    return any(f.startswith("--iree-parameter-encoder-output-scope=") for f in flags)
+
+
+def compile_mlir(mlir_path: Path, vmfb_path: Path, flags: tuple[str, ...], encoder_path: Path | None = None) -> None:
+    """Run iree-compile MLIR -> VMFB. The caller handles atomic placement of vmfb_path.
+
+    With PACK_AT_EXPORT in `flags`, also writes the parameter encoder module to `encoder_path`, in three
+    runs: to the end of global optimization (where data tiling has hoisted each weight's packing into
+    an initializer of its own global); merge the globals whose initializers are identical (prefill's
+    and decode's packings of one weight: IREE keeps both when it splits out an encoder, ~2x the
+    weight bytes); then the rest, splitting the packing into the encoder module; compile that module.
+    """
+    if not packs_at_export(flags):
+        _iree_compile(mlir_path, vmfb_path, flags)
+        return
+    if encoder_path is None:
+        raise ValueError("compile_mlir: these flags write a parameter encoder; pass encoder_path")
+    base = tuple(f for f in flags if not f.startswith("--iree-parameter-encoder-"))
+    with tempfile.TemporaryDirectory(dir=vmfb_path.parent, prefix=".encoder-") as tmp:
+        tmp = Path(tmp)
+        _iree_compile(mlir_path, tmp / "global-opt.mlir", (*base, "--compile-to=global-optimization"))
+        merged, _ = merge_identical_globals((tmp / "global-opt.mlir").read_text())
+        (tmp / "merged.mlir").write_text(merged)
+        _iree_compile(tmp / "merged.mlir", vmfb_path, (*flags, "--compile-from=global-optimization",
+                                                         f"--iree-parameter-encoder-output-file={tmp / 'encoder.mlir'}"))
+        _iree_compile(tmp / "encoder.mlir", encoder_path, base)
+
+
+_GLOBAL_DECL = re.compile(r"^  util\.global private @(\S+) .*: tensor<")
+
+
+def merge_identical_globals(text: str) -> tuple[str, int]:
+    """Drop each tensor global whose initializer (the block right after its declaration) is identical to an
+    earlier one's up to the global's own name, and point its uses at the earlier global.
+
+    Works on the textual IR iree-compile prints at the end of global optimization; returns the new
+    text and the number of globals merged.
+    """
+    lines = text.split("\n")
+    out, seen, rename, i = [], {}, {}, 0
+    while i < len(lines):
+        m = _GLOBAL_DECL.match(lines[i])
+        if m and i + 1 < len(lines) and lines[i + 1].startswith("  util.initializer"):
+            end = lines.index("  }", i + 1)
+            name = m.group(1)
+            key = re.sub("@" + re.escape(name) + r"(?![\w$.])", "@SELF", "\n".join(lines[i:end + 1]))
+            if key in seen:
+                rename[name] = seen[key]
+            else:
+                seen[key] = name
+                out.extend(lines[i:end + 1])
+            i = end + 1
+            continue
+        out.append(lines[i])
+        i += 1
+    merged = "\n".join(out)
+    if rename:
+        uses = re.compile("@(" + "|".join(re.escape(n) for n in sorted(rename, key=len, reverse=True)) + r")(?![\w$.])")
+        merged = uses.sub(lambda u: "@" + rename[u.group(1)], merged)
+    return merged, len(rename)

@@ -82,6 +82,9 @@ class Provenance:
     compile_flags: tuple[str, ...]
     cpu_features: str
     """sha256 of the host CPU feature flags (llvm-cpu modules are host-specific)."""
+    encoder_sha256: str = ""
+    """sha256 of NAME.encoder.vmfb, the module that packs the flat weight file into the layout this module
+    reads (pcpc.runtime.pack); empty when the module reads the flat weights as they are."""
 
 
 @dataclass(frozen=True)

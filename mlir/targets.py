@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pcpc.errors import UserError
 from pcpc.mlir.build import Target
-from pcpc.mlir.compile import DATA_TILING, TRAINING_CPU_FLAGS
+from pcpc.mlir.compile import DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS
 
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
@@ -51,8 +51,8 @@ QWEN_CPU_FLAGS = ("--iree-opt-data-tiling=false", *_QWEN_REDUCTIONS)
 """Weights are call arguments: data tiling would re-pack every weight on every call (decode
 10x slower, a weight-sized allocation per call; bench/NOTES_generate.md). Vectorized
 RMSNorm/softmax reductions as in the benchmarked build."""
-RESIDENT_CPU_FLAGS = (DATA_TILING, *_QWEN_REDUCTIONS)
-"""Weights are module parameters: data tiling packs them once, when the module loads."""
+RESIDENT_CPU_FLAGS = (DATA_TILING, *_QWEN_REDUCTIONS, *PACK_AT_EXPORT)
+"""Weights are module parameters, data-tiled; packed once per weight file by the module's encoder."""
 RESIDENT_BF16_CPU_FLAGS = (*RESIDENT_CPU_FLAGS, "--iree-llvmcpu-enable-ukernels=mmt4d")
 """bf16 weights: IREE's mmt4d microkernel (avx512_bf16 dot products) decodes ~5% faster than the generated
 code (alternating A/B at 0.5B: 39.0 / 45.3 / 38.3 vs 34.3 / 43.2 / 36.6 tok/s); for fp32 it is no faster."""

@@ -73,6 +73,13 @@ def host_view(array) -> np.ndarray:
     return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
 
 
+def _map_readonly(path: Path):
+    import mmap
+
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+
+
 class CompiledModule:
     """A VMFB + meta.json pair, checked against each other, with validated calls."""
 
@@ -127,15 +134,40 @@ class CompiledModule:
         if size != self.meta.parameter_bytes:
             raise UserError(f"{path}: weight file is {size if size is not None else 'missing'} bytes but the module's "
                             f"parameters need {self.meta.parameter_bytes:,} bytes (meta.json parameter_bytes)")
-        self._param_fd = os.open(path, os.O_RDONLY)
-        handle = rt.FileHandle.wrap_fd(self._param_fd)
-        self._param_index = rt.ParameterIndex()
-        offset = 0
+        if not self.meta.provenance.encoder_sha256:  # IREE reads (and packs) the weights at load
+            self._param_fd = os.open(path, os.O_RDONLY)
+            model = self._index(rt.FileHandle.wrap_fd(self._param_fd),
+                                self._flat_entries())
+            return rt.create_io_parameters_module(self.config.vm_instance, model.create_provider(scope="model"))
+        # Packed at export (pcpc.runtime.pack): both files memory-mapped and imported without a copy; of
+        # the flat file only what the module reads unpacked gets paged in (norms, biases, gathered rows).
+        from pcpc.mlir.compile import PACKED_SCOPE
+        from pcpc.runtime.pack import ensure_packed
+
+        packed, entries = ensure_packed(self.path, self.meta, path)
+        self._maps = [_map_readonly(path), _map_readonly(packed)]
+        model = self._index(rt.FileHandle.wrap_memory(self._maps[0]), self._flat_entries())
+        packed_index = self._index(rt.FileHandle.wrap_memory(self._maps[1]),
+                                   [(e["key"], e["length"], e["offset"]) for e in entries])
+        return rt.create_io_parameters_module(self.config.vm_instance, model.create_provider(scope="model"),
+                                              packed_index.create_provider(scope=PACKED_SCOPE))
+
+    def _flat_entries(self) -> list[tuple[str, int, int]]:
+        """(name, bytes, offset) of each parameter in the flat weight file."""
+        out, offset = [], 0
         for spec in self.meta.parameters:
-            self._param_index.add_from_file_handle(spec.name, handle, spec.nbytes, offset)
+            out.append((spec.name, spec.nbytes, offset))
             offset += spec.nbytes
-        provider = self._param_index.create_provider(scope="model")
-        return rt.create_io_parameters_module(self.config.vm_instance, provider)
+        return out
+
+    def _index(self, handle, entries):
+        import iree.runtime as rt
+
+        index = rt.ParameterIndex()
+        for key, length, offset in entries:
+            index.add_from_file_handle(key, handle, length, offset)
+        self._indexes = [*getattr(self, "_indexes", []), index]  # kept alive with the module
+        return index
 
     @property
     def device(self):

@@ -100,7 +100,7 @@ def test_failed_compile_leaves_previous_artifacts_intact(built, monkeypatch):
     good = build(tiny_target(), out)
     before = {p: p.read_bytes() for p in (good.vmfb, good.meta)}
 
-    def broken(mlir, vmfb, flags):
+    def broken(mlir, vmfb, flags, encoder=None):
         Path(vmfb).write_bytes(b"half-written")
         raise RuntimeError("iree-compile failed (simulated)")
 
@@ -167,3 +167,20 @@ def test_detected_cuda_arch_newer_than_compiler_falls_back(monkeypatch):
     monkeypatch.setattr(compile_mod, "detect_cuda_arch", lambda: "sm_86")
     assert "--iree-cuda-target=sm_86" in compile_mod.compile_flags("cuda")
     assert "--iree-cuda-target=sm_75" in compile_mod.compile_flags("cuda", "sm_75")
+
+
+def test_merge_identical_globals():
+    from pcpc.mlir.compile import merge_identical_globals
+
+    def glob(name, param):
+        return (f"  util.global private @{name} {{a}} : tensor<4xf32>\n  util.initializer {{\n"
+                f"    %0 = flow.tensor.constant #flow.parameter.named<\"model\"::\"{param}\"> : tensor<4xf32>\n"
+                f"    util.global.store %0, @{name} : tensor<4xf32>\n    util.return\n  }}")
+
+    text = "\n".join(["module {", glob("w", "a"), glob("w_1", "a"), glob("w_10", "b"),
+                      "  func.func @f() {", "    %0 = util.global.load @w_1 : tensor<4xf32>",
+                      "    %1 = util.global.load @w_10 : tensor<4xf32>", "  }", "}"])
+    merged, n = merge_identical_globals(text)
+    assert n == 1
+    assert "@w_1 " not in merged and "util.global.load @w : " in merged  # the copy's use now reads @w
+    assert "util.global.load @w_10 :" in merged and merged.count("util.initializer") == 2

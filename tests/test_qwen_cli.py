@@ -91,6 +91,8 @@ def test_resident_export_and_generate(exported):
               "--max-seq", MAX_SEQ, "--out-dir", out)
     assert res.exit_code == 0, res.output
     assert not (out / "qwen-hf-gqa-tied-resident.weights.bin").exists()  # shares the contract module's file
+    assert "packed for qwen-hf-gqa-tied-resident.vmfb" in res.output  # its matrices, packed at export
+    assert len(list(out.glob("qwen-hf-gqa-tied.weights.bin.*.packed"))) == 1
     args = ["generate", "--model", hf_dir, "--prompt", "Is fire hot?", "--max-tokens", 12, "--out-dir", out]
     a, b = run(*args), run(*args, "--resident")
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output

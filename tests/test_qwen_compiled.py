@@ -221,3 +221,45 @@ def test_resident_module_needs_a_matching_weight_file(resident, tmp_path):
     short.write_bytes(b"\0" * 64)
     with pytest.raises(UserError, match=r"short.bin: weight file is 64 bytes but the module's parameters need [\d,]+ bytes"):
         CompiledModule(result.vmfb, parameters=short)
+
+
+def test_resident_weights_are_packed_once_per_weight_file(resident, tmp_path):
+    """The build writes the module's encoder; loading packs the weight file once (a .packed file next to
+    it, remade when the weights change or the file is damaged) and serves the packed weights from it."""
+    import shutil
+
+    from pcpc.mlir.build import encoder_path_for
+    from pcpc.runtime import pack
+
+    result, weights = resident
+    meta = load_meta(result.meta)
+    assert meta.provenance.encoder_sha256 and encoder_path_for(result.vmfb).is_file()
+    own = tmp_path / "weights.bin"
+    shutil.copy(weights, own)
+    assert pack.packed_entries(own, meta) is None
+    packed, entries = pack.ensure_packed(result.vmfb, meta, own)
+    assert packed.is_file() and entries and all(e["offset"] % pack.ALIGN == 0 for e in entries)
+    stamp = packed.stat().st_mtime_ns
+    prompt = prompt_ids(9, seed=4)
+    first = gen.generate(gen.QwenModel.load(result.vmfb, own), [prompt], 8, eos_ids=[]).tokens[0]
+    assert packed.stat().st_mtime_ns == stamp  # up to date: not packed again
+
+    data = bytearray(own.read_bytes())
+    data[:4] = np.float32(3.0).tobytes()  # the weights change: the packed file is stale
+    own.write_bytes(bytes(data))
+    assert pack.packed_entries(own, meta) is None
+    with open(packed, "r+b") as f:  # damaged: its size no longer matches its record
+        f.truncate(100)
+    pack.ensure_packed(result.vmfb, meta, own)
+    assert pack.packed_entries(own, meta) is not None and packed.stat().st_size > 100
+    own.write_bytes(weights.read_bytes())
+    assert gen.generate(gen.QwenModel.load(result.vmfb, own), [prompt], 8, eos_ids=[]).tokens[0] == first
+
+    encoder = encoder_path_for(result.vmfb)
+    saved = encoder.read_bytes()
+    try:
+        encoder.write_bytes(b"not the encoder")
+        with pytest.raises(UserError, match="not the encoder this module was built with; rebuild"):
+            pack.pack(result.vmfb, meta, own)
+    finally:
+        encoder.write_bytes(saved)
