@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -60,7 +59,9 @@ def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    from pcpc.runtime.metrics import peak_rss_bytes
+
+    return peak_rss_bytes() / 1e9
 
 
 def run_pcpc(a) -> dict:

@@ -183,3 +183,17 @@ class RunLog:
         if self.records:
             plot_losses(self.records, self.run_dir / "loss.png", f"DiLoCo {Path(self.exp.model_path).stem}")
         finish_run(self.run_dir, summary, self.wandb)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child started by a large process reports the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

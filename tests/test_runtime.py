@@ -133,3 +133,16 @@ def test_missing_meta_and_module(tmp_path, tiny):
     shutil.copy(tiny.vmfb, tmp_path / "lonely.vmfb")
     with pytest.raises(UserError, match="meta.json not found"):
         CompiledModule(tmp_path / "lonely.vmfb")
+
+
+def test_peak_rss_is_this_process_own():
+    """A child of a big process reports its own peak, not the parent's (ru_maxrss would)."""
+    import subprocess
+    import sys
+
+    from pcpc.runtime.metrics import peak_rss_bytes
+
+    big = np.ones(200_000_000 // 8)  # 200 MB held while the child starts
+    code = "from pcpc.runtime.metrics import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert peak_rss_bytes() >= big.nbytes and child < big.nbytes
