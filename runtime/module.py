@@ -115,6 +115,7 @@ class CompiledModule:
         if parameters is not None and not self.resident:
             raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
         self.context = self._module = None
+        self._indexes = []  # parameter indexes and mapped files the context reads from: kept alive with it
         if self.resident and parameters is None:
             return  # inspectable, not callable: a call says which file is missing
         modules = [self.vm_module]
@@ -124,8 +125,9 @@ class CompiledModule:
         self._module = self.context.modules[self.vm_module.name]
 
     def _parameters_module(self, path: Path):
-        """An io_parameters module serving each parameter from its offset in the flat file
-        (scope "model", keys = parameter names; see pcpc.mlir.lower.PARAMETER_SCOPE)."""
+        """An io_parameters module serving each parameter from its offset in the flat file (scope "model",
+        keys = parameter names; see pcpc.mlir.lower.PARAMETER_SCOPE), and for a module built to read its
+        matrices packed (meta encoder_sha256) the packed file as scope "packed" (pcpc.runtime.pack)."""
         import os
 
         import iree.runtime as rt
@@ -145,9 +147,10 @@ class CompiledModule:
         from pcpc.runtime.pack import ensure_packed
 
         packed, entries = ensure_packed(self.path, self.meta, path)
-        self._maps = [_map_readonly(path), _map_readonly(packed)]
-        model = self._index(rt.FileHandle.wrap_memory(self._maps[0]), self._flat_entries())
-        packed_index = self._index(rt.FileHandle.wrap_memory(self._maps[1]),
+        flat_map, packed_map = _map_readonly(path), _map_readonly(packed)
+        self._indexes += [flat_map, packed_map]
+        model = self._index(rt.FileHandle.wrap_memory(flat_map), self._flat_entries())
+        packed_index = self._index(rt.FileHandle.wrap_memory(packed_map),
                                    [(e["key"], e["length"], e["offset"]) for e in entries])
         return rt.create_io_parameters_module(self.config.vm_instance, model.create_provider(scope="model"),
                                               packed_index.create_provider(scope=PACKED_SCOPE))
@@ -166,7 +169,7 @@ class CompiledModule:
         index = rt.ParameterIndex()
         for key, length, offset in entries:
             index.add_from_file_handle(key, handle, length, offset)
-        self._indexes = [*getattr(self, "_indexes", []), index]  # kept alive with the module
+        self._indexes.append(index)
         return index
 
     @property
