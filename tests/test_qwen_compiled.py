@@ -30,7 +30,8 @@ def root(tmp_path_factory):
 
 def write_weights(root, case, result, cfg):
     meta = load_meta(result.meta)
-    path = result.vmfb.with_name(result.vmfb.name.removesuffix(".vmfb") + ".weights.bin")
+    # not the name `pcpc export` writes: test_qwen_cli shares this artifacts dir
+    path = result.vmfb.with_name(result.vmfb.name.removesuffix(".vmfb") + ".test-weights.bin")
     if not path.is_file():
         hf_dir = make_hf_dir(root, case)
         tensors = hf_weights.read_safetensors(hf_dir)
