@@ -73,6 +73,15 @@ def host_view(array) -> np.ndarray:
     return np.asarray(array.to_host() if hasattr(array, "to_host") else array)
 
 
+def flat_layout(meta: ModuleMeta) -> list[tuple[str, int, int]]:
+    """(name, bytes, offset) of each parameter in a flat weight file, in the module's parameter order."""
+    out, offset = [], 0
+    for spec in meta.parameters:
+        out.append((spec.name, spec.nbytes, offset))
+        offset += spec.nbytes
+    return out
+
+
 def _map_readonly(path: Path):
     import mmap
 
@@ -139,7 +148,7 @@ class CompiledModule:
         if not self.meta.provenance.encoder_sha256:  # IREE reads (and packs) the weights at load
             self._param_fd = os.open(path, os.O_RDONLY)
             model = self._index(rt.FileHandle.wrap_fd(self._param_fd),
-                                self._flat_entries())
+                                flat_layout(self.meta))
             return rt.create_io_parameters_module(self.config.vm_instance, model.create_provider(scope="model"))
         # Packed at export (pcpc.runtime.pack): both files memory-mapped and imported without a copy; of
         # the flat file only what the module reads unpacked gets paged in (norms, biases, gathered rows).
@@ -149,19 +158,11 @@ class CompiledModule:
         packed, entries = ensure_packed(self.path, self.meta, path)
         flat_map, packed_map = _map_readonly(path), _map_readonly(packed)
         self._indexes += [flat_map, packed_map]
-        model = self._index(rt.FileHandle.wrap_memory(flat_map), self._flat_entries())
+        model = self._index(rt.FileHandle.wrap_memory(flat_map), flat_layout(self.meta))
         packed_index = self._index(rt.FileHandle.wrap_memory(packed_map),
                                    [(e["key"], e["length"], e["offset"]) for e in entries])
         return rt.create_io_parameters_module(self.config.vm_instance, model.create_provider(scope="model"),
                                               packed_index.create_provider(scope=PACKED_SCOPE))
-
-    def _flat_entries(self) -> list[tuple[str, int, int]]:
-        """(name, bytes, offset) of each parameter in the flat weight file."""
-        out, offset = [], 0
-        for spec in self.meta.parameters:
-            out.append((spec.name, spec.nbytes, offset))
-            offset += spec.nbytes
-        return out
 
     def _index(self, handle, entries):
         import iree.runtime as rt

@@ -22,13 +22,13 @@ import mmap
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from pcpc.errors import UserError
-from pcpc.mlir.build import encoder_path_for, sha256_file, write_atomic
+from pcpc.mlir.build import atomic_path, encoder_path_for, sha256_file, write_atomic
 from pcpc.mlir.compile import PACKED_SCOPE
 from pcpc.mlir.signature import ModuleMeta, load_meta, meta_path_for
+from pcpc.runtime.module import flat_layout
 
 ALIGN = 4096
 """Offset alignment of the entries in a packed file (page-aligned, so each maps on its own pages)."""
@@ -97,10 +97,8 @@ def pack(vmfb: Path, meta: ModuleMeta, weights: Path) -> Path:
     model = rt.ParameterIndex()
     with open(weights, "rb") as f:
         handle = rt.FileHandle.wrap_fd(f.fileno())
-        offset = 0
-        for spec in meta.parameters:
-            model.add_from_file_handle(spec.name, handle, spec.nbytes, offset)
-            offset += spec.nbytes
+        for name, length, offset in flat_layout(meta):
+            model.add_from_file_handle(name, handle, length, offset)
         encoder = rt.VmModule.copy_buffer(config.vm_instance, encoder_file.read_bytes())
         probe = rt.SystemContext(vm_modules=[rt.create_io_parameters_module(config.vm_instance, model.create_provider(scope="model")),
                                              encoder], config=config)
@@ -109,10 +107,9 @@ def pack(vmfb: Path, meta: ModuleMeta, weights: Path) -> Path:
         size = max(e["offset"] + e["length"] for e in entries)
 
         out = packed_path(weights, meta)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            os.ftruncate(fd, size)
-            buf = mmap.mmap(fd, size)
+        with atomic_path(out) as tmp, open(tmp, "r+b") as f_out:
+            f_out.truncate(size)
+            buf = mmap.mmap(f_out.fileno(), size)
             target = rt.ParameterIndex()
             whandle = rt.FileHandle.wrap_memory(buf, readable=True, writable=True)
             for e in entries:
@@ -128,15 +125,7 @@ def pack(vmfb: Path, meta: ModuleMeta, weights: Path) -> Path:
             ctx.vm_context.invoke(encoder.lookup_function("__encode_parameters_all"), args, rt.VmVariantList(0))
             done.wait()
             buf.flush()  # the mapping itself goes with the process (IREE's file handle still points into it)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, out)
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.fsync(f_out.fileno())
     write_atomic(_record_path(out), json.dumps({"source": _source(weights, meta), "size": size, "entries": entries}, indent=1))
     return out
 
