@@ -28,7 +28,8 @@ DATA_TILING = "--iree-global-opt-data-tiling"
 `--iree-opt-data-tiling` picks in IREE 3.13 (dispatch creation) miscompiles a batch matmul whose
 narrow, padded operand comes from a fused elementwise producer through a reshape: Qwen2.5-0.5B
 decode (RoPE'd queries, 7 heads per KV head) got the second KV group's attention wrong, rel.
-error 4e-2 (tests/test_qwen_compiled.py, the gqa7 case). Same speed on the benchmarked modules."""
+error 4e-2 (tests/test_qwen_compiled.py: the gqa-tied case has 14 / 2 heads). Same speed on the
+benchmarked modules."""
 
 PACKED_SCOPE = "packed"
 """Parameter scope of the weights a PACK_AT_EXPORT module reads already packed."""
@@ -37,7 +38,7 @@ PACK_AT_EXPORT = ("--iree-parameter-encoder-mode=overlay", f"--iree-parameter-en
 out into a separate encoder module (NAME.encoder.vmfb, see compile_mlir). pcpc runs it once per weight
 file (pcpc.runtime.pack) and the module maps the packed weights from that file instead of loading and
 packing them on every start, which held the loaded and the packed weights at once (2.07x the weight bytes
-at Qwen2.5-0.5B fp32; 1.16x with the packed file)."""
+at Qwen2.5-0.5B fp32; 1.25x with the packed file, bench/generate.py)."""
 
 # Extra llvm-cpu flags for training modules (forward + backward + optimizer in
 # one call; a target opts in with Target.llvm_cpu_flags). Measured on the
