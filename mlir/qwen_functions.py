@@ -8,6 +8,9 @@ Config keys (all JSON):
     batch_sizes      list of B; one prefill_bs{B} and decode_bs{B} per B (default [1])
     prefill_len      P, tokens per prefill call (default 128)
     max_seq          S, KV-cache capacity in positions (default 1024)
+    cache_sizes      smaller KV-cache capacities exported as well, each with its own prefill / decode pair
+                     (default none); the runtime runs a generation on the smallest cache that holds
+                     prompt + new tokens, since decode reads (and rewrites) the whole cache every step
     loss_batch_size  rows of forward_loss (default 1)
     loss_seq_len     T of forward_loss (default 128)
     functions        subset of ("prefill", "decode", "forward_loss"); default prefill + decode
@@ -21,6 +24,8 @@ Every function takes all weights first, in `qwen2.param_shapes` order:
                    -> logits (B,V) f32 of the last column, cache_k', cache_v'
     decode_bs{B}   (*params, tokens (B,1) i64, positions (B,1) i64, cache_k, cache_v)
                    -> logits (B,V) f32, cache_k', cache_v'
+    prefill_bs{B}_kv{C}, decode_bs{B}_kv{C}
+                   the same on a cache of capacity C, for each C in cache_sizes
     forward_loss   (*params, input_ids (B,T) i64, attention_mask (B,T) i64, weights (B,) f32) -> loss
 
 cache_k / cache_v are (n_layer, B, n_kv_head, S, head_dim) f32 (layout and
@@ -38,11 +43,11 @@ import torch
 from pcpc.config import from_dict
 from pcpc.exporters import qwen2
 from pcpc.mlir.lower import ExportFunction
-from pcpc.mlir.signature import TensorSpec
+from pcpc.mlir.signature import TensorSpec, step_name
 
 FUNCTIONS = ("prefill", "decode", "forward_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-KEYS = ("model", "hf_config", "model_overrides", "dtype", "batch_sizes", "prefill_len", "max_seq",
+KEYS = ("model", "hf_config", "model_overrides", "dtype", "batch_sizes", "prefill_len", "max_seq", "cache_sizes",
         "loss_batch_size", "loss_seq_len", "functions", "resident")
 
 
@@ -68,8 +73,13 @@ def check_config(config: dict) -> None:
     for key in ("prefill_len", "max_seq", "loss_batch_size", "loss_seq_len"):
         if key in config and (not isinstance(config[key], int) or config[key] < 1):
             raise ValueError(f"qwen recipe: {key} must be a positive integer, got {config[key]!r}")
-    if config.get("prefill_len", 128) > config.get("max_seq", 1024):
+    P, S = config.get("prefill_len", 128), config.get("max_seq", 1024)
+    if P > S:
         raise ValueError("qwen recipe: prefill_len must be <= max_seq")
+    for c in config.get("cache_sizes", ()):
+        if not isinstance(c, int) or not P <= c < S:
+            raise ValueError(f"qwen recipe: cache_sizes entries must be integers in [prefill_len, max_seq) "
+                             f"= [{P}, {S}), got {c!r}")
 
 
 def param_specs(cfg: qwen2.Qwen2Config, dtype: str = "float32") -> list[TensorSpec]:
@@ -110,8 +120,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     wanted = config.get("functions", ["prefill", "decode"])
     fns = []
 
-    def cache_specs(B):
-        shape = qwen2.cache_shape(cfg, B, S)
+    def cache_specs(B, C):
+        shape = qwen2.cache_shape(cfg, B, C)
         return [TensorSpec("cache_k", "state", shape, "float32"), TensorSpec("cache_v", "state", shape, "float32")]
 
     def io(B, T):
@@ -122,12 +132,11 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     for B in config.get("batch_sizes", [1]):
         if not isinstance(B, int) or B < 1:
             raise ValueError(f"qwen recipe: batch_sizes entries must be positive integers, got {B!r}")
-        if "prefill" in wanted:
-            fns.append(ExportFunction(f"prefill_bs{B}", _step_fn(cfg, names, True), params + io(B, P) + cache_specs(B),
-                                      results, n_globals))
-        if "decode" in wanted:
-            fns.append(ExportFunction(f"decode_bs{B}", _step_fn(cfg, names, True), params + io(B, 1) + cache_specs(B),
-                                      results, n_globals))
+        for C in sorted(set(config.get("cache_sizes", ())) | {S}, reverse=True):
+            for kind, T in (("prefill", P), ("decode", 1)):
+                if kind in wanted:
+                    fns.append(ExportFunction(step_name(kind, B, C, S), _step_fn(cfg, names, True),
+                                              params + io(B, T) + cache_specs(B, C), results, n_globals))
     if "forward_loss" in wanted:
         LB, LT = config.get("loss_batch_size", 1), config.get("loss_seq_len", 128)
         n = len(names)

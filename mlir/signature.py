@@ -151,6 +151,12 @@ def load_meta(path: str | Path) -> ModuleMeta:
     return parse_meta(data, str(path))
 
 
+def step_name(kind: str, batch: int, capacity: int, max_seq: int) -> str:
+    """A generation module's prefill / decode entry point for batch size `batch` on a KV cache of
+    `capacity` positions: prefill_bs{B} at the full max_seq, prefill_bs{B}_kv{C} for a smaller one."""
+    return f"{kind}_bs{batch}" if capacity == max_seq else f"{kind}_bs{batch}_kv{capacity}"
+
+
 def meta_path_for(vmfb: str | Path) -> Path:
     """artifacts/x.vmfb -> artifacts/x.meta.json"""
     vmfb = Path(vmfb)

@@ -58,6 +58,12 @@ RESIDENT_BF16_CPU_FLAGS = (*RESIDENT_CPU_FLAGS, "--iree-llvmcpu-enable-ukernels=
 code (alternating A/B at 0.5B: 39.0 / 45.3 / 38.3 vs 34.3 / 43.2 / 36.6 tok/s); for fp32 it is no faster."""
 
 
+SHORT_CACHE = 256
+"""KV-cache capacity the generation modules export besides max_seq (prefill_bs{B}_kv256 / decode_bs{B}_kv256):
+decode reads and rewrites its whole cache every step, and a generation that fits (a 128-token prompt + 64
+new tokens) decodes ~4% faster on it at Qwen2.5-0.5B than on 1024 slots (bench/NOTES_generate.md)."""
+
+
 def resident_cpu_flags(dtype: str) -> tuple[str, ...]:
     return RESIDENT_BF16_CPU_FLAGS if dtype == "bfloat16" else RESIDENT_CPU_FLAGS
 QWEN_SOURCES = (
@@ -111,16 +117,18 @@ def _registry() -> dict[str, Target]:
     targets = [
         nanogpt_target("nanogpt-small", "nanogpt-small", batch_size=64),
         nanogpt_target("nanogpt-medium", "nanogpt-medium", batch_size=32),
-        qwen_target("qwen-generation", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024),
+        qwen_target("qwen-generation", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024,
+                    cache_sizes=[SHORT_CACHE]),
         qwen_target("qwen-generation-bf16", "qwen2.5-0.5b", dtype="bfloat16", batch_sizes=[1], prefill_len=128,
-                    max_seq=1024),
+                    max_seq=1024, cache_sizes=[SHORT_CACHE]),
         # Same functions with the weights as parameter-backed module globals, loaded once from the
         # flat weight file: data tiling then packs them once at load instead of on every call
         # (bf16 decode 2.4x the fp32 contract module; bench/NOTES_generate.md).
         qwen_target("qwen-generation-resident", "qwen2.5-0.5b", batch_sizes=[1], prefill_len=128, max_seq=1024,
-                    resident=True, llvm_cpu_flags=RESIDENT_CPU_FLAGS),
+                    cache_sizes=[SHORT_CACHE], resident=True, llvm_cpu_flags=RESIDENT_CPU_FLAGS),
         qwen_target("qwen-generation-resident-bf16", "qwen2.5-0.5b", dtype="bfloat16", batch_sizes=[1],
-                    prefill_len=128, max_seq=1024, resident=True, llvm_cpu_flags=RESIDENT_BF16_CPU_FLAGS),
+                    prefill_len=128, max_seq=1024, cache_sizes=[SHORT_CACHE], resident=True,
+                    llvm_cpu_flags=RESIDENT_BF16_CPU_FLAGS),
         qwen_target("qwen-tiny", "qwen2-tiny", batch_sizes=[1, 2], prefill_len=8, max_seq=64,
                     functions=["prefill", "decode", "forward_loss"], loss_batch_size=2, loss_seq_len=16),
         # GRPO learner of experiments/qwen_rl_test.json: 1 prompt x group 4, 16 prompt + 128 completion tokens.

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from pcpc.mlir.compile import TARGETS as COMPILE_TARGETS
+from pcpc.mlir.targets import SHORT_CACHE
 
 DTYPES = ("float32", "bfloat16")
 
@@ -51,8 +52,12 @@ def weights_name(model: str, dtype: str) -> str:
 
 
 def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int, max_seq: int | None,
-                 resident: bool = False):
-    """The build target of `model`'s generation module with these settings."""
+                 resident: bool = False, cache_sizes: list[int] | None = None):
+    """The build target of `model`'s generation module with these settings.
+
+    cache_sizes: smaller KV-cache capacities to export as well (mlir/qwen_functions.py); None means
+    SHORT_CACHE when it lies between prefill_len and max_seq, 0 entries are dropped.
+    """
     from pcpc.errors import UserError
     from pcpc.exporters import qwen2
     from pcpc.exporters.hf_weights import read_hf_config
@@ -71,7 +76,16 @@ def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: in
         raise UserError(f"--max-seq {seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
     if prefill_len > seq:
         raise UserError(f"--prefill-len {prefill_len} must be <= --max-seq {seq}")
+    if cache_sizes is None:
+        cache_sizes = [SHORT_CACHE] if prefill_len <= SHORT_CACHE < seq else []
+    cache_sizes = sorted(set(c for c in cache_sizes if c))
+    bad = [c for c in cache_sizes if not prefill_len <= c < seq]
+    if bad:
+        raise UserError(f"--cache-size {bad[0]}: must lie in [--prefill-len, --max-seq) = [{prefill_len}, {seq}), "
+                        f"or 0 for none")
     opts = dict(batch_sizes=sorted(set(batch_sizes)), prefill_len=prefill_len, max_seq=seq)
+    if cache_sizes:
+        opts["cache_sizes"] = cache_sizes
     if dtype != "float32":
         opts["dtype"] = dtype
     if resident:
@@ -93,12 +107,16 @@ def _record_path(out_dir: Path, name: str) -> Path:
               help="Batch sizes to export (prefill_bs{B} / decode_bs{B}); repeat for several.")
 @click.option("--prefill-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per prefill call.")
 @click.option("--max-seq", type=click.IntRange(min=1), default=None, help="KV-cache capacity [default: min(1024, max positions)].")
+@click.option("--cache-size", "cache_sizes", type=click.IntRange(min=0), multiple=True, default=None,
+              help=f"A smaller KV-cache capacity to export as well; generation runs on the smallest cache that "
+                   f"holds prompt + new tokens (decode reads the whole cache each step). Repeat for several; "
+                   f"0 for none [default: {SHORT_CACHE}].")
 @click.option("--resident", is_flag=True,
               help="Build the variant whose weights are module parameters, packed once into the layout "
                    "its matmuls read (faster; also writes WEIGHTS.<hash>.packed).")
 @click.option("--target", default="llvm-cpu", type=click.Choice(COMPILE_TARGETS), show_default=True)
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
-def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, resident, target, out_dir):
+def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, cache_sizes, resident, target, out_dir):
     """Build a Qwen2 generation module and write its flat weight file into artifacts/."""
     from pcpc.errors import UserError
     from pcpc.exporters import hf_weights, qwen2
@@ -106,7 +124,8 @@ def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, resident, t
     from pcpc.mlir.signature import load_meta
 
     out_dir = Path(out_dir)
-    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq, resident)
+    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq, resident,
+                            list(cache_sizes) if cache_sizes else None)
     model_dir = hf_weights.find_model_dir(model, weights)  # fails fast, before the slow build
     found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
     if found != cfg:

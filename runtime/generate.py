@@ -4,7 +4,11 @@
     result = generate(model, [[9707, 11, 1879]], max_tokens=32, sampling=SamplingConfig(0.7, 0.9, seed=0),
                       eos_ids=[151645])
 
-The module exports prefill_bs{B} and decode_bs{B} (mlir/qwen_functions.py).
+The module exports prefill_bs{B} and decode_bs{B} (mlir/qwen_functions.py), and
+possibly the same pair on smaller KV caches (prefill_bs{B}_kv{C}): decode reads
+and rewrites its whole cache every step, so a generation runs on the smallest
+cache that holds its prompt and new tokens (`QwenModel.new_cache`); the steps
+pick their entry point from the cache they are given.
 Weights are imported into the runtime once, without a copy (aligned host
 arrays wrapped as device buffers), and passed to every call as device
 arrays; the KV cache lives on the device and each call's cache output is the
@@ -30,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pcpc.errors import UserError
-from pcpc.mlir.signature import load_meta, meta_path_for
+from pcpc.mlir.signature import load_meta, meta_path_for, step_name
 from pcpc.runtime.module import CompiledModule, is_resident, to_host
 
 
@@ -85,6 +89,8 @@ class QwenModel:
     prefill_len: int
     max_seq: int
     vocab_size: int
+    capacities: list[int]
+    """KV-cache capacities with a prefill / decode pair for every batch size, ascending; the last is max_seq."""
 
     @classmethod
     def from_module(cls, module: CompiledModule, weights: list) -> "QwenModel":
@@ -98,7 +104,12 @@ class QwenModel:
         if len(weights) != n:
             raise UserError(f"{module.path}: {len(weights)} weight arrays given, the module takes {n}")
         tokens = next(a for a in pre.args if a.name == "tokens")
-        return cls(module, list(weights), sizes, tokens.shape[1], pre.args[-1].shape[3], pre.results[0].shape[-1])
+        max_seq = pre.args[-1].shape[3]
+        smaller = {int(m.group(1)) for n in fns if (m := re.fullmatch(r"decode_bs\d+_kv(\d+)", n))}
+        capacities = sorted(c for c in smaller if all(step_name(k, b, c, max_seq) in fns
+                                                         for b in sizes for k in ("prefill", "decode")))
+        return cls(module, list(weights), sizes, tokens.shape[1], max_seq, pre.results[0].shape[-1],
+                   capacities + [max_seq])
 
     @classmethod
     def load(cls, vmfb: str | Path, weights_file: str | Path, threads: int | None = None) -> "QwenModel":
@@ -123,11 +134,22 @@ class QwenModel:
             weights.append(import_host_array(module, arr))
         return cls.from_module(module, weights)
 
-    def new_cache(self, batch: int) -> tuple:
-        """Zeroed KV cache (keys, values) on the device for batch size `batch`."""
-        spec = self.module.meta.functions[f"decode_bs{batch}"].args[-1]
+    def new_cache(self, batch: int, positions: int | None = None) -> tuple:
+        """Zeroed KV cache (keys, values) on the device for batch size `batch`: the smallest
+        capacity that holds `positions` (default: the full max_seq)."""
+        need = self.max_seq if positions is None else positions
+        capacity = next((c for c in self.capacities if c >= need), self.max_seq)
+        spec = self.module.meta.functions[self.step("decode", batch, capacity)].args[-1]
         zeros = np.zeros(spec.shape, np.float32)
         return self.module.upload(zeros), self.module.upload(zeros)
+
+    def step(self, kind: str, batch: int, capacity: int) -> str:
+        """Name of the prefill / decode entry point for this batch size and cache capacity."""
+        return step_name(kind, batch, capacity, self.max_seq)
+
+
+def _capacity(cache: tuple) -> int:
+    return int(cache[0].shape[3])  # (L, B, n_kv, capacity, head_dim)
 
 
 # ---------------------------------------------------------------------------
@@ -148,9 +170,10 @@ def prefill(model: QwenModel, prompts: Sequence[Sequence[int]], batch: int, cach
     for b, p in enumerate(prompts):
         tokens[b, total - len(p):] = p
         positions[b, total - len(p):] = np.arange(len(p))
+    fn = model.step("prefill", batch, _capacity(cache))
     ck, cv = cache
     for c in range(0, total, P):
-        logits, ck, cv = model.module(f"prefill_bs{batch}", *model.weights, tokens[:, c : c + P],
+        logits, ck, cv = model.module(fn, *model.weights, tokens[:, c : c + P],
                                       positions[:, c : c + P], ck, cv)
     return to_host(logits), (ck, cv)
 
@@ -158,7 +181,7 @@ def prefill(model: QwenModel, prompts: Sequence[Sequence[int]], batch: int, cach
 def decode_one_token(model: QwenModel, tokens: np.ndarray, positions: np.ndarray, cache: tuple):
     """One decode step: tokens, positions (batch,) int64 -> logits (batch, V) and the new cache."""
     batch = tokens.shape[0]
-    logits, ck, cv = model.module(f"decode_bs{batch}", *model.weights, tokens.reshape(batch, 1),
+    logits, ck, cv = model.module(model.step("decode", batch, _capacity(cache)), *model.weights, tokens.reshape(batch, 1),
                                   positions.reshape(batch, 1), *cache)
     return to_host(logits), (ck, cv)
 
@@ -279,7 +302,8 @@ def generate(
         group = prompts[start : start + biggest]
         batch = next(b for b in model.batch_sizes if b >= len(group))
         t0 = time.perf_counter()
-        logits, cache = prefill(model, group, batch, model.new_cache(batch))
+        cache = model.new_cache(batch, max(len(p) for p in group) + max_tokens)
+        logits, cache = prefill(model, group, batch, cache)
         first = np.zeros(batch, np.int64)
         first[: len(group)] = sample(logits[: len(group)], rng, sampling)
         t1 = time.perf_counter()

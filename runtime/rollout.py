@@ -160,7 +160,8 @@ def generate_completions(model, prompts: list[list[int]], plan: SamplingPlan, se
     sampling = SamplingConfig(plan.temperature, plan.top_p, seed)
     rng = np.random.default_rng(seed)
     eos = set(plan.eos_token_ids)
-    logits, cache = prefill(model, prompts, batch, model.new_cache(batch))
+    cache = model.new_cache(batch, max(len(p) for p in prompts) + plan.max_tokens)
+    logits, cache = prefill(model, prompts, batch, cache)
     cur = sample(logits, rng, sampling)  # (B,) the token at position len(prompt)
     pos = np.array([len(p) for p in prompts], np.int64)
     out = [[] for _ in prompts]

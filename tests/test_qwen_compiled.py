@@ -7,7 +7,6 @@ device arrays, the path `pcpc export` / `pcpc generate` take.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -176,6 +175,10 @@ def test_forward_loss_matches_torch(root):
     assert rel_err(got, want) < 1e-5
 
 
+SHORT = 24
+"""The resident module's smaller KV cache (prefill_bs1_kv24 / decode_bs1_kv24)."""
+
+
 @pytest.fixture(scope="module")
 def resident(root):
     """The gqa-tied case as a resident module (weights as parameter-backed globals, packed by data
@@ -184,7 +187,8 @@ def resident(root):
     from pcpc.mlir.build import build
     from qwen_helpers import PREFILL_LEN
 
-    target, cfg = model_target(str(make_hf_dir(root, "gqa-tied")), "float32", [1], PREFILL_LEN, MAX_SEQ, resident=True)
+    target, cfg = model_target(str(make_hf_dir(root, "gqa-tied")), "float32", [1], PREFILL_LEN, MAX_SEQ, resident=True,
+                               cache_sizes=[SHORT])
     assert DATA_TILING in target.llvm_cpu_flags
     result = build(target, root / "artifacts")
     return result, write_weights(root, "gqa-tied", result, cfg)
@@ -209,6 +213,53 @@ def test_resident_module_matches_hf(resident, models):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + [7]])).logits[0, -1].numpy()
     assert rel_err(step[0], ref) < 1e-4
+
+
+class _Calls:
+    """A CompiledModule stand-in that records the entry points called."""
+
+    def __init__(self, module):
+        self.module, self.names = module, []
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def __call__(self, name, *args):
+        self.names.append(name)
+        return self.module(name, *args)
+
+
+def test_generation_runs_on_the_smallest_cache_that_fits(resident, models):
+    """A short generation prefills and decodes on the kv24 cache, a longer one on the full one; both
+    match HF (the smaller cache's attention is the same computation over fewer slots)."""
+    result, weights = resident
+    model = gen.QwenModel.load(result.vmfb, weights)
+    assert model.capacities == [SHORT, MAX_SEQ]
+    assert [c.shape[3] for c in model.new_cache(1, SHORT)] == [SHORT, SHORT]
+    assert model.new_cache(1, SHORT + 1)[0].shape[3] == MAX_SEQ and model.new_cache(1)[0].shape[3] == MAX_SEQ
+    _, _, hf = models("gqa-tied")
+    prompt = prompt_ids(11, seed=6)
+    model.module = _Calls(model.module)
+    for n, step in ((SHORT - len(prompt), f"_bs1_kv{SHORT}"), (SHORT - len(prompt) + 1, "_bs1")):
+        model.module.names.clear()
+        assert gen.generate(model, [prompt], n, eos_ids=[]).tokens[0] == hf_greedy(hf, prompt, n)
+        assert set(model.module.names) == {"prefill" + step, "decode" + step}
+
+
+def test_cache_sizes_are_checked():
+    from pcpc.cmd_qwen import model_target
+    from pcpc.mlir import qwen_functions
+
+    with pytest.raises(UserError, match=r"--cache-size 4: must lie in \[--prefill-len, --max-seq\) = \[8, 64\)"):
+        model_target("qwen2.5-0.5b", "float32", [1], 8, 64, cache_sizes=[4])
+    with pytest.raises(UserError, match=r"--cache-size 64: must lie"):
+        model_target("qwen2.5-0.5b", "float32", [1], 8, 64, cache_sizes=[16, 64])
+    target, _ = model_target("qwen2.5-0.5b", "float32", [1], 128, None)
+    assert target.config["cache_sizes"] == [256] and target.config["max_seq"] == 1024
+    assert "cache_sizes" not in model_target("qwen2.5-0.5b", "float32", [1], 128, None, cache_sizes=[0])[0].config
+    assert "cache_sizes" not in model_target("qwen2.5-0.5b", "float32", [1], 8, 200)[0].config
+    with pytest.raises(ValueError, match=r"cache_sizes entries must be integers in \[prefill_len, max_seq\)"):
+        qwen_functions.check_config({"model": "qwen2-tiny", "prefill_len": 8, "max_seq": 64, "cache_sizes": [64]})
 
 
 def test_resident_module_needs_a_matching_weight_file(resident, tmp_path):
