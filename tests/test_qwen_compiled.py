@@ -7,7 +7,6 @@ device arrays, the path `pcpc export` / `pcpc generate` take.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
