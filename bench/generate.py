@@ -277,8 +277,8 @@ def run_rounds(children: dict, n_rounds: int, new_tokens: int) -> list[dict]:
             row[label] = {"decode": decode["tok_s"], "prefill": prefill["tok_s"], "tokens": decode["tokens"],
                           "bandwidth": max(*before.values(), *after.values())}
             print(f"round {r + 1} {label:14s} decode {decode['tok_s']:6.2f} tok/s  prefill {prefill['tok_s']:6.1f} "
-                  f"tok/s  bandwidth before / after {max(before.values()):.1f} / {max(after.values()):.1f} GB/s",
-                  flush=True)
+                  f"tok/s  bandwidth before / after {max(before.values()):.1f} / {max(after.values()):.1f} GB/s "
+                  f"(after: 1 thread {after[1]:.1f}, 2 threads {after[2]:.1f}, sgemv {after['sgemv']:.1f})", flush=True)
             before = after
         rounds.append(row)
     return rounds
