@@ -15,7 +15,7 @@ Random weights at the 0.5B shape (no download needed). Steps, in order:
      over 2.4 GB (numpy reductions with 1 and 2 threads, a BLAS sgemv; the best). Decode must read
      every weight once per token, so a contender's floor in a round = the best probe right before
      and after its run / weight bytes.
-The VM's memory bandwidth moves by tens of percent within minutes (two regimes, ~45-50 and ~70 GB/s,
+The VM's memory bandwidth moves by tens of percent within seconds (two regimes, ~45-50 and ~70 GB/s,
 bench/NOTES_generate.md), so every ratio is taken within a round, between runs seconds apart, and
 the median over rounds is reported. Prints tok/s, peak RSS and the ratios the targets are stated in.
 """
