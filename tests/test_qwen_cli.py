@@ -111,6 +111,8 @@ def test_resident_export_and_generate(exported):
         (["generate", "--model", "{hf}", "--prompt", "x", "--dtype", "bfloat16", "--out-dir", "{out}"],
          "run `pcpc export --model"),
         (["export", "--model", "{hf}", "--weights", "{tmp}", "--out-dir", "{tmp}"], "expected a directory with config.json"),
+        (["export", "--model", "{hf}", "--prefill-len", "8", "--max-seq", "64", "--cache-size", "4", "--out-dir", "{tmp}"],
+         "--cache-size 4: must lie in [--prefill-len, --max-seq) = [8, 64)"),
         (["data", "prompts", "show", "{tmp}/cut.bin"], "truncated"),
         (["data", "prompts", "encode", "{tmp}/x.bin", "--model", "{hf}"], "no prompts"),
     ],
@@ -122,6 +124,22 @@ def test_cli_errors_exit_2(exported, tmp_path, args, message):
     res = run(*args)
     assert res.exit_code == 2, res.output
     assert message in res.stderr
+
+
+def test_export_passes_cache_sizes_to_the_target(monkeypatch):
+    import pcpc.cmd_qwen as cmd_qwen
+    from pcpc.errors import UserError
+
+    seen = []
+
+    def target(*args):
+        seen.append(args)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(cmd_qwen, "model_target", target)
+    run("export", "--model", "qwen2.5-0.5b", "--cache-size", 200, "--cache-size", 512)
+    run("export", "--model", "qwen2.5-0.5b")
+    assert [a[-1] for a in seen] == [[200, 512], None]  # None: the default (SHORT_CACHE where it fits)
 
 
 def test_export_preset_without_weights_says_what_to_download(tmp_path, monkeypatch):
