@@ -181,8 +181,8 @@ def prefill(model: QwenModel, prompts: Sequence[Sequence[int]], batch: int, cach
 def decode_one_token(model: QwenModel, tokens: np.ndarray, positions: np.ndarray, cache: tuple):
     """One decode step: tokens, positions (batch,) int64 -> logits (batch, V) and the new cache."""
     batch = tokens.shape[0]
-    logits, ck, cv = model.module(model.step("decode", batch, _capacity(cache)), *model.weights, tokens.reshape(batch, 1),
-                                  positions.reshape(batch, 1), *cache)
+    fn = model.step("decode", batch, _capacity(cache))
+    logits, ck, cv = model.module(fn, *model.weights, tokens.reshape(batch, 1), positions.reshape(batch, 1), *cache)
     return to_host(logits), (ck, cv)
 
 
