@@ -285,8 +285,8 @@ def run_rounds(children: dict, n_rounds: int, new_tokens: int) -> list[dict]:
 
 
 def report(rounds: list[dict], stats: dict, weight_bytes: dict) -> None:
-    def median(label, fn):
-        return statistics.median(fn(row[label]) for row in rounds)
+    def median(label, key):
+        return statistics.median(row[label][key] for row in rounds)
 
     def ratio(label, base, key):
         return statistics.median(row[label][key] / row[base][key] for row in rounds)
@@ -296,7 +296,7 @@ def report(rounds: list[dict], stats: dict, weight_bytes: dict) -> None:
     print(f"{'':14s} {'decode tok/s':>12s} {'prefill tok/s':>13s} {'peak RSS GB':>11s} {'RSS/weights':>11s}  first tokens")
     for label in stats:
         rss = stats[label]["peak_rss"]
-        print(f"{label:14s} {median(label, lambda r: r['decode']):12.2f} {median(label, lambda r: r['prefill']):13.1f} "
+        print(f"{label:14s} {median(label, 'decode'):12.2f} {median(label, 'prefill'):13.1f} "
               f"{rss / 1e9:11.2f} {rss / weight_bytes[label]:11.2f}  {rounds[-1][label]['tokens'][:4]}")
     ref = rounds[-1]["pcpc-fp32"]["tokens"]
     mismatched = [label for label in stats if label.startswith("pcpc") and any(r[label]["tokens"] != ref for r in rounds)]
