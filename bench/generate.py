@@ -120,7 +120,7 @@ class PcpcContender:
 class HFContender:
     """HF transformers eager Qwen2ForCausalLM at the 0.5B shape (its default init), `generate` greedy."""
 
-    def __init__(self, prompt_len: int, new_tokens: int):
+    def __init__(self, prompt_len: int):
         import torch
         import transformers
 
@@ -211,7 +211,7 @@ def main():
     args = ap.parse_args()
     if args.child:
         kind, rest = args.child[0], args.child[1:]
-        serve(HFContender(*map(int, rest)) if kind == "hf" else PcpcContender(rest[0], rest[1], *map(int, rest[2:])))
+        serve(HFContender(int(rest[0])) if kind == "hf" else PcpcContender(rest[0], rest[1], *map(int, rest[2:])))
         return
 
     from pcpc.exporters import hf_weights
@@ -252,7 +252,7 @@ def main():
             children[label] = Child(["pcpc", str(result.vmfb), str(weight_files[dtype]), str(args.prompt_len),
                                      str(args.new_tokens)])
         if "hf" not in skip:
-            children["hf-eager"] = Child(["hf", str(args.prompt_len), str(args.new_tokens)])
+            children["hf-eager"] = Child(["hf", str(args.prompt_len)])
             weight_bytes["hf-eager"] = weight_bytes["pcpc-fp32"]
         rounds = run_rounds(children, args.rounds, args.new_tokens)
         stats = {label: child.ask("stats") for label, child in children.items()}
