@@ -6,6 +6,7 @@ The formulas follow TRL's GRPOTrainer:
     ratio_t       = exp(logp_t - old_logp_t)
     per_token_t   = -min(ratio_t * A, clamp(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
     kl_t          = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                  (k3 estimator)
+    kl_t          = ratio_t * kl_t       with bias_correction_kl (TRL's default use_bias_correction_kl=True)
 
 aggregated over completion tokens (mask) as
     grpo     mean over sequences of (sum_t per_token * mask) / (sum_t mask)
@@ -15,8 +16,11 @@ aggregated over completion tokens (mask) as
 `token_logprobs` turns logits into the per-token log-probabilities these
 take, written to trace and lower cleanly (arange comparison, no gather).
 Everything here is a pure function of tensors; hyperparameters that may
-change between runs (beta, epsilons, temperature) are tensors too, so a
-compiled loss never needs rebuilding when they change.
+change between runs (beta, epsilons, temperature, bias_correction_kl) are
+tensors too, so a compiled loss never needs rebuilding when they change.
+
+Checked against TRL 1.16.0's own GRPOTrainer._compute_loss and
+_generate_and_score_completions in tests/test_grpo_numerics.py.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(d) - d - 1 with d = ref - logp (>= 0)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1.0
+
+
+def bias_corrected_kl(kl: torch.Tensor, ratio: torch.Tensor, bias_correction_kl=True) -> torch.Tensor:
+    """kl (B, L) times the importance ratio (B, L) where bias_correction_kl says so (TRL 1.16's default).
+
+    ratio = pi / pi_old is differentiable, so the correction changes the
+    gradient even on-policy (ratio 1 in value, d ratio = d logp): it makes
+    the KL term's gradient that of the reverse KL to the reference
+    (DeepSeek-V3.2). bias_correction_kl: bool, or a 0-d tensor in {0, 1}
+    (compiled modules choose at run time).
+    """
+    if isinstance(bias_correction_kl, bool):
+        return kl * ratio if bias_correction_kl else kl
+    return kl * (bias_correction_kl * ratio + (1.0 - bias_correction_kl))
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type, max_completion_length):
@@ -82,13 +100,17 @@ def grpo_loss(
     eps_high,
     loss_type="grpo",
     max_completion_length=1,
+    bias_correction_kl=True,
 ):
     """GRPO loss and its statistics.
 
     logp, old_logp, ref_logp, mask: (B, L); advantages: (B,). beta, eps_low,
     eps_high, max_completion_length: floats or 0-d tensors; loss_type: see
-    `aggregate`. Returns (loss, kl, clip_ratio,
-    low_clip, high_clip), the last four masked token means (as TRL logs them).
+    `aggregate`; bias_correction_kl: see `bias_corrected_kl` (default True, as
+    TRL's use_bias_correction_kl). Returns (loss, kl, clip_ratio, low_clip,
+    high_clip), the last four masked token means over the batch, as TRL logs
+    kl (the corrected one when corrected), clip_ratio/region_mean, low_mean
+    and high_mean.
     """
     adv = advantages.unsqueeze(1)  # (B, 1)
     # Outside the completion mask (prompt, padding) the old / reference log-probs are replaced by the
@@ -100,7 +122,7 @@ def grpo_loss(
     ratio = torch.exp(logp - old_logp)  # (B, L)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)  # (B, L)
-    kl = per_token_kl(logp, ref_logp)
+    kl = bias_corrected_kl(per_token_kl(logp, ref_logp), ratio, bias_correction_kl)
     per_token = per_token + beta * kl
     loss = aggregate(per_token, mask, loss_type, max_completion_length)
 
@@ -114,8 +136,14 @@ def grpo_loss(
 def compute_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group"):
     """Group-relative advantages of rewards (N,) laid out group after group.
 
-    Returns (advantages (N,), frac_reward_zero_std): the fraction of groups
-    whose rewards are all equal (they carry no learning signal).
+    advantage = (r - group mean) / (std + 1e-4), std the group's (scale
+    "group"), the whole batch's ("batch"), or no division ("none"); std is
+    unbiased (torch.std, TRL's nanstd). Returns (advantages (N,),
+    frac_reward_zero_std), as TRL logs it: the fraction of rewards whose std
+    (the one of the scale: the batch std for "batch", else the group std, which
+    "none" only logs) is zero. For "group" / "none" that is the fraction of
+    groups whose rewards are all equal (they carry no learning signal); for
+    "batch" it is 1 when every reward in the batch is equal, else 0.
     """
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {scale!r}")
@@ -123,11 +151,13 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, scale: str = "gro
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (group_size >= 2)")
     grouped = rewards.view(-1, group_size)  # (G, group_size)
     mean = grouped.mean(1).repeat_interleave(group_size)  # (N,)
-    std_group = grouped.std(1)  # (G,) unbiased, as torch.std / TRL
+    if scale == "batch":
+        std = rewards.std().expand_as(rewards)  # (N,) unbiased, as torch.std / TRL's nanstd
+    else:
+        std = grouped.std(1).repeat_interleave(group_size)  # (N,)
     adv = rewards - mean
-    if scale == "group":
-        adv = adv / (std_group.repeat_interleave(group_size) + ADV_EPS)
-    elif scale == "batch":
-        adv = adv / (rewards.std() + ADV_EPS)
-    frac_zero_std = torch.isclose(std_group, torch.zeros_like(std_group)).float().mean()
+    if scale != "none":
+        adv = adv / (std + ADV_EPS)
+    # TRL: is_std_zero = isclose(std_rewards, 0) per reward, frac = its mean (default isclose tolerances)
+    frac_zero_std = torch.isclose(std, torch.zeros_like(std)).float().mean()
     return adv, float(frac_zero_std)

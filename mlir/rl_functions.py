@@ -25,7 +25,7 @@ optimizer state, then scalars, then data. Rows are laid out
 The optimizer works chunk by chunk (autodiff/optim.update_groups: one
 transformer block, or one other parameter, per call; chunks of a kind K share
 a function), so at 0.5B its transients are one block (~60 MB), not a second
-and third copy of the weights and moments; runtime/rl_update.py drives it.
+and third copy of the weights and moments; runtime/rl/update.py drives it.
 The recipe's "adamw" and "outer" name all the adamw_K / outer_K functions.
 
 <grpo data> = ids (B,T) i64, mask (B,L) f32 (1 on completion targets),
@@ -33,10 +33,16 @@ The recipe's "adamw" and "outer" name all the adamw_K / outer_K functions.
     (one-hot over grpo, dapo, dr_grpo), beta, eps_low, eps_high, temperature,
     max_completion_length (the dr_grpo normaliser), use_old (0/1: 0 takes the
     current log-probs, detached, as the old policy's — TRL's single-update
-    case — and saves a forward pass).
+    case — and saves a forward pass), bias_correction_kl (0/1: 1 multiplies
+    the per-token KL by the importance ratio exp(logp - old_logp), TRL's
+    default use_bias_correction_kl=True; the ratio is differentiable, so this
+    changes the gradient even with use_old 0; kl is then the corrected one).
 <dpo data> = ids (B,T) i64 (chosen rows, then rejected rows), mask (B,L) f32,
-    ref_logps (B,) (the reference's sequence_logps; per-token means for ipo),
-    loss_type (3,) f32 (one-hot over sigmoid, ipo, hinge), beta.
+    ref_logps (B,) (the reference's sequence_logps: per-row SUMS of masked
+    token log-probs, for every loss type; ipo divides the log-ratios by the
+    row's mask count inside), loss_type (3,) f32 (one-hot over sigmoid, ipo,
+    hinge), beta. chosen_rewards / rejected_rewards = beta * (policy sum -
+    ref sum), as TRL logs them, for every loss type.
 Loss types and hyperparameters are inputs, so one module per shape serves
 every GRPO / DPO configuration.
 Gradients are derived by pcpc.autodiff.derive (torch.func), never written by hand.
@@ -67,13 +73,13 @@ def make_grpo_loss(cfg: qwen2.Qwen2Config):
     """loss_fn(params, <grpo data>) -> (loss, kl, clip_ratio, low_clip, high_clip)."""
 
     def loss_fn(params, ids, mask, advantages, old_logp, ref_logp, loss_type, beta, eps_low, eps_high,
-                temperature, max_completion_length, use_old):
+                temperature, max_completion_length, use_old, bias_correction_kl):
         logits = qwen2.forward(params, ids, None, cfg)  # (B, T, V)
         logp = token_logprobs(logits, ids, temperature)  # (B, L)
         old = torch.where(use_old > 0, old_logp, logp.detach())
         ref = torch.where(beta > 0, ref_logp, logp.detach())  # beta 0: no reference model, kl 0, no NaN
         return grpo_loss(logp, old, ref, advantages, mask, beta, eps_low, eps_high, loss_type,
-                         max_completion_length)
+                         max_completion_length, bias_correction_kl)
 
     return loss_fn
 
@@ -83,10 +89,10 @@ def make_dpo_loss(cfg: qwen2.Qwen2Config):
 
     def loss_fn(params, ids, mask, ref_logps, loss_type, beta):
         logits = qwen2.forward(params, ids, None, cfg)
-        # ipo (loss_type[1]) compares per-token mean log-probs, the others sums
-        seq = sequence_logps(token_logprobs(logits, ids, 1.0), mask, average=loss_type[1])  # (2P,)
+        seq = sequence_logps(token_logprobs(logits, ids, 1.0), mask)  # (2P,) sums, as ref_logps
+        tokens = mask.sum(-1)  # (2P,) ipo's per-token means divide by these
         n = seq.shape[0] // 2
-        return dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta, loss_type)
+        return dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta, loss_type, tokens[:n], tokens[n:])
 
     return loss_fn
 
@@ -129,7 +135,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     mask = f32("mask", (B, L))
     grpo_data = [ids, mask, f32("advantages", (B,)), f32("old_logp", (B, L)), f32("ref_logp", (B, L)),
                  f32("loss_type", (len(GRPO_LOSS_TYPES),)), scalar("beta"), scalar("eps_low"), scalar("eps_high"),
-                 scalar("temperature"), scalar("max_completion_length"), scalar("use_old")]
+                 scalar("temperature"), scalar("max_completion_length"), scalar("use_old"),
+                 scalar("bias_correction_kl")]
     grpo_stats = [("loss", "loss"), ("kl", "output"), ("clip_ratio", "output"), ("low_clip", "output"),
                   ("high_clip", "output")]
     dpo_data = [ids, mask, f32("ref_logps", (B,)), f32("loss_type", (len(DPO_LOSS_TYPES),)), scalar("beta")]

@@ -3,7 +3,8 @@
 An HF transformers Qwen2ForCausalLM with the same weights, log-probs picked
 with log_softmax + gather, and TRL's loss formulas written out again here,
 independently of pcpc.autodiff, so the compiled modules are checked against
-a second implementation rather than against themselves.
+a second implementation rather than against themselves. trl_reference.py
+runs TRL's own trainer code beside these.
 """
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def token_logps(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Ten
     return torch.gather(F.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
 
 
-def grpo_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len):
-    """TRL GRPOTrainer._compute_loss (token-level importance sampling)."""
+def grpo_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max_len, bias_correction_kl=True):
+    """TRL GRPOTrainer._compute_loss (token-level importance sampling); bias_correction_kl as TRL's
+    use_bias_correction_kl (default True): the KL times the importance ratio."""
     kl = torch.exp(ref - logp) - (ref - logp) - 1
     coef_1 = torch.exp(logp - old)
+    if bias_correction_kl:
+        kl = kl * coef_1
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(coef_1 * adv[:, None], coef_2 * adv[:, None]) + beta * kl
     if loss_type == "grpo":
@@ -95,16 +99,21 @@ def grpo_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, loss_type, max
     return (per_token * mask).sum() / (per_token.size(0) * max_len)
 
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type):
-    """TRL DPOTrainer.dpo_loss for sigmoid (no label smoothing), hinge and ipo."""
-    logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, chosen_tokens=None, rejected_tokens=None):
+    """TRL DPOTrainer._compute_loss for sigmoid (no label smoothing), hinge and ipo, on (P,) sequence sums.
+
+    ipo divides each side's log-ratio by its completion token count (chosen_tokens, rejected_tokens); the
+    rewards beta * (logp - ref) are on the sums for every loss type.
+    """
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * logits)
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
     elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * logits)
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
     else:
-        losses = (logits - 1 / (2 * beta)) ** 2
-    return losses.mean(), beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+        delta = chosen_ratio / chosen_tokens.clamp(min=1.0) - rejected_ratio / rejected_tokens.clamp(min=1.0)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def rel_err(got, want) -> float:

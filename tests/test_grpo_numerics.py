@@ -1,18 +1,35 @@
-"""Compiled GRPO loss, gradients and train step against plain PyTorch (HF Qwen2 + TRL's formulas).
+"""Compiled GRPO loss, gradients and train step against plain PyTorch (HF Qwen2 + TRL's formulas) and TRL itself.
 
 The tiny module (1 layer, vocab 256; rl_reference.rl_module) holds every RL
-function; each loss type, the clipped-ratio path (old log-probs given) and
-one AdamW train step are compared with relative error < 1e-5 in fp32.
+function; each loss type, the clipped-ratio path (old log-probs given), the
+bias-corrected and the plain KL, and one AdamW train step are compared with
+relative error < 1e-5 in fp32 against the hand-written reference
+(rl_reference.py). Beside it, TRL 1.16.0's own GRPOTrainer._compute_loss
+(trl_reference.py: the real method, a stand-in `self`) is the reference for
+pcpc's eager loss (relative < TORCH_TOL: the same fp32 maths in a different
+order) and for the compiled module (< TOL): losses, gradients and the logged
+kl / clip ratios, and TRL's _generate_and_score_completions for the
+advantages and frac_reward_zero_std.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
+import trl
 
-from rl_reference import B, L, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
-from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES
+from rl_reference import B, L, T, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
+from trl_reference import TRL_VERSION, grpo_per_token_logps, grpo_self, trl_advantages, trl_grpo, trl_model
+from pcpc.autodiff import derive
+from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_advantages
+from pcpc.autodiff.grpo import grpo_loss as pcpc_grpo_loss
+from pcpc.mlir.rl_functions import make_grpo_loss
+
+TORCH_TOL = 2e-6
+"""pcpc's eager torch loss / gradients against TRL's, both fp32 on CPU (measured up to ~9e-7)."""
 
 
 def test_token_logprobs_match_hf(rl_module, setup):
@@ -24,21 +41,23 @@ def test_token_logprobs_match_hf(rl_module, setup):
     assert rel_err(seq, (token_logps(hf_model(cfg, params), ids) * mask).sum(-1).detach()) < TOL
 
 
-def _grpo_reference(cfg, params, ref_params, ids, mask, adv, old, beta, eps, temperature, loss_type, use_old):
+def _grpo_reference(cfg, params, ref_params, ids, mask, adv, old, beta, eps, temperature, loss_type, use_old, bias):
     model = hf_model(cfg, params)
     with torch.no_grad():
         ref = token_logps(hf_model(cfg, ref_params), ids, temperature)
     logp = token_logps(model, ids, temperature)
     old_logp = old if use_old else logp.detach()
-    loss = grpo_loss(logp, old_logp, ref, adv, mask, beta, eps[0], eps[1], loss_type, max_len=L)
+    loss = grpo_loss(logp, old_logp, ref, adv, mask, beta, eps[0], eps[1], loss_type, max_len=L,
+                     bias_correction_kl=bias)
     loss.backward()
     names = list(params)
     grads = dict(model.named_parameters())
     return loss.detach(), ref, [grads[n].grad for n in names]
 
 
-@pytest.mark.parametrize("loss_type,use_old", [("grpo", False), ("dapo", False), ("dr_grpo", False), ("grpo", True)])
-def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old):
+@pytest.mark.parametrize("loss_type,use_old,bias", [("grpo", False, True), ("dapo", False, True), ("dr_grpo", False, True),
+                                                    ("grpo", True, True), ("grpo", False, False), ("grpo", True, False)])
+def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old, bias):
     cfg, params, ref_params, ids, mask = setup
     # Not group-normalised: those sum to zero per group and the loss value would be pure rounding.
     adv = torch.tensor([1.0, -0.4, 0.8, 0.3])
@@ -48,12 +67,12 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old)
         cur = token_logps(hf_model(cfg, params), ids, temperature)
     old = cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(1))
     loss, ref, grads = _grpo_reference(cfg, params, ref_params, ids, mask, adv, old, beta, eps, temperature,
-                                       loss_type, use_old)
+                                       loss_type, use_old, bias)
     sel = np.array([t == loss_type for t in GRPO_TYPES], np.float32)
     out = rl_module.call_host(
         "grpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), adv.numpy(), old.numpy(), ref.numpy(),
         sel, np.float32(beta), np.float32(eps[0]), np.float32(eps[1]), np.float32(temperature), np.float32(L),
-        np.float32(use_old))
+        np.float32(use_old), np.float32(bias))
     assert rel_err(out[0], loss) < TOL
     for name, got, want in zip(params, out[5:], grads):
         assert rel_err(got, want) < TOL, name
@@ -64,10 +83,10 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old)
 
 
 def test_grpo_update_matches_torch_adamw(rl_module, setup):
-    """Gradients, then the chunked AdamW update (runtime/rl_update.py), from a mid-run optimizer state (step 10;
+    """Gradients, then the chunked AdamW update (runtime/rl/update.py), from a mid-run optimizer state (step 10;
     second moments well above eps, so the update is a well-conditioned function of the gradient) against
     torch.optim.AdamW + clip_grad_norm_."""
-    from pcpc.runtime.rl_update import ChunkedOptimizer
+    from pcpc.runtime.rl.update import ChunkedOptimizer
 
     cfg, params, ref_params, ids, mask = setup
     adv = torch.tensor([1.0, -0.5, 0.7, 0.2])
@@ -85,7 +104,7 @@ def test_grpo_update_matches_torch_adamw(rl_module, setup):
     with torch.no_grad():
         ref = token_logps(hf_model(cfg, ref_params), ids, temperature)
     logp = token_logps(model, ids, temperature)
-    loss = grpo_loss(logp, logp.detach(), ref, adv, mask, beta, eps[0], eps[1], "grpo", L)
+    loss = grpo_loss(logp, logp.detach(), ref, adv, mask, beta, eps[0], eps[1], "grpo", L, bias_correction_kl=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_([named[n] for n in names], 1.0)
     assert norm > 1.0  # the clip acts on this input
@@ -94,7 +113,7 @@ def test_grpo_update_matches_torch_adamw(rl_module, setup):
     sel = np.array([1, 0, 0], np.float32)
     out = rl_module("grpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), adv.numpy(),
                     np.zeros((B, L), np.float32), ref.numpy(), sel, np.float32(beta), np.float32(eps[0]),
-                    np.float32(eps[1]), np.float32(temperature), np.float32(L), np.float32(0))
+                    np.float32(eps[1]), np.float32(temperature), np.float32(L), np.float32(0), np.float32(1))
     assert rel_err(out[0].to_host(), loss.detach()) < TOL
     P = rl_module.upload_all(_np(params))
     M = rl_module.upload_all([m0[n].numpy() for n in names])
@@ -117,7 +136,7 @@ def test_grpo_update_matches_torch_adamw(rl_module, setup):
 def test_outer_step_per_chunk_matches_sgd_nesterov(rl_module, setup):
     """The outer Nesterov step, fused behind each chunk's AdamW and on its own, against torch SGD(nesterov)
     with the pseudo-gradient (weights before - after) as the gradient."""
-    from pcpc.runtime.rl_update import ChunkedOptimizer
+    from pcpc.runtime.rl.update import ChunkedOptimizer
 
     _, params, _, _, _ = setup
     names = list(params)
@@ -150,3 +169,121 @@ def test_outer_step_per_chunk_matches_sgd_nesterov(rl_module, setup):
         for got_p, got_b in ((P[i], Bm[i]), (P2[i], B2[i])):
             assert rel_err(got_b.to_host(), want_b) < TOL, name
             assert np.allclose(got_p.to_host(), ws[i].detach().numpy(), rtol=0, atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------------------ against TRL itself
+
+PROMPT = 4
+"""TRL's layout: prompts of one length (left padding would shift positions), completions right-padded after."""
+COMPLETION_LENS = [12, 7, 10, 1]
+
+
+@pytest.fixture(scope="module")
+def trl_batch(setup):
+    """setup's weights and ids split TRL's way: prompt_ids (B, P), completion_ids (B, C), completion_mask (B, C),
+    and pcpc's (B, L) mask of the same completion tokens (position t predicts token t + 1)."""
+    cfg, params, ref_params, ids, _ = setup
+    C = T - PROMPT
+    completion_mask = (torch.arange(C) < torch.tensor(COMPLETION_LENS)[:, None]).long()
+    mask = torch.cat([torch.zeros(B, PROMPT - 1), completion_mask.float()], 1)
+    return cfg, params, ref_params, ids, completion_mask, mask
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """TRL's (B, C) completion log-probs as pcpc's (B, L) (zeros on the prompt, which the mask drops)."""
+    return torch.cat([torch.zeros(x.shape[0], PROMPT - 1), x], 1)
+
+
+def test_trl_pinned_and_bias_correction_default():
+    """The TRL these tests run is the pinned one, and pcpc's default KL is TRL's default (bias-corrected)."""
+    assert trl.__version__ == TRL_VERSION
+    default = next(f.default for f in trl.GRPOConfig.__dataclass_fields__.values()
+                   if f.name == "use_bias_correction_kl")
+    assert inspect.signature(pcpc_grpo_loss).parameters["bias_correction_kl"].default is default is True
+
+
+def test_token_logprobs_match_trl(rl_module, trl_batch):
+    """The compiled token_logprobs against TRL's _get_per_token_logps_and_entropies (fused LM head, temperature)."""
+    cfg, params, _, ids, completion_mask, mask = trl_batch
+    temperature = 0.7
+    trainer = grpo_self(None, temperature=temperature)
+    with torch.no_grad():
+        want = grpo_per_token_logps(trainer, trl_model(cfg, params, temperature), ids[:, :PROMPT], ids[:, PROMPT:],
+                                    completion_mask)
+    got = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), np.float32(temperature))[0]
+    assert rel_err(torch.from_numpy(got[:, PROMPT - 1:]) * completion_mask, want) < TOL
+
+
+def _old_logps(cfg, params, ids, temperature):
+    """An old policy's completion log-probs (B, C), far enough from the current ones that both clip sides trigger."""
+    with torch.no_grad():
+        cur = token_logps(hf_model(cfg, params), ids, temperature)[:, PROMPT - 1:]
+    return cur + 0.3 * torch.randn(cur.shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("use_old", [False, True], ids=["on_policy", "off_policy"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias_kl", "plain_kl"])
+@pytest.mark.parametrize("loss_type", GRPO_TYPES)
+def test_grpo_matches_trl(rl_module, trl_batch, loss_type, bias, use_old):
+    """TRL's GRPOTrainer._compute_loss against pcpc's eager loss (make_grpo_loss + torch.func, the function the
+    module compiles) and the compiled grpo_value_and_grad: loss, gradients, kl and clip ratios."""
+    cfg, params, ref_params, ids, completion_mask, mask = trl_batch
+    adv = torch.tensor([1.0, -0.4, 0.8, 0.3])  # not group-normalised: the loss would be pure rounding
+    beta, eps_low, eps_high, temperature = 0.1, 0.2, 0.28, 0.9
+    old = _old_logps(cfg, params, ids, temperature) if use_old else None
+    loss, grads, metrics, ref = trl_grpo(
+        cfg, params, ref_params, ids[:, :PROMPT], ids[:, PROMPT:], completion_mask, adv, old, beta=beta,
+        loss_type=loss_type, epsilon=eps_low, epsilon_high=eps_high, temperature=temperature,
+        use_bias_correction_kl=bias, max_completion_length=L)
+    names = list(params)
+    old_full = _full(old) if use_old else torch.zeros(B, L)
+    sel = [float(t == loss_type) for t in GRPO_TYPES]
+    scalars = [beta, eps_low, eps_high, temperature, L, float(use_old), float(bias)]
+    eager = derive.value_and_grad_fn(make_grpo_loss(cfg), names, has_aux=True)(
+        *params.values(), ids, mask, adv, old_full, _full(ref), torch.tensor(sel), *map(torch.tensor, scalars))
+    compiled = rl_module.call_host(
+        "grpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), adv.numpy(), old_full.numpy(),
+        _full(ref).numpy(), np.array(sel, np.float32), *map(np.float32, scalars))
+    logged = [metrics["kl"], metrics["clip_ratio/region_mean"], metrics["clip_ratio/low_mean"],
+              metrics["clip_ratio/high_mean"]]
+    for out, tol in ((eager, TORCH_TOL), (compiled, TOL)):
+        assert rel_err(out[0], loss) < tol
+        for i, name in enumerate(names):
+            assert rel_err(out[5 + i], grads[name]) < tol, name
+        assert rel_err(out[1], logged[0]) < tol  # kl, bias-corrected when bias is
+        # clip ratios: fractions of the same tokens, so equal unless a ratio sits on a clip boundary
+        assert np.allclose([float(x) for x in out[2:5]], logged[1:], rtol=0, atol=1e-6)
+    assert (metrics["clip_ratio/region_mean"] > 0) == use_old  # on-policy: ratio 1, nothing clipped
+
+
+def test_bias_correction_changes_the_on_policy_gradient_not_the_loss(trl_batch):
+    """On-policy the ratio is 1, so the corrected KL has the plain one's value, but d ratio = d logp: the
+    gradients differ (in TRL and in pcpc alike; test_grpo_matches_trl checks they agree)."""
+    cfg, params, ref_params, ids, _, mask = trl_batch
+    with torch.no_grad():
+        ref = token_logps(hf_model(cfg, ref_params), ids)
+    adv = torch.tensor([1.0, -0.4, 0.8, 0.3])
+    vg = derive.value_and_grad_fn(make_grpo_loss(cfg), list(params), has_aux=True)
+    out = [vg(*params.values(), ids, mask, adv, torch.zeros(B, L), ref, torch.tensor([1.0, 0, 0]),
+              *map(torch.tensor, [0.1, 0.2, 0.2, 1.0, float(L), 0.0, bias])) for bias in (1.0, 0.0)]
+    assert rel_err(out[0][0], out[1][0]) < 1e-7 and rel_err(out[0][1], out[1][1]) < 1e-7  # loss, kl
+    assert max(rel_err(a, b) for a, b in zip(out[0][5:], out[1][5:])) > 1e-3
+
+
+REWARDS = {
+    "mixed": [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 0.0, 1.0, 0.0, 1.0],  # one group with equal rewards
+    "flat_groups": [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 3.0],  # every group equal, batch not
+    "all_equal": [0.5] * 12,
+}
+
+
+@pytest.mark.parametrize("rewards", REWARDS)
+@pytest.mark.parametrize("scale", SCALE_REWARDS)
+def test_advantages_match_trl(scale, rewards):
+    """compute_advantages against TRL's _generate_and_score_completions: the advantages it returns and the
+    frac_reward_zero_std it logs (with scale "batch": the batch std's, 0 or 1)."""
+    r = torch.tensor(REWARDS[rewards])
+    want_adv, want_frac = trl_advantages(r, 4, scale)
+    adv, frac = compute_advantages(r, 4, scale)
+    assert rel_err(adv, want_adv) < 1e-6 if want_adv.abs().max() > 0 else adv.abs().max() == 0
+    assert frac == pytest.approx(want_frac, abs=1e-7)
