@@ -3,7 +3,7 @@
 The eager loop here is also the reference implementation the tests compare
 `pcpc run` against. It shares nothing with pcpc's loop but the model
 definition (pcpc.exporters.nanogpt.forward and init_params) and the data
-order (pcpc.runtime.data: tokenizer, shards, seeded batches, validation
+order (pcpc.runtime.train.data: tokenizer, shards, seeded batches, validation
 batches). The rest is textbook PyTorch:
 
     inner   torch.optim.AdamW (weight decay on 2-D+ params only, as nanoGPT),
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pcpc.exporters import nanogpt
-from pcpc.runtime.data import WorkerSampler, load_dataset, val_batches
+from pcpc.runtime.train.data import WorkerSampler, load_dataset, val_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ def reference_val_loss(params: dict, cfg, batches) -> float:
 
 def setup(exp, world: int):
     """(model config, dataset, initial params, validation batches) as pcpc run resolves them."""
-    from pcpc.runtime.diloco import preset_of, tokenizer_kind
+    from pcpc.runtime.train.diloco import preset_of, tokenizer_kind
 
     data = load_dataset(exp.data_path, tokenizer_kind(exp))
     cfg = nanogpt.make_config(preset_of(exp.model_path), vocab_size=data.tokenizer.vocab_size)
@@ -199,7 +199,7 @@ def run_pcpc(config: Path, rounds: int, out: Path) -> dict:
 
 
 def run_eager(exp, rounds: int) -> dict:
-    from pcpc.runtime.launch import launch_local
+    from pcpc.runtime.run.launch import launch_local
 
     t0 = time.perf_counter()
     out = launch_local(eager_worker, (exp, rounds), exp.num_workers)[0]
@@ -221,9 +221,9 @@ def main():
     args = ap.parse_args()
 
     from pcpc.config import load_json
-    from pcpc.experiment import parse_experiment
-    from pcpc.runtime.data import load_dataset as load
-    from pcpc.runtime.diloco import check_data, resolve_model, tokenizer_kind
+    from pcpc.runtime.train.config import parse_experiment
+    from pcpc.runtime.train.data import load_dataset as load
+    from pcpc.runtime.train.diloco import check_data, resolve_model, tokenizer_kind
 
     raw = {**load_json(args.config), "outer_loop_steps": args.rounds, "wandb_project": None}
     exp = parse_experiment(raw, where=args.config)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcpc.runtime.metrics import peak_rss_bytes
+from pcpc.runtime.host_memory import peak_rss_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 REPLY = "@@"
@@ -320,4 +320,7 @@ def report(rounds: list[dict], stats: dict, weight_bytes: dict) -> None:
 
 
 if __name__ == "__main__":
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()  # as in `pcpc` itself: CPU modules keep their freed pages (runtime/host_memory.py)
     main()

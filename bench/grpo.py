@@ -59,7 +59,7 @@ def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
 
 
 def peak_rss_gb() -> float:
-    from pcpc.runtime.metrics import peak_rss_bytes
+    from pcpc.runtime.host_memory import peak_rss_bytes
 
     return peak_rss_bytes() / 1e9
 
@@ -69,10 +69,10 @@ def run_pcpc(a) -> dict:
     from pcpc.exporters.hf_weights import aligned_empty
     from pcpc.mlir.build import build
     from pcpc.runtime.generate import QwenModel, import_host_array
-    from pcpc.runtime.grpo import pack_rows
+    from pcpc.runtime.rl.rows import pack_rows
     from pcpc.runtime.module import CompiledModule, to_host
-    from pcpc.runtime.rl_update import ChunkedOptimizer
-    from pcpc.runtime.rollout import SamplingPlan, generate_completions
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+    from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
 
     preset = PRESETS[a.shape]
     gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens)
@@ -262,4 +262,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()  # as in `pcpc` itself: CPU modules keep their freed pages (runtime/host_memory.py)
     main()

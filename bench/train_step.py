@@ -365,4 +365,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()  # as in `pcpc` itself: CPU modules keep their freed pages (runtime/host_memory.py)
     main()

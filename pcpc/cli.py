@@ -2,8 +2,10 @@
 
 Commands live in small modules (pcpc/cmd_*.py) that import heavy libraries
 inside the command body, so `pcpc --help` and no-op builds stay fast. A
-UserError prints one line and exits with status 2; `--debug` shows the
-traceback.
+UserError prints one line and exits with status 2; so does an OSError (a
+folder that cannot be written, a disk that is full), naming the path.
+`--debug` shows the traceback, and the details an error carries (a
+compiler's output, a failed worker's traceback).
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as e:
+        except (UserError, OSError) as e:
             if ctx.obj and ctx.obj.get("debug"):
+                if getattr(e, "details", ""):
+                    click.echo(e.details, err=True)
                 raise
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(e)}", err=True)
             ctx.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or type(e).__name__}{where}" if e.strerror else f"{type(e).__name__}: {e}"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,6 +65,9 @@ _register()
 
 
 def main(argv=None):
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()  # pcpc's own process: CPU modules keep their freed pages (runtime/host_memory.py)
     try:
         cli.main(args=argv, prog_name="pcpc", standalone_mode=True)
     except KeyboardInterrupt:

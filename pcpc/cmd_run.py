@@ -1,7 +1,9 @@
-"""`pcpc run CONFIG`: run an experiment file.
+"""`pcpc run CONFIG`: run an experiment file through its loop (pcpc/kinds.py).
 
-A DiLoCo file (experiments/nanogpt_small.json) trains with runtime/diloco.py;
+A DiLoCo file (experiments/nanogpt_small.json) trains with runtime/train/diloco.py;
 a file with a "grpo_config" or "dpo_config" key goes to the GRPO or DPO loop.
+Exit status: 0 done, 2 a mistake in the input (one line), 1 a worker that
+failed or died, 130 stopped by Ctrl+C (checkpoint saved).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def apply_overrides(raw: dict, overrides: tuple[str, ...]) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bar or per-round messages.")
 @click.pass_context
 def run(ctx, config, resume, out_dir, overwrite, overrides, max_restarts, quiet):
-    """Run an experiment: DiLoCo training (or GRPO / DPO) as the CONFIG file describes.
+    """Run an experiment: DiLoCo training, GRPO or DPO, as the CONFIG file describes.
 
     \b
     pcpc run experiments/nanogpt_small.json
@@ -60,28 +62,17 @@ def run(ctx, config, resume, out_dir, overwrite, overrides, max_restarts, quiet)
         pcpc run experiments/nanogpt_small.json
     """
     from pcpc.config import load_json
-    from pcpc.experiment import experiment_kind, parse_experiment
+    from pcpc.kinds import run_experiment
+    from pcpc.runtime.run.launch import WorkerFailure
 
     raw = apply_overrides(load_json(config), overrides)
-    kind = experiment_kind(raw)
-    if kind == "grpo":
-        from pcpc.runtime import grpo
-
-        return grpo.run_experiment(config, raw, resume=resume, out_dir=out_dir, overwrite=overwrite, quiet=quiet)
-    if kind == "dpo":
-        from pcpc.runtime import dpo
-
-        return dpo.run_experiment(config, raw, resume=resume, out_dir=out_dir, overwrite=overwrite, quiet=quiet)
-    exp = parse_experiment(raw, where=config)
-    from pcpc.runtime.diloco import run_experiment
-    from pcpc.runtime.launch import WorkerFailure
-
-    say = (lambda msg: None) if quiet else click.echo
     try:
-        summary = run_experiment(config, exp, resume=resume, out_dir=out_dir, overwrite=overwrite,
-                                 max_restarts=max_restarts, quiet=quiet, say=say)
+        summary = run_experiment(config, raw, out_dir=out_dir, resume=resume, overwrite=overwrite,
+                                 max_restarts=max_restarts, quiet=quiet, say=click.echo)
     except WorkerFailure as e:
         click.echo(f"error: {e}", err=True)
+        if ctx.obj and ctx.obj.get("debug") and e.details:
+            click.echo(e.details, err=True)
         ctx.exit(1)
     if summary and summary.get("stopped"):
         ctx.exit(130)

@@ -80,6 +80,18 @@ def _coerce(value, tp, path: str):
     return value
 
 
+def _declared_order(cls) -> list[tuple[str, dataclasses.Field]]:
+    """The dataclass's fields, its own first (in declaration order), then those it inherits: a loop's
+    config lists its own keys before the shared base's (runtime/run/config.py)."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    order = []
+    for klass in cls.__mro__:
+        for name in klass.__dict__.get("__annotations__", {}):
+            if name in by_name and name not in order:
+                order.append(name)
+    return [(n, by_name[n]) for n in order]
+
+
 def from_dict(cls, data: dict, where: str = "config"):
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types.
 
@@ -89,7 +101,7 @@ def from_dict(cls, data: dict, where: str = "config"):
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {name: f for name, f in _declared_order(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UserError(

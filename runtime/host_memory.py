@@ -9,6 +9,14 @@ in: about 105k minor faults and 150-170 ms of kernel time per medium step
 block stays in the heap, already mapped, and the next call reuses it. The heap
 then keeps its peak size (as a caching allocator would); torch's own tensors
 are served the same way.
+
+This changes malloc for the whole process, so pcpc does it only in its own
+processes: the `pcpc` command and the workers it starts call
+`use_in_this_process()`, and their CPU modules then configure malloc on
+first load. A program of yours that imports pcpc and loads a CPU module
+keeps its malloc as it is, unless it opts in (call `use_in_this_process()`,
+or set PCPC_KEEP_FREED_MEMORY=1). PCPC_KEEP_FREED_MEMORY=0 turns it off
+everywhere, pcpc's own processes included (e.g. to measure the difference).
 """
 
 from __future__ import annotations
@@ -21,17 +29,28 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1
 """mallopt takes a C int: keep up to 2 GiB of free memory at the top of the heap."""
-DISABLE_ENV = "PCPC_KEEP_FREED_MEMORY"
-"""Set to 0 to leave malloc as it is (e.g. to measure the difference)."""
+ENV = "PCPC_KEEP_FREED_MEMORY"
+"""1: keep freed memory in any process that loads a CPU module; 0: never; unset: in pcpc's own processes."""
 
+_wanted = False
 _configured: bool | None = None
 
 
+def use_in_this_process() -> None:
+    """Mark this process as pcpc's own: its CPU modules keep freed memory (unless the env var says 0)."""
+    global _wanted
+    _wanted = True
+
+
 def keep_freed_memory() -> bool:
-    """Configure malloc once per process; False where it does not apply (not glibc, or disabled)."""
+    """Configure malloc once, if this process wants it (see the module docstring); True when configured."""
     global _configured
     if _configured is None:
-        _configured = os.environ.get(DISABLE_ENV, "1") != "0" and _mallopt()
+        setting = os.environ.get(ENV, "")
+        wanted = setting == "1" or (_wanted and setting != "0")
+        if not wanted:
+            return False
+        _configured = _mallopt()
     return _configured
 
 
@@ -43,3 +62,19 @@ def _mallopt() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM). Not getrusage's ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child started by a large process reports the parent's size."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

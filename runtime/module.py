@@ -10,6 +10,7 @@ device buffer goes bad once the buffer is released.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -42,10 +43,25 @@ def _config(driver: str, threads: int | None):
         if threads and driver == "local-task":
             rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
         try:
-            _configs[driver] = rt.Config(driver)
+            if driver in ("local-task", "local-sync"):
+                _configs[driver] = rt.Config(driver)
+            else:
+                count = len(rt.get_driver(driver).query_available_devices())
+                _configs[driver] = rt.Config(device=rt.get_device(device_uri(driver, count)))
         except (RuntimeError, ValueError) as e:
             raise UserError(f"IREE driver {driver!r} is not available here: {e}") from None
     return _configs[driver]
+
+
+def device_uri(driver: str, available: int, env=None) -> str:
+    """The GPU of this process: device LOCAL_RANK of the node (each local worker its own), wrapping
+    around when there are more local processes than devices (GRPO's learner and a rollout worker
+    may share one). Without LOCAL_RANK (a plain process) device 0."""
+    env = os.environ if env is None else env
+    if available < 1:
+        raise UserError(f"IREE driver {driver!r} sees no device")
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    return f"{driver}://{local_rank % available}"
 
 
 def _np_dtype(spec: TensorSpec):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pcpc.errors import UserError
-from pcpc.runtime.rewards import (
+from pcpc.runtime.rl.rewards import (
     RewardSet, arithmetic_answer, arithmetic_exact_match, default_reward, length_score, load_reward_function,
 )
 
@@ -59,13 +59,13 @@ def test_user_function_from_file_with_weights(tmp_path):
 
 
 def test_module_function_spec():
-    assert load_reward_function("pcpc.runtime.rewards:arithmetic_exact_match") is arithmetic_exact_match
+    assert load_reward_function("pcpc.runtime.rl.rewards:arithmetic_exact_match") is arithmetic_exact_match
 
 
 @pytest.mark.parametrize("spec,match", [
     ("no_colon", "expected a built-in"),
     ("missing_module_xyz:f", "cannot import module 'missing_module_xyz'"),
-    ("pcpc.runtime.rewards:nope", "has no function 'nope'"),
+    ("pcpc.runtime.rl.rewards:nope", "has no function 'nope'"),
     ("absent.py:f", "absent.py not found"),
 ])
 def test_bad_specs_name_the_function(spec, match, tmp_path):

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from corpus import write_play
 from pcpc.cli import cli
 from pcpc.cmd_run import apply_overrides
 from pcpc.errors import UserError
-from pcpc.experiment import parse_experiment
-from pcpc.runtime import checkpoint
-
-SHAKESPEARE = Path("/work/shared/data/tiny_shakespeare.txt")
+from pcpc.runtime.run import checkpoint
+from pcpc.runtime.train.config import parse_experiment
 CONFIG = {"model_path": "models/nanogpt_small.mlir", "data_path": "data/tiny_shakespeare.txt", "tau": 5,
           "outer_loop_steps": 3, "batch_size": 4, "wandb_project": None}
 
@@ -26,8 +25,7 @@ CONFIG = {"model_path": "models/nanogpt_small.mlir", "data_path": "data/tiny_sha
 @pytest.fixture
 def ws(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    shutil.copy(SHAKESPEARE, tmp_path / "data" / "tiny_shakespeare.txt")
+    write_play(tmp_path / "data" / "tiny_shakespeare.txt", 200_000)
     (tmp_path / "exp.json").write_text(json.dumps(CONFIG))
     return tmp_path
 
@@ -76,12 +74,11 @@ def test_missing_data_says_how_to_get_it(ws):
 
 def _fake_checkpoint(run_dir: Path, round_: int, **config):
     exp = parse_experiment({**CONFIG, **config})
-    import dataclasses
-
     p = [np.zeros(3, np.float32)]
-    checkpoint.save(checkpoint.path_in(run_dir), round_=round_, params=p, momentum=p,
-                    workers=[{"m": p, "v": p, "adam_step": 5, "next_step": 5}] * 2,
-                    config=dataclasses.asdict(exp), rng_state={}, counters={"elapsed_s": 1.0, "tokens": 10})
+    state = {"params": p, "momentum": p, "workers": [{"m": p, "v": p, "adam_step": 5, "next_step": 5}] * 2,
+             "rng_state": {}, "tokens": 10}
+    checkpoint.save(checkpoint.path_in(run_dir), checkpoint.Checkpoint(
+        "diloco", round_, state, exp.trajectory({"workers": exp.num_workers}), {"elapsed_s": 1.0}))
 
 
 def test_run_directory_guards(ws):

@@ -1,12 +1,10 @@
-"""What a GRPO / DPO run needs before its loop starts: model, artifacts, weights, tokenizer, prompts.
+"""What a GRPO / DPO run needs before its loop starts: model, weights, tokenizer, prompts.
 
+- `RLConfig`: the config fields GRPO and DPO share (the training module, the
+  weight file, the model, its tokenizer), on the shared RunConfig base.
 - The model is a preset of exporters/qwen2.py or a local HF directory of a
   Qwen2-family model (+ optional overrides for toy shapes).
-- Artifact paths in a config (models/qwen_rl_generation.mlir,
-  models/qwen_grpo_training.vmfb) name build-graph outputs: the file stem is
-  the target name, the folder the output directory. They are built when
-  missing or stale (cached by content hash), and a file there that pcpc did
-  not produce is an error, never overwritten.
+- Artifact paths in a config are build-graph outputs (runtime/run/artifacts.py).
 - The weight file is the reference design's flat binary (runtime reads it
   with exporters/hf_weights.read_flat, size checked against meta.json). When
   missing it is exported from the model's HF weights (safetensors), or, with
@@ -17,16 +15,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from pcpc.config import check_choice
 from pcpc.errors import UserError
+from pcpc.runtime.run.config import RunConfig
+
+INIT_WEIGHTS = ("hf", "random")
 
 REFERENCE_PROMPTS = (
     "2+2=",
@@ -36,6 +35,42 @@ REFERENCE_PROMPTS = (
     "Solve 3 * 4 + 2.",
 )
 """The reference design's test prompts, written to prompt_file when it does not exist."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig(RunConfig):
+    """What a run of a Qwen2-family model through a compiled training module takes (GRPO, DPO)."""
+
+    training_model_path: str
+    """Training module artifact (.vmfb): log-probs, the loss and its gradients (derived by pcpc.autodiff),
+    the chunked AdamW (and outer step); built there when missing or stale (runtime/run/artifacts.py)."""
+    weights_path: str
+    """Flat fp32 weight file of the initial policy (parameter order of meta.json, no header); exported from
+    the model's HF weights when missing (or initialised at random with init_weights "random")."""
+    tokenizer: str = "qwen"
+    """qwen (the model's HF tokenizer), bytes (UTF-8 bytes as ids, id 0 is EOS; for toy models), or the
+    path of a HF tokenizer directory; prompts get the chat template."""
+    model: str = "qwen2.5-0.5b"
+    """Architecture: a preset of exporters/qwen2.py, or a local HF directory of a Qwen2-family model."""
+    model_overrides: dict = field(default_factory=dict)
+    """Qwen2Config fields applied on top of the preset (toy models)."""
+    init_weights: str = "hf"
+    """How weights_path is made when missing: hf (export the model's HF weights) or random (seeded init)."""
+    eos_token_ids: tuple[int, ...] | None = None
+    """Token ids that end a completion (null: the tokenizer's EOS and the chat end-of-turn token)."""
+
+    RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + ("training_model_path", "init_weights")
+    """Where the module is built and how a missing weight file would be made do not change a resumed run."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("training_model_path", "weights_path", "tokenizer", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        if Path(self.training_model_path).suffix != ".vmfb":
+            raise ValueError(f"training_model_path must name a .vmfb build artifact (e.g. "
+                             f"models/qwen_grpo_training.vmfb), got {self.training_model_path!r}")
+        check_choice(self, "init_weights", INIT_WEIGHTS)
 
 
 @dataclass(frozen=True)
@@ -76,49 +111,6 @@ def model_source(model: str, overrides: dict | None = None, where: str = "model"
     except ValueError as e:
         raise UserError(f"model_overrides: {e}") from None
     return src
-
-
-# ---------------------------------------------------------------------------
-# artifacts
-
-
-def _foreign(path: Path) -> bool:
-    """True if `path` exists but was not written by pcpc's build graph."""
-    from pcpc.runtime.diloco import made_by_pcpc
-
-    if not path.exists():
-        return False
-    if path.suffix == ".mlir":
-        return not made_by_pcpc(path)
-    from pcpc.mlir.signature import meta_path_for
-
-    meta = meta_path_for(path)
-    try:
-        return "vmfb_sha256" not in json.loads(meta.read_text()).get("provenance", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return True
-
-
-def build_artifact(field: str, path: str | Path, target, compile_target: str, say: Callable[[str], None]):
-    """Build (or find up to date) the artifact `path` names; returns the BuildResult."""
-    from pcpc.mlir.build import build
-
-    path = Path(path)
-    if _foreign(path):
-        raise UserError(
-            f"{field}: {path} was not produced by pcpc (no matching build record next to it). pcpc derives the "
-            f"gradient and generation functions from its functional Qwen2 model before lowering, so it cannot "
-            f"use an MLIR/VMFB file it did not build. Move the file away and pcpc builds {path.name} there."
-        )
-    if path.parent != Path("") and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        result = build(dataclasses.replace(target, name=path.stem), path.parent, compile_target=compile_target,
-                       log=lambda m: say("  " + m))
-    if result.ran:
-        say(f"  built {result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())})")
-    return result
 
 
 # ---------------------------------------------------------------------------
@@ -273,85 +265,3 @@ def ensure_prompts(path: str | Path, tokenizer, vocab_size: int, say: Callable[[
             raise UserError(f"prompt_file: {path}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
                             f"(0..{vocab_size - 1}); was it written with another tokenizer?")
     return prompts
-
-
-# ---------------------------------------------------------------------------
-# run directory and checkpoints
-
-CHECKPOINT_VERSION = 2
-
-
-def checkpoint_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "latest.pt"
-
-
-def save_checkpoint(path: Path, kind: str, step: int, arrays: dict, extra: dict, config: dict) -> None:
-    """Write {arrays (lists of host arrays or device arrays, or None), extra, config} atomically (torch.save).
-
-    Streamed from views of the arrays (no host copy: at 0.5B the policy and both moments are 6 GB)."""
-    import torch
-
-    from pcpc.mlir.build import atomic_file
-    from pcpc.runtime.module import host_view
-
-    with warnings.catch_warnings():  # torch warns on read-only (mapped) memory; saving only reads it
-        warnings.simplefilter("ignore", UserWarning)
-        tensors = {k: None if v is None else [torch.from_numpy(np.ascontiguousarray(host_view(a))) for a in v]
-                   for k, v in arrays.items()}
-    state = {"version": CHECKPOINT_VERSION, "kind": kind, "step": step, "extra": extra, "config": config,
-             "arrays": tensors}
-    with atomic_file(Path(path)) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: Path, kind: str) -> dict:
-    """A checkpoint written by save_checkpoint, arrays as numpy; loading never unpickles code."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}; start the run without --resume")
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable pcpc checkpoint ({type(e).__name__}: {e})") from None
-    if (not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or state.get("kind") != kind
-            or not {"step", "arrays", "extra", "config"} <= set(state)):
-        raise UserError(f"{path}: not a pcpc {kind.upper()} checkpoint of version {CHECKPOINT_VERSION}")
-    state["arrays"] = {k: None if v is None else [t.numpy() for t in v] for k, v in state["arrays"].items()}
-    return state
-
-
-def prepare_run_dir(run_dir: Path, kind: str, config: dict, resume: bool, overwrite: bool, run_files,
-                    may_change=()) -> None:
-    """Refuse to clobber a run by accident; on resume, refuse a config whose trajectory fields changed.
-
-    config: the trajectory-shaping fields (JSON-able). may_change: dotted fields a resume may change
-    (e.g. grpo_config.num_iterations, to run longer).
-    """
-    ckpt = checkpoint_path(run_dir)
-    if resume:
-        saved = load_checkpoint(ckpt, kind)["config"]
-        want = json.loads(json.dumps(config))
-        def flat(d, prefix=""):
-            out = {}
-            for k, v in d.items():
-                if isinstance(v, dict) and v:
-                    out.update(flat(v, f"{prefix}{k}."))
-                else:
-                    out[f"{prefix}{k}"] = v
-            return out
-
-        a, b = flat(saved), flat(want)
-        for key in sorted(set(a) | set(b)):
-            if key not in may_change and a.get(key) != b.get(key):
-                raise UserError(f"--resume: {key} is {b.get(key)!r} but the checkpoint {ckpt} was written with "
-                                f"{a.get(key)!r}; restore it or start a new run with --out DIR")
-        return
-    if ckpt.is_file() and not overwrite:
-        step = load_checkpoint(ckpt, kind)["step"]
-        raise UserError(f"{run_dir} already holds a run (checkpoint after step {step}); pass --resume to continue "
-                        f"it, --out DIR to start a new run elsewhere, or --overwrite to start this one over")
-    for name in run_files:
-        (Path(run_dir) / name).unlink(missing_ok=True)
-    ckpt.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import pytest
 from pcpc.errors import UserError
 from pcpc.runtime import dpo
 
-EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 @pytest.fixture(scope="module")

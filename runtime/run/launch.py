@@ -25,11 +25,21 @@ import signal
 import socket
 import time
 from datetime import timedelta
+from dataclasses import dataclass
 from typing import Callable
 
 
 class WorkerFailure(RuntimeError):
-    """A worker process failed or died; the message names it and how."""
+    """A worker process failed or died; the message names it and how.
+
+    kind: "user_error" when the first failure was a UserError raised in a worker (a mistake in the
+    input: relaunching cannot help), "died" when a worker was killed or exited without a report,
+    else "error". details: every worker's full report, tracebacks included (--debug prints them).
+    """
+
+    def __init__(self, message: str, kind: str = "error", details: str = ""):
+        super().__init__(message)
+        self.kind, self.details = kind, details
 
 
 def under_torchrun() -> bool:
@@ -74,22 +84,38 @@ def _entry(target, rank: int, world: int, port: int, parent: int, payload, resul
         os._exit(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()  # a pcpc worker: CPU modules keep their freed pages (runtime/host_memory.py)
     try:
         out = target(rank, world, payload)
         results.put((rank, "ok", out))
     except KeyboardInterrupt:
-        results.put((rank, "error", "interrupted"))
+        results.put((rank, "error", Report("interrupted", "interrupted")))
         raise SystemExit(130)
     except BaseException as e:  # report, then exit non-zero so the launcher sees it
+        results.put((rank, "error", Report.of(e)))
+        raise SystemExit(1)
+
+
+@dataclass(frozen=True)
+class Report:
+    """How a worker failed: its error kind, one line, and the full traceback (shown with --debug)."""
+
+    kind: str
+    """user_error (a UserError: a mistake in the input), error (any other exception), interrupted."""
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def of(cls, e: BaseException) -> "Report":
+        import traceback
+
         from pcpc.errors import UserError
 
-        msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-        if not isinstance(e, UserError) and os.environ.get("PCPC_DEBUG"):
-            import traceback
-
-            msg += "\n" + traceback.format_exc()
-        results.put((rank, "error", msg))
-        raise SystemExit(1)
+        user = isinstance(e, UserError)
+        return cls("user_error" if user else "error", str(e) if user else f"{type(e).__name__}: {e}",
+                   "".join(traceback.format_exception(e)))
 
 
 def _first_sentence(text: str) -> str:
@@ -110,7 +136,8 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5.0, say=print) -> list:
+def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5.0, say=print,
+                 unit: str = "step") -> list:
     """Run target(rank, num_workers, payload) in num_workers spawned processes; results by rank.
 
     Ctrl+C (or SIGTERM) is passed on to the workers, which stop cleanly at
@@ -135,10 +162,10 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL if len(interrupts) > 1 else signal.SIGINT)
         if len(interrupts) == 1:
-            say("stopping after the current round (press Ctrl+C again to kill the workers)")
+            say(f"stopping after the current {unit} (press Ctrl+C again to kill the workers)")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    reports: dict[int, tuple[str, object]] = {}
+    reports: dict[int, tuple[str, object]] = {}  # rank -> ("ok", result) or ("error", Report)
     first_failure, stopped_by_us = None, set()
     try:
         for p in procs:
@@ -174,22 +201,26 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
         results.join_thread()
     if all(p.exitcode == 0 for p in procs) and all(reports.get(r, ("",))[0] == "ok" for r in range(num_workers)):
         return [reports[r][1] for r in range(num_workers)]
-    raise WorkerFailure(_failure_message(procs, reports, first_failure, stopped_by_us))
+    raise _failure(procs, reports, first_failure, stopped_by_us)
 
 
-def _failure_message(procs, reports, first_failure, stopped_by_us) -> str:
+def _failure(procs, reports, first_failure, stopped_by_us) -> WorkerFailure:
     order = list(range(len(procs)))
     if first_failure is not None:  # the worker that went first is the likely cause
         order.remove(first_failure[0])
         order.insert(0, first_failure[0])
-    parts = []
+    parts, details, kinds = [], [], []
     for r in order:
         p = procs[r]
-        status, value = reports.get(r, (None, None))
+        status, report = reports.get(r, (None, None))
         if status == "error":
-            parts.append(f"worker {r} (pid {p.pid}) failed: {_first_sentence(str(value))}")
+            parts.append(f"worker {r} (pid {p.pid}) failed: {_first_sentence(report.message)}")
+            details.append(f"worker {r} (pid {p.pid}):\n{report.traceback or report.message}")
+            kinds.append(report.kind)
         elif p.pid in stopped_by_us:
             parts.append(f"worker {r} (pid {p.pid}) was stopped by the launcher")
         elif p.exitcode not in (0, None) or status is None:
             parts.append(f"worker {r} (pid {p.pid}) {_describe_exit(p.exitcode)}")
-    return "; ".join(parts) or "the workers failed without a report"
+            kinds.append("died")
+    message = "; ".join(parts) or "the workers failed without a report"
+    return WorkerFailure(message, kinds[0] if kinds else "error", "\n".join(details))

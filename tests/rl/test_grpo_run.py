@@ -144,7 +144,7 @@ def test_missing_hf_weights_say_what_to_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    path = Path(__file__).parent.parent / "experiments" / "qwen_rl_test.json"
+    path = Path(__file__).resolve().parents[2] / "experiments" / "qwen_rl_test.json"
     with pytest.raises(UserError, match=r"weights_path: checkpoints/initial_weights/qwen_flat.bin does not exist.*"
                                          r"Download Qwen/Qwen2.5-0.5B-Instruct .*huggingface-cli download"):
         grpo.run_experiment(str(path), json.loads(path.read_text()), quiet=True)

@@ -117,7 +117,7 @@ def test_concurrent_builds_of_one_target(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
         from conftest import tiny_target
         from pcpc.mlir.build import build
         print(build(tiny_target("race"), {str(tmp_path)!r}).ran)

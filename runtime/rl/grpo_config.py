@@ -4,8 +4,10 @@ The reference design's fields (model_path, training_model_path, weights_path,
 tokenizer, learning_rate, nesterov_momentum, grpo_config {num_iterations,
 group_size, learning_rate, beta, prompt_file, num_prompts}, rollout_config
 {max_tokens, temperature, top_p, batch_size}, wandb_project, wandb_run_name)
-come first, so its config runs unchanged; everything else is optional with
-a documented default. Loading is strict: unknown keys, wrong types and
+are all accepted, so its config runs unchanged (the model, weight and
+tokenizer fields are RLConfig's, runtime/rl/setup.py; seed, target, threads,
+checkpoint_interval, timeout_s and W&B the shared RunConfig's); everything
+else is optional with a documented default. Loading is strict: unknown keys, wrong types and
 out-of-range values are UserErrors naming the file and the field.
 
 How the two learning rates are used, as the reference describes them:
@@ -14,7 +16,10 @@ update; the top-level learning_rate and nesterov_momentum drive an outer
 Nesterov step applied, once per iteration, to that iteration's
 pseudo-gradient (policy before minus policy after the update), as DiLoCo's
 outer loop does. learning_rate 1.0 with nesterov_momentum 0.0 is exactly
-plain GRPO (the outer step is then skipped).
+plain GRPO (the outer step is then skipped). The reference's own test config
+(experiments/qwen_rl_test.json: learning_rate 1e-5, momentum 0.9) so moves
+the policy by 1.9e-5 of an AdamW step, which rounds away in fp32 for almost
+every weight; the run says so when it starts (`outer_step_note`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpc.autodiff.grpo import LOSS_TYPES, SCALE_REWARDS
-from pcpc.config import check_at_least, check_choice, from_dict, redacted_dict
+from pcpc.config import check_at_least, check_choice, from_dict
+from pcpc.runtime.rl.setup import RLConfig
 
-TARGETS = ("llvm-cpu", "cuda", "rocm", "vulkan")
 BACKENDS = ("auto", "gloo")
-INIT_WEIGHTS = ("hf", "random")
-SECRET_FIELDS = ("wandb_api_key",)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class GRPOSection:
     """AdamW decoupled weight decay (matrices and embeddings only)."""
     max_grad_norm: float = 1.0
     """Clip each update's global gradient norm to this (0: off)."""
+    use_bias_correction_kl: bool = True
+    """Multiply the KL term by the importance ratio (TRL's default since 1.x, DeepSeek-V3.2): the KL gradient
+    becomes the unbiased reverse-KL gradient. It changes the gradient even on-policy, where the ratio is 1."""
 
     def __post_init__(self):
         check_at_least(self, 1, "num_iterations", "num_prompts", "updates_per_iteration")
@@ -125,23 +131,14 @@ class RolloutSection:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-@dataclass(frozen=True)
-class GRPOExperiment:
+@dataclass(frozen=True, kw_only=True)
+class GRPOConfig(RLConfig):
     """One GRPO run of a Qwen2-family model: rollout workers plus a learner, on torch.distributed."""
 
     # --- the reference design's fields ---
     model_path: str
     """Generation module artifact (.mlir): prefill_bs{B} / decode_bs{B} are built there (with .vmfb and
     .meta.json) when missing or stale, for the rollout batch size and lengths."""
-    training_model_path: str
-    """Learner module artifact (.vmfb): token log-probs, the GRPO train step derived by pcpc.autodiff (loss,
-    gradients and AdamW in one call) and the outer step; built there when missing or stale."""
-    weights_path: str
-    """Flat fp32 weight file (parameter order of meta.json, no header); exported from the model's HF weights
-    when missing (or initialised at random with init_weights "random")."""
-    tokenizer: str = "qwen"
-    """qwen (the model's HF tokenizer), bytes (UTF-8 bytes as ids, id 0 is EOS; for toy models), or the
-    path of a HF tokenizer directory."""
     learning_rate: float = 1.0
     """Outer-loop learning rate applied to each iteration's pseudo-gradient (1.0 with momentum 0: plain GRPO)."""
     nesterov_momentum: float = 0.0
@@ -150,50 +147,29 @@ class GRPOExperiment:
     """The algorithm (see GRPOSection)."""
     rollout_config: RolloutSection = field(default_factory=RolloutSection)
     """Sampling (see RolloutSection)."""
-    wandb_project: str | None = None
-    """Weights & Biases project; null logs locally only."""
-    wandb_run_name: str | None = None
-    """W&B run name (null: W&B picks one)."""
 
-    # --- optional fields ---
-    model: str = "qwen2.5-0.5b"
-    """Architecture: a preset of exporters/qwen2.py, or a local HF directory of a Qwen2-family model."""
-    model_overrides: dict = field(default_factory=dict)
-    """Qwen2Config fields applied on top of the preset (toy models)."""
-    init_weights: str = "hf"
-    """How weights_path is made when missing: hf (export the model's HF weights) or random (seeded init)."""
-    eos_token_ids: tuple[int, ...] | None = None
-    """Token ids that end a completion (null: the tokenizer's EOS and the chat end-of-turn token)."""
+    # --- optional fields (and RLConfig's: training_model_path, weights_path, tokenizer, model, ...) ---
     num_workers: int = 1
     """Rollout worker processes `pcpc run` launches next to the learner (under torchrun: WORLD_SIZE - 1)."""
     seed: int = 0
     """Seeds sampling (each rollout batch's seed derives from it, the iteration and the batch) and random init."""
-    checkpoint_interval: int = 10
-    """Checkpoint every this many iterations (and always after the last); 0: only at the end."""
-    target: str = "llvm-cpu"
-    """Compile target and device of the modules: llvm-cpu (this host's CPU), cuda, rocm, vulkan."""
     backend: str = "auto"
     """torch.distributed backend: auto (gloo: prompts, completions and weights cross as host memory), gloo."""
-    threads: int | None = None
-    """IREE CPU threads per process (null: all cores for the learner, cores / num_workers per worker)."""
     timeout_s: float = 1800.0
     """Collective timeout: bounds how long the learner waits for a worker that stopped answering (a local
     worker that dies is noticed within seconds by the launcher)."""
-    wandb_entity: str | None = None
-    """W&B team or user (null: your default entity)."""
-    wandb_api_key: str | None = field(default=None, repr=False)
-    """W&B API key (or WANDB_API_KEY / `wandb login`); never printed or written to the run directory."""
+
+    RESUME_MAY_CHANGE = RLConfig.RESUME_MAY_CHANGE + (
+        "grpo_config.num_iterations", "num_workers", "backend", "model_path",
+    )
+    """How long it runs, how many workers share the rollouts (each batch is seeded on its own, so the
+    count changes nothing), and where the artifacts live (they are built from the config)."""
 
     def __post_init__(self):
-        for name in ("model_path", "training_model_path", "weights_path", "tokenizer", "model"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} must not be empty")
+        super().__post_init__()
         if Path(self.model_path).suffix != ".mlir":
             raise ValueError(f"model_path must name a .mlir build artifact (e.g. models/qwen_rl_generation.mlir), "
                              f"got {self.model_path!r}")
-        if Path(self.training_model_path).suffix != ".vmfb":
-            raise ValueError(f"training_model_path must name a .vmfb build artifact (e.g. "
-                             f"models/qwen_grpo_training.vmfb), got {self.training_model_path!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.nesterov_momentum < 1.0:
@@ -203,29 +179,26 @@ class GRPOExperiment:
             raise ValueError(f"rollout_config.batch_size ({r.batch_size}) must be a multiple of "
                              f"grpo_config.group_size ({g.group_size}): a rollout batch holds whole groups")
         check_at_least(self, 1, "num_workers")
-        check_at_least(self, 0, "seed", "checkpoint_interval")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
-        check_choice(self, "target", TARGETS)
         check_choice(self, "backend", BACKENDS)
-        check_choice(self, "init_weights", INIT_WEIGHTS)
 
     @property
     def outer_step_active(self) -> bool:
         """False when the outer step is the identity (lr 1, momentum 0) and is skipped."""
         return not (self.learning_rate == 1.0 and self.nesterov_momentum == 0.0)
 
+    def outer_step_note(self) -> str | None:
+        """One line for the start of a run whose outer step barely moves the policy, or None."""
+        if not self.outer_step_active or self.learning_rate * (1 + self.nesterov_momentum) >= 0.1:
+            return None
+        return (f"note: learning_rate {self.learning_rate:g} is the outer rate on each iteration's pseudo-gradient "
+                f"(the reference's reading): the policy moves by about {self.learning_rate * (1 + self.nesterov_momentum):.2g} "
+                f"of each AdamW step; for plain GRPO set learning_rate 1.0 and nesterov_momentum 0.0")
+
     @property
     def rollouts_per_iteration(self) -> int:
         return self.grpo_config.num_prompts * self.grpo_config.group_size
 
-    def public_dict(self) -> dict:
-        """All fields, secrets redacted: what is printed, saved in the run directory and sent to W&B."""
-        return redacted_dict(self, SECRET_FIELDS)
 
-
-def parse_grpo(raw: dict, where: str = "config") -> GRPOExperiment:
-    """GRPOExperiment from a decoded JSON object; errors name `where` and the field."""
-    return from_dict(GRPOExperiment, raw, where=where)
+def parse_grpo(raw: dict, where: str = "config") -> GRPOConfig:
+    """GRPOConfig from a decoded JSON object; errors name `where` and the field."""
+    return from_dict(GRPOConfig, raw, where=where)

@@ -1,8 +1,9 @@
 """DiLoCo through compiled modules: the outer step's algebra, the plain-PyTorch reference, resume, dead workers.
 
 Every run is a real `pcpc run` (2 gloo worker processes) in a scratch
-directory holding a copy of tiny Shakespeare and the nanogpt_small modules,
-built once for the module (batch 4) and shared by all runs.
+directory holding a seeded stand-in for tiny Shakespeare (tests/corpus.py)
+and the nanogpt_small modules, built once for the module (batch 4) and
+shared by all runs.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from corpus import write_play
 from pcpc.errors import UserError
-from pcpc.experiment import load_experiment, parse_experiment
-from pcpc.runtime import checkpoint
-from pcpc.runtime.diloco import resolve_model
+from pcpc.runtime.run import checkpoint
+from pcpc.runtime.train.config import load_experiment, parse_experiment
+from pcpc.runtime.train.diloco import resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path("/work/shared/data/tiny_shakespeare.txt")
+REPO = Path(__file__).resolve().parents[2]
 PCPC = str(Path(sys.executable).parent / "pcpc")
 # Fields that are baked into the compiled modules stay fixed across the tests, so one build serves all.
 BASE = {
@@ -48,8 +49,7 @@ def _load_bench():
 def ws(tmp_path_factory):
     """A scratch working directory with data/ and the built models/ (cwd of every run)."""
     ws = tmp_path_factory.mktemp("diloco")
-    (ws / "data").mkdir()
-    shutil.copy(SHAKESPEARE, ws / "data" / "tiny_shakespeare.txt")
+    write_play(ws / "data" / "tiny_shakespeare.txt", 1_115_394)
     cwd = os.getcwd()
     os.chdir(ws)
     try:
@@ -73,7 +73,8 @@ def run(ws: Path, config: str, out: str, *args, check=True) -> subprocess.Comple
 
 
 def final_state(ws: Path, out: str) -> dict:
-    return checkpoint.load(checkpoint.path_in(ws / out))
+    ck = checkpoint.load(checkpoint.path_in(ws / out), "diloco")
+    return {**ck.state, "round": ck.step}
 
 
 def wait_for_rounds(ws: Path, out: str, rounds: int, proc: subprocess.Popen, limit_s: float = 240):
@@ -118,7 +119,7 @@ def test_one_round_with_outer_lr_1_and_no_momentum_lands_on_the_workers_mean(ws,
 
     # The workers' local parameters after their tau steps, recomputed here with the same module and data.
     from pcpc.exporters import nanogpt
-    from pcpc.runtime.data import WorkerSampler, load_dataset
+    from pcpc.runtime.train.data import WorkerSampler, load_dataset
     from pcpc.runtime.module import CompiledModule, to_host
 
     monkeypatch.chdir(ws)

@@ -140,9 +140,9 @@ def test_peak_rss_is_this_process_own():
     import subprocess
     import sys
 
-    from pcpc.runtime.metrics import peak_rss_bytes
+    from pcpc.runtime.host_memory import peak_rss_bytes
 
     big = np.ones(200_000_000 // 8)  # 200 MB held while the child starts
-    code = "from pcpc.runtime.metrics import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from pcpc.runtime.host_memory import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert peak_rss_bytes() >= big.nbytes and child < big.nbytes

@@ -13,11 +13,11 @@ import torch
 from rl_reference import grpo_loss as trl_grpo_loss
 from pcpc.autodiff.grpo import compute_advantages, grpo_loss
 from pcpc.errors import UserError
-from pcpc.runtime.grpo import pack_rows
-from pcpc.runtime.grpo_config import parse_grpo
-from pcpc.runtime.rollout import make_tasks
+from pcpc.runtime.rl.grpo_config import parse_grpo
+from pcpc.runtime.rl.rollout import make_tasks
+from pcpc.runtime.rl.rows import pack_rows
 
-REFERENCE = json.loads((Path(__file__).parent.parent / "experiments" / "qwen_rl_test.json").read_text())
+REFERENCE = json.loads((Path(__file__).resolve().parents[2] / "experiments" / "qwen_rl_test.json").read_text())
 
 
 def test_advantages_group_batch_none():

@@ -1,0 +1,325 @@
+"""GRPO through compiled modules: rollout workers generate, the learner scores and updates.
+
+Iteration i (rank 0 = learner, ranks 1..W = rollout workers, runtime/rl/rollout.py):
+
+    prompts   the next num_prompts prompts of prompt_file, each repeated group_size times
+    rollout   workers sample completions with the compiled generation module (weights synced first
+              whenever the policy changed)
+    score     reward functions on (prompts, completions, completion ids), weighted sum;
+              advantages (r - group mean) / (std + 1e-4)          autodiff/grpo.py: compute_advantages
+    update    ref / old token_logprobs (beta > 0 / updates_per_iteration > 1), then
+              updates_per_iteration x grpo_value_and_grad(...)   loss + gradients (derived by torch.func),
+              AdamW chunk by chunk                               runtime/rl/update.py (adamw_K calls),
+              the outer Nesterov step on θ_global − θ_after      unless learning_rate 1 and momentum 0
+    record    metrics, one sample to samples.jsonl
+
+Policy, optimizer state and reference stay device arrays on the learner;
+only token ids, masks, advantages and (after each update) the flat weights
+cross between processes. The run directory, checkpoints, metrics, signals
+and launch are the skeleton's (runtime/run/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcpc.errors import UserError
+from pcpc.runtime.rl import setup
+from pcpc.runtime.rl.grpo_config import GRPOConfig
+from pcpc.runtime.run.artifacts import build_artifact
+from pcpc.runtime.run.skeleton import Loop
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the launcher resolved for every process."""
+
+    generation_vmfb: str
+    training_vmfb: str
+    weights_path: str
+    eos_token_ids: tuple[int, ...]
+    seq_len: int
+    reward_dir: str
+    """Where file.py reward functions are found (the config file's folder)."""
+
+
+def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
+    """(prefill length, rows' total length): the longest prompt rounded up to 8, plus max_tokens."""
+    prefill = -(-max(len(p) for p in prompts) // 8) * 8
+    return prefill, prefill + max_tokens
+
+
+def training_target(cfg: GRPOConfig, src, seq_len: int):
+    from pcpc.mlir.targets import GRPO_FUNCTIONS, rl_target
+
+    g = cfg.grpo_config
+    return rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=cfg.rollouts_per_iteration,
+                     seq_len=seq_len, functions=GRPO_FUNCTIONS,
+                     optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
+                                "grad_clip": g.max_grad_norm})
+
+
+def generation_target(cfg: GRPOConfig, src, prefill_len: int, seq_len: int):
+    from pcpc.mlir.targets import qwen_target
+
+    recipe = dict(src.recipe)
+    return qwen_target(Path(cfg.model_path).stem, recipe.pop("model", None), recipe.pop("hf_config", None),
+                       **recipe, batch_sizes=[cfg.rollout_config.batch_size], prefill_len=prefill_len,
+                       max_seq=seq_len)
+
+
+class GRPO(Loop):
+    kind, title, unit = "grpo", "GRPO", "iteration"
+    roles = " (rank 0 is the learner, ranks 1.. the rollout workers)"
+    files = ("metrics.png", "samples.jsonl", "workers.json")
+    Config = GRPOConfig
+
+    # --- the launcher side
+
+    @classmethod
+    def world_size(cls, cfg: GRPOConfig) -> int:
+        return cfg.num_workers + 1
+
+    @classmethod
+    def plan(cls, cfg: GRPOConfig, ctx) -> Plan:
+        from pcpc.mlir.signature import load_meta
+        from pcpc.runtime.rl.rewards import RewardSet
+
+        g, r = cfg.grpo_config, cfg.rollout_config
+        if ctx.world < 2:
+            raise UserError("GRPO needs a learner and at least one rollout worker: WORLD_SIZE must be >= 2")
+        RewardSet.from_config(g.reward_funcs, g.reward_weights, ctx.config_dir)  # fail fast on a bad function
+        src = setup.model_source(cfg.model, cfg.model_overrides)
+        setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)  # before any slow build
+        tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
+        prompts = setup.ensure_prompts(g.prompt_file, tok, src.config.vocab_size, ctx.say)
+        prefill_len, seq_len = _seq_len(prompts, r.max_tokens)
+        if seq_len > src.config.max_position_embeddings:
+            raise UserError(f"rollout_config.max_tokens: the longest prompt ({prefill_len} tokens, rounded) plus "
+                            f"{r.max_tokens} new tokens exceeds the model's {src.config.max_position_embeddings} "
+                            f"positions")
+        ctx.claim(g.num_iterations)
+        gen = build_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
+                             cfg.target, ctx.say)
+        weights = setup.ensure_weights(cfg.weights_path, src, load_meta(gen.meta), cfg.init_weights, cfg.seed,
+                                       ctx.say)
+        train = build_artifact("training_model_path", cfg.training_model_path, training_target(cfg, src, seq_len),
+                               cfg.target, ctx.say)
+        ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
+                         eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
+        n_params = load_meta(train.meta).parameter_bytes // 4
+        ctx.say(f"GRPO: {cfg.model} ({n_params:,} params), 1 learner + {ctx.world - 1} rollout worker(s); "
+                f"{cfg.rollouts_per_iteration} rollouts/iteration ({g.num_prompts} prompts x {g.group_size}), "
+                f"{g.num_iterations} iterations, rows of {seq_len} tokens; run dir {ctx.dir.path}")
+        if cfg.outer_step_active:
+            ctx.say(f"  outer Nesterov step on each iteration's pseudo-gradient: learning_rate {cfg.learning_rate}, "
+                    f"nesterov_momentum {cfg.nesterov_momentum} (1.0 / 0.0 gives plain GRPO)")
+        if cfg.outer_step_note():
+            ctx.say("  " + cfg.outer_step_note())
+        return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
+                    str(ctx.config_dir))
+
+    # --- every process: rank 0 learns, the others serve rollouts
+
+    def threads(self) -> int:
+        cores = os.cpu_count() or 1  # the learner computes while the workers wait, and vice versa
+        return self.cfg.threads or (cores if self.rank == 0 else max(1, cores // (self.world - 1)))
+
+    def drives(self) -> bool:
+        return self.rank == 0
+
+    def serve(self) -> None:
+        from pcpc.runtime.rl.rollout import SamplingPlan, serve
+
+        r = self.cfg.rollout_config
+        serve(self.rank, SamplingPlan(self.plan.generation_vmfb, r.max_tokens, r.temperature, r.top_p,
+                                      self.plan.eos_token_ids, self.threads()))
+
+    def setup(self, resume) -> int:
+        from pcpc.autodiff.grpo import loss_type_weights
+        from pcpc.runtime.generate import import_host_array
+        from pcpc.runtime.module import CompiledModule
+        from pcpc.runtime.rl.rewards import RewardSet
+        from pcpc.runtime.rl.rollout import RolloutClient
+        from pcpc.runtime.rl.update import ChunkedOptimizer
+        from pcpc.runtime.run.metrics import truncate_jsonl
+
+        cfg, g, r = self.cfg, self.cfg.grpo_config, self.cfg.rollout_config
+        self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
+        self.opt = ChunkedOptimizer(mod)
+        self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
+        self.prompts = setup.ensure_prompts(g.prompt_file, self.tok, mod.meta.parameters[0].shape[0], lambda m: None)
+        self.rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(self.plan.reward_dir))
+        self.client = RolloutClient(self.world)
+
+        initial = setup.read_weights(self.plan.weights_path, mod.meta)
+        zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
+        state = resume.state if resume else {"params": initial, "m": zeros, "v": zeros, "momentum": None,
+                                             "adam_step": 0}
+        # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
+        # fresh start, the first policy share them.
+        ref = ([import_host_array(mod, a) for a in initial] if mod.driver == "local-task"
+               else mod.upload_all(initial))
+        self.P = list(ref) if state["params"] is initial else mod.upload_all(state["params"])  # updated in place
+        self.M, self.V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
+        self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
+        self.ref = ref if g.beta > 0 else None
+        self.adam_step = state["adam_step"]
+        N, L = cfg.rollouts_per_iteration, self.plan.seq_len - 1
+        self.zeros_bl = mod.upload(np.zeros((N, L), np.float32))
+        self.sel = np.asarray(loss_type_weights(g.loss_type), np.float32)
+        self.scalars = [np.float32(g.beta), np.float32(g.epsilon), np.float32(g.eps_high),
+                        np.float32(r.temperature), np.float32(r.max_tokens),
+                        np.float32(1.0 if g.updates_per_iteration > 1 else 0.0),
+                        np.float32(1.0 if g.use_bias_correction_kl else 0.0)]
+        start = resume.step if resume else 0
+        samples = self.run.dir.path / "samples.jsonl"
+        truncate_jsonl(samples, "step", start)
+        self.samples = open(samples, "a")
+        self.sync, self.first = True, start  # the workers have no weights yet
+        return start
+
+    def layout(self) -> dict:
+        fn_cols = [f"reward/{name}" for name in self.rewards.names]
+        columns = ["step", "reward_mean", "reward_std", *fn_cols, "frac_reward_zero_std", "kl", "clip_ratio",
+                   "clip_ratio_low", "clip_ratio_high", "loss", "completion_length_mean", "completion_length_min",
+                   "completion_length_max", "completions_clipped_frac", "rollout_tokens", "rollout_s",
+                   "rollout_tokens_per_s", "weight_sync_s", "learner_step_s", "elapsed_s"]
+        return dict(columns=columns,
+                    panels=[("reward", ["reward_mean", *fn_cols]), ("kl", ["kl"]),
+                            ("completion length", ["completion_length_mean", "completion_length_min",
+                                                   "completion_length_max"]),
+                            ("rollout tok/s", ["rollout_tokens_per_s"]), ("learner step s", ["learner_step_s"])],
+                    png="metrics.png", title=f"GRPO {Path(self.cfg.training_model_path).stem}",
+                    postfix=[("reward_mean", "reward"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
+
+    def step(self, it: int) -> dict:
+        rows = self.prompt_rows(it)
+        comps, rollout_s, sync_s = self.rollout(it, rows)
+        score = self.score(rows, comps)
+        t0 = time.perf_counter()
+        stats = self.update(rows, comps, score["advantages"])
+        learner_s = time.perf_counter() - t0
+        return self.record(it, comps, score, stats, rollout_s, sync_s, learner_s)
+
+    def prompt_rows(self, it: int) -> list[list[int]]:
+        """The iteration's prompts (file order, wrapping), each group_size times."""
+        g = self.cfg.grpo_config
+        order = [(it * g.num_prompts + j) % len(self.prompts) for j in range(g.num_prompts)]
+        return [self.prompts[i] for i in order for _ in range(g.group_size)]
+
+    def rollout(self, it: int, rows) -> tuple[list[list[int]], float, float]:
+        """(completions, rollout seconds, weight-sync seconds) from the workers; syncs the policy first."""
+        from pcpc.runtime.rl.rollout import make_tasks
+
+        tasks, _ = make_tasks(rows, self.cfg.rollout_config.batch_size, self.cfg.seed, it)
+        t0 = time.perf_counter()
+        results, sync_s = self.client.rollout(tasks, self.P if self.sync else None)
+        rollout_s = time.perf_counter() - t0 - sync_s
+        self.sync = True
+        if it == self.first:  # which process is which, for whoever needs to find a worker
+            pids = {f"rank {res['worker']}": res["pid"] for res in results.values()}
+            self.run.dir.write_json("workers.json", {"rank 0": os.getpid(), **pids})
+        comps = [c for t in tasks for c in results[t.index]["completions"]]
+        return comps[:len(rows)], rollout_s, sync_s
+
+    def score(self, rows, comps) -> dict:
+        """Rewards of the completions (total and per function) and their group-relative advantages."""
+        import torch
+
+        from pcpc.autodiff.grpo import compute_advantages
+
+        eos = set(self.plan.eos_token_ids)
+        bodies = [c[:-1] if c and c[-1] in eos else c for c in comps]
+        texts, prompt_texts = [self.tok.decode(b) for b in bodies], [self.tok.decode(p) for p in rows]
+        total, per_fn = self.rewards.score(prompt_texts, texts, comps, rows, self.plan.eos_token_ids)
+        adv, frac_zero = compute_advantages(torch.tensor(total, dtype=torch.float32), self.cfg.grpo_config.group_size,
+                                            self.cfg.grpo_config.scale_rewards)
+        return {"total": total, "per_fn": per_fn, "texts": texts, "prompt_texts": prompt_texts,
+                "advantages": adv.numpy(), "frac_zero_std": frac_zero}
+
+    def update(self, rows, comps, advantages) -> np.ndarray:
+        """updates_per_iteration compiled loss + gradient calls, each followed by the chunked AdamW (and the
+        outer step); the mean (loss, kl, clip_ratio, low, high) over the updates."""
+        from pcpc.runtime.module import to_host
+        from pcpc.runtime.rl.rows import pack_rows
+
+        cfg, g, mod = self.cfg, self.cfg.grpo_config, self.mod
+        temperature = np.float32(cfg.rollout_config.temperature)
+        ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
+        ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
+        ref_logp = mod("token_logprobs", *self.ref, ids_d, temperature)[0] if self.ref else self.zeros_bl
+        old_logp = (mod("token_logprobs", *self.P, ids_d, temperature)[0] if g.updates_per_iteration > 1
+                    else self.zeros_bl)
+        # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
+        # kept); several: the iteration's starting weights are kept for it.
+        fused = cfg.outer_step_active and g.updates_per_iteration == 1
+        before = list(self.P) if cfg.outer_step_active and not fused else None
+        outer = (self.Bm, cfg.learning_rate, cfg.nesterov_momentum)
+        stats = []
+        for _ in range(g.updates_per_iteration):
+            self.adam_step += 1
+            out = mod("grpo_value_and_grad", *self.P, ids_d, mask_d, adv_d, old_logp, ref_logp, self.sel,
+                      *self.scalars)
+            stats.append([float(to_host(x)) for x in out[:5]])
+            grads = list(out[5:])
+            del out
+            self.opt.step(self.P, self.M, self.V, grads, self.adam_step, g.learning_rate,
+                          outer=outer if fused else None)
+        if before is not None:
+            self.opt.outer(before, self.Bm, self.P, cfg.learning_rate, cfg.nesterov_momentum)
+        return np.mean(stats, axis=0)
+
+    def record(self, it, comps, score, stats, rollout_s, sync_s, learner_s) -> dict:
+        """The iteration's metrics record, and its first completion in samples.jsonl."""
+        eos = set(self.plan.eos_token_ids)
+        total, lengths = score["total"], [len(c) for c in comps]
+        loss, kl, clip, low, high = stats
+        tokens = sum(lengths)
+        rec = {"step": it + 1, "reward_mean": float(np.mean(total)), "reward_std": float(np.std(total, ddof=1)),
+               **{f"reward/{nm}": float(np.mean(score["per_fn"][nm])) for nm in self.rewards.names},
+               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.ref else None,
+               "clip_ratio": float(clip), "clip_ratio_low": float(low), "clip_ratio_high": float(high),
+               "loss": float(loss), "completion_length_mean": float(np.mean(lengths)),
+               "completion_length_min": min(lengths), "completion_length_max": max(lengths),
+               "completions_clipped_frac": float(np.mean([not (c and c[-1] in eos) for c in comps])),
+               "rollout_tokens": tokens, "rollout_s": round(rollout_s, 4),
+               "rollout_tokens_per_s": round(tokens / max(rollout_s, 1e-9), 2), "weight_sync_s": round(sync_s, 4),
+               "learner_step_s": round(learner_s, 4), "elapsed_s": round(self.run.elapsed(), 3)}
+        sample = {"step": it + 1, "prompt": score["prompt_texts"][0], "completion": score["texts"][0],
+                  "reward": total[0]}
+        self.samples.write(json.dumps(sample) + "\n")
+        self.samples.flush()
+        return rec
+
+    def state(self) -> dict:
+        return {"params": self.P, "m": self.M, "v": self.V, "momentum": self.Bm, "adam_step": self.adam_step}
+
+    def finish(self, done: int, stopped: bool) -> dict:
+        self.client.stop()
+        self.samples.close()
+        recs = self.run.log.records
+        summary = {
+            "iterations": done, "iterations_planned": self.run.spec.steps, "workers": self.world - 1,
+            "first_reward_mean": recs[0]["reward_mean"] if recs else None,
+            "final_reward_mean": recs[-1]["reward_mean"] if recs else None,
+            "rollout_tokens_per_s": _mean([x["rollout_tokens_per_s"] for x in recs]),
+            "learner_step_s": _mean([x["learner_step_s"] for x in recs]),
+            "train_seconds": round(self.run.elapsed(), 3),
+        }
+        if not stopped and recs:
+            self.run.say(f"done: {done} iterations, reward {summary['first_reward_mean']:.3f} -> "
+                         f"{summary['final_reward_mean']:.3f}; metrics, metrics.png, samples and checkpoint in "
+                         f"{self.run.dir.path}")
+        return summary
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(float(np.mean(xs)), 4) if xs else None

@@ -1,0 +1,386 @@
+"""DiLoCo training of a nanoGPT preset through compiled modules, on torch.distributed.
+
+Round r, on each of W workers (DiLoCo, Douillard et al. 2023):
+
+    θ_local ← θ_global
+    tau × train_step(θ_local, m, v, step, lr, x, y)   compiled forward + backward + AdamW; weights and
+                                                      moments stay device arrays between the steps
+    Δ_w = θ_global − θ_local                          the pseudo-gradient
+    Δ = mean_w Δ_w                                    one all-reduce of one flat fp32 buffer
+    θ_global, b ← outer_step(θ_global, b, Δ, lr, μ)   compiled Nesterov: b ← μb + Δ, θ ← θ − lr(Δ + μb)
+
+Every worker applies the same outer step to the same Δ, so the global
+parameters stay identical everywhere without a broadcast. Only the
+pseudo-gradient crosses the network: once per tau inner steps, 1/tau of
+what per-step data-parallel training would all-reduce.
+
+This file is the loop only (plan, setup, one round, state, finish); the run
+directory, checkpoints, metrics, signals and launch are the skeleton's
+(runtime/run/).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcpc.errors import UserError
+from pcpc.runtime.run.artifacts import build_artifact
+from pcpc.runtime.run.skeleton import Loop, every
+from pcpc.runtime.train.config import DiLoCoConfig
+from pcpc.runtime.train.data import WorkerSampler, load_dataset, val_batches
+
+FUNCTIONS = ["train_step", "eval_loss", "outer_step", "logits"]
+KNOWN_DATASETS = {"tiny_shakespeare.txt": "tiny_shakespeare", "enwik8.txt": "enwik8"}
+COLUMNS = ("round", "inner_step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s",
+           "allreduce_bytes_per_worker", "data_parallel_bytes_per_worker")
+WHY_NOT_FOREIGN = ("pcpc does not differentiate MLIR: it derives train_step and outer_step from an exporter's "
+                   "functional PyTorch model (torch.func + make_fx) before lowering, and an arbitrary MLIR file has "
+                   "no such source.")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the launcher resolved for the workers."""
+
+    vmfb: str
+    tokenizer: str
+
+
+def preset_of(model_path: str | Path) -> str:
+    """models/nanogpt_small.mlir -> nanogpt-small."""
+    return Path(model_path).stem.replace("_", "-")
+
+
+def tokenizer_kind(cfg: DiLoCoConfig) -> str:
+    if cfg.tokenizer != "auto":
+        return cfg.tokenizer
+    from pcpc.exporters.nanogpt import PRESETS
+
+    return "byte" if PRESETS.get(preset_of(cfg.model_path), {}).get("vocab_size") == 256 else "char"
+
+
+def check_data(cfg: DiLoCoConfig) -> None:
+    path = Path(cfg.data_path)
+    if path.is_file():
+        return
+    hint = f"place the text file at {path}"
+    if path.name in KNOWN_DATASETS:
+        hint = f"run `pcpc data fetch {KNOWN_DATASETS[path.name]}` (or copy {path.name} to {path})"
+    raise UserError(f"data_path: {path} not found (relative to {Path.cwd()}); {hint}")
+
+
+def check_preset(cfg: DiLoCoConfig) -> str:
+    from pcpc.exporters.nanogpt import PRESETS
+
+    preset = preset_of(cfg.model_path)
+    if preset not in PRESETS:
+        raise UserError(f"model_path: {Path(cfg.model_path).name!r} does not name a nanoGPT preset (the file stem "
+                        f"picks it); valid: {', '.join(p.replace('-', '_') + '.mlir' for p in PRESETS)}")
+    return preset
+
+
+def resolve_model(cfg: DiLoCoConfig, vocab_size: int, say=print):
+    """Build (or find cached) the modules model_path names; returns the BuildResult."""
+    from pcpc.mlir.targets import nanogpt_target
+
+    preset = check_preset(cfg)
+    target = nanogpt_target(
+        Path(cfg.model_path).stem, preset, cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        model_overrides={"vocab_size": vocab_size},
+        optimizer={"beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": cfg.weight_decay,
+                   "grad_clip": cfg.grad_clip},
+        functions=FUNCTIONS,
+    )
+    return build_artifact("model_path", cfg.model_path, target, cfg.target, say, why=WHY_NOT_FOREIGN)
+
+
+def plan_rounds(cfg: DiLoCoConfig, train: np.ndarray, val: np.ndarray, block: int, world: int) -> int:
+    """Rounds the run will take; every worker's batches and the validation batches are checked here, in the
+    launcher, so a data file too small for them is an error before any worker starts."""
+    samplers = [WorkerSampler(train, r, world, block, cfg.batch_size, cfg.seed) for r in range(world)]
+    val_batches(val, block, cfg.eval_batch_size, cfg.eval_batches)
+    steps_per_epoch = min(s.steps_per_epoch for s in samplers)
+    rounds = min(cfg.outer_loop_steps, cfg.max_epochs * steps_per_epoch // cfg.tau)
+    if rounds < 1:
+        raise UserError(f"max_epochs: {cfg.max_epochs} epochs of {steps_per_epoch} steps is less than one round "
+                        f"of tau={cfg.tau} steps")
+    return rounds
+
+
+class DiLoCo(Loop):
+    kind, title, unit = "diloco", "DiLoCo", "round"
+    files = ("vocab.json", "loss.png", "sample.txt")
+    Config = DiLoCoConfig
+
+    # --- the launcher side
+
+    @classmethod
+    def world_size(cls, cfg: DiLoCoConfig) -> int:
+        return cfg.num_workers
+
+    @classmethod
+    def plan(cls, cfg: DiLoCoConfig, ctx) -> Plan:
+        from pcpc.exporters.nanogpt import make_config
+
+        check_data(cfg)
+        kind = tokenizer_kind(cfg)
+        data = load_dataset(cfg.data_path, kind)
+        vocab = data.tokenizer.vocab_size
+        block = make_config(check_preset(cfg), vocab_size=vocab).block_size
+        rounds = plan_rounds(cfg, data.train, data.val, block, ctx.world)
+        derived = {"workers": ctx.world}  # each has its own inner AdamW state in the checkpoint
+        if cfg.lr_schedule == "cosine":
+            derived["resolved.lr_decay_steps"] = cfg.decay_steps(rounds)
+        ctx.claim(rounds, derived)  # before the build: fail fast
+        built = resolve_model(cfg, vocab, ctx.say)
+        ctx.write_text("vocab.json", data.tokenizer.to_json())
+        ctx.write_config(tokenizer=kind, vocab_size=vocab, vmfb=str(built.vmfb))
+        _announce(cfg, ctx, built, rounds, block)
+        return Plan(str(built.vmfb), kind)
+
+    @classmethod
+    def explain_change(cls, key, now, then):
+        if key == "workers":
+            return (f"--resume: the checkpoint has {then} workers' state but this run has {now} workers "
+                    f"(num_workers / WORLD_SIZE)")
+        if key == "resolved.lr_decay_steps":
+            return (f"--resume: the cosine schedule would decay over {now} inner steps, but the checkpoint's decays "
+                    f"over {then}: with lr_decay_steps null the decay length is the run's (outer_loop_steps x tau, "
+                    f"or less when max_epochs ends it first), and outer_loop_steps or max_epochs changed. Set "
+                    f"\"lr_decay_steps\": {then} to keep the schedule, or start a new run with --out DIR")
+        return None
+
+    # --- every worker
+
+    def backend(self) -> str:
+        cfg = self.cfg
+        return cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
+
+    def threads(self) -> int:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        return self.cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
+
+    def setup(self, resume) -> int:
+        from pcpc.runtime.module import CompiledModule
+
+        cfg = self.cfg
+        self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
+        self.specs = mod.meta.parameters
+        self.block = model_config(mod).block_size
+        data = load_dataset(cfg.data_path, self.plan.tokenizer)
+        self.tokenizer = data.tokenizer
+        self.sampler = WorkerSampler(data.train, self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
+        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches)[self.rank::self.world]
+        state = self._initial_state(resume)
+        self.G_host = state["params"]
+        self.G, self.Bm = mod.upload_all(self.G_host), mod.upload_all(state["momentum"])  # global θ, outer momentum
+        self.M, self.V, self.adam_step = mod.upload_all(state["m"]), mod.upload_all(state["v"]), state["adam_step"]
+        self.zeros = [np.zeros_like(p) for p in self.G_host]
+        self.rng = np.random.default_rng(cfg.seed)  # text sampling
+        self.rng.bit_generator.state = state["rng_state"] or self.rng.bit_generator.state
+        self.sizes = [int(np.prod(spec.shape)) for spec in self.specs]
+        self.flat = np.zeros(sum(self.sizes) + 2, np.float32)  # [Δ of every param, mean train loss, stop flag]
+        self.traffic = {"allreduce_bytes_per_worker": self.flat.nbytes,
+                        "data_parallel_bytes_per_worker": sum(self.sizes) * 4 * cfg.tau}
+        self.tokens_per_step = self.world * cfg.batch_size * self.block
+        self.tokens, self.stop_agreed, self.val, self.done = state["tokens"], False, None, state["round"]
+        return self.done
+
+    def layout(self) -> dict:
+        return dict(columns=COLUMNS, panels=[("cross-entropy (nats/token)", ["train_loss", "val_loss"])],
+                    png="loss.png", x="inner_step", title=f"DiLoCo {Path(self.cfg.model_path).stem}",
+                    postfix=[("train_loss", "loss"), ("val_loss", "val"), ("tokens_per_s", "tok/s")],
+                    ticks_per_step=self.cfg.tau)
+
+    def step(self, r: int) -> dict:
+        """Round r: tau compiled inner steps, one all-reduce of Δ, one compiled outer step."""
+        from pcpc.runtime.module import to_host
+
+        cfg, mod, n, tau = self.cfg, self.mod, len(self.specs), self.cfg.tau
+        rounds = self.run.spec.steps
+        if not cfg.persist_inner_state:
+            self.M, self.V, self.adam_step = mod.upload_all(self.zeros), mod.upload_all(self.zeros), 0
+        P, M, V, loss_sum = self.G, self.M, self.V, 0.0
+        for k in range(tau):
+            step = r * tau + k  # the same on every worker: data position and schedule index
+            self.adam_step += 1
+            loss, *rest = mod("train_step", *P, *M, *V, np.float32(self.adam_step),
+                              np.float32(cfg.lr_at(step, rounds)), *self.sampler.batch(step))
+            P, M, V = rest[:n], rest[n:2 * n], rest[2 * n:]
+            loss_sum += float(to_host(loss))
+            if self.run.log:
+                self.run.log.tick(r, train_loss=loss_sum / (k + 1))
+        self.M, self.V = M, V
+        # Δ = θ_global − θ_local, averaged over the workers in one all-reduce of one flat buffer.
+        _pack(self.flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(self.G_host, P)])
+        self.flat[-2], self.flat[-1] = loss_sum / tau, float(self.run.stop.requested)
+        _all_reduce_mean(self.flat, self.world, self.backend())
+        out = mod("outer_step", *self.G, *self.Bm, *_unpack(self.flat, self.specs, self.sizes),
+                  np.float32(cfg.outer_learning_rate), np.float32(cfg.nesterov_momentum))
+        self.G, self.Bm = out[:n], out[n:]
+        self.G_host = [to_host(g) for g in self.G]
+        self.done = done = r + 1
+        self.stop_agreed = bool(self.flat[-1] > 0)
+        evaluate = done == rounds or self.stop_agreed or every(cfg.eval_interval, done)
+        self.val = self._evaluate() if evaluate else None
+        self.tokens += self.tokens_per_step * tau
+        elapsed = self.run.elapsed()
+        record = dict(round=done, inner_step=done * tau, train_loss=float(self.flat[-2]), val_loss=self.val,
+                      lr=cfg.lr_at(step, rounds), tokens=self.tokens, elapsed_s=round(elapsed, 3),
+                      tokens_per_s=round(self.tokens / elapsed, 1), **self.traffic)
+        if self.val is not None:
+            self.run.say(f"round {done:>4}  step {done * tau:>6}  train {record['train_loss']:.4f}  "
+                         f"val {self.val:.4f}")
+        return record
+
+    def agree_stop(self, requested: bool) -> bool:
+        return self.stop_agreed  # the flag rode this round's all-reduce: every worker stops together
+
+    def state(self) -> dict | None:
+        """Gather every worker's inner state to rank 0, which returns the whole checkpoint state."""
+        import torch.distributed as dist
+
+        from pcpc.runtime.module import to_host
+
+        inner = {"m": [to_host(a) for a in self.M], "v": [to_host(a) for a in self.V], "adam_step": self.adam_step,
+                 "next_step": self.done * self.cfg.tau}  # the data position: batches are a function of it
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(inner, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        return {"params": self.G_host, "momentum": [to_host(b) for b in self.Bm], "workers": gathered,
+                "rng_state": self.rng.bit_generator.state, "tokens": self.tokens}
+
+    def finish(self, done: int, stopped: bool) -> dict | None:
+        """Rank 0: sample text, say how it went; the summary."""
+        cfg = self.cfg
+        if self.val is None:  # nothing left to train (a resumed, finished run): evaluate what there is
+            self.val = self._evaluate()
+        if self.rank != 0:
+            return None
+        log, elapsed = self.run.log, self.run.elapsed()
+        sample = "" if stopped or not cfg.sample_tokens else _sample_text(self.mod, self.G, self.tokenizer,
+                                                                          self.block, cfg.sample_tokens, self.rng)
+        summary = {
+            "rounds": done, "rounds_planned": self.run.spec.steps, "inner_steps_per_worker": done * cfg.tau,
+            "workers": self.world, "final_val_loss": self.val, "final_train_loss": log.last("train_loss"),
+            "tokens": self.tokens, "train_seconds": round(elapsed, 3),
+            "tokens_per_s": round(self.tokens / max(elapsed, 1e-9), 1),
+            "allreduce_bytes_per_worker_per_round": self.traffic["allreduce_bytes_per_worker"],
+            "data_parallel_bytes_per_worker_per_round": self.traffic["data_parallel_bytes_per_worker"],
+        }
+        if sample:
+            self.run.dir.write_text("sample.txt", sample)
+            self.run.say("sample:\n" + sample)
+        if not stopped:
+            self.run.say(f"done: {done} rounds, val loss {self.val:.4f}, {summary['tokens_per_s'] / 1e3:.1f}k tok/s "
+                         f"over {elapsed:.1f}s; metrics, loss.png and checkpoint in {self.run.dir.path}")
+        return summary
+
+    def _initial_state(self, resume) -> dict:
+        """Rank 0 has the checkpoint (or initialises); every worker receives it and keeps its own inner state."""
+        import torch.distributed as dist
+
+        from pcpc.exporters.nanogpt import init_params
+
+        box = [None]
+        if self.rank == 0:
+            if resume is not None:
+                box[0] = {**resume.state, "round": resume.step}
+            else:
+                params = [p.numpy() for p in init_params(model_config(self.mod), self.cfg.seed).values()]
+                box[0] = {"round": 0, "params": params, "momentum": [np.zeros_like(p) for p in params],
+                          "workers": None, "rng_state": None, "tokens": 0}
+        dist.broadcast_object_list(box, src=0)
+        state = box[0]
+        zeros = [np.zeros_like(p) for p in state["params"]]
+        mine = state["workers"][self.rank] if state["workers"] else {"m": zeros, "v": zeros, "adam_step": 0}
+        return {**state, "m": mine["m"], "v": mine["v"], "adam_step": mine["adam_step"]}
+
+    def _evaluate(self) -> float:
+        """Mean validation loss over all workers' shares of the fixed validation batches."""
+        from pcpc.runtime.module import to_host
+
+        total = sum(float(to_host(self.mod("eval_loss", *self.G, x, y)[0])) for x, y in self.my_val)
+        sums = np.array([total, len(self.my_val)], np.float64)
+        _all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
+        return float(sums[0] / sums[1])
+
+
+def model_config(mod):
+    from pcpc.exporters.nanogpt import make_config
+
+    cfg = mod.meta.provenance.config
+    return make_config(cfg["model"], **cfg.get("model_overrides", {}))
+
+
+def _pack(flat: np.ndarray, arrays: list[np.ndarray]) -> None:
+    offset = 0
+    for a in arrays:
+        flat[offset:offset + a.size] = a
+        offset += a.size
+
+
+def _unpack(flat: np.ndarray, specs, sizes) -> list[np.ndarray]:
+    """Views of flat shaped like the parameters (no copy)."""
+    ends = np.cumsum(sizes)
+    return [flat[e - n:e].reshape(spec.shape) for e, n, spec in zip(ends, sizes, specs)]
+
+
+def _all_reduce_mean(array: np.ndarray, world: int, backend: str) -> None:
+    """In place: the mean of `array` over the workers (nccl reduces a CUDA copy)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.from_numpy(array)
+    if backend == "nccl":
+        dev = t.cuda()
+        dist.all_reduce(dev)
+        t.copy_(dev.cpu())
+    else:
+        dist.all_reduce(t)
+    array /= world
+
+
+def _sample_text(mod, G, tokenizer, block: int, n_tokens: int, rng, temperature: float = 1.0) -> str:
+    """Sample n_tokens from the final model with the compiled `logits` function (one row of block tokens)."""
+    from pcpc.runtime.module import to_host
+
+    start = tokenizer.encode("\n")[0] if tokenizer.kind == "byte" or "\n" in tokenizer.chars else 0
+    ids = [int(start)]
+    for _ in range(n_tokens):
+        ctx = ids[-block:]
+        idx = np.zeros((1, block), np.int64)
+        idx[0, :len(ctx)] = ctx  # positions after the context are ignored (causal attention)
+        logits = to_host(mod("logits", *G, idx)[0])[0, len(ctx) - 1].astype(np.float64) / temperature
+        p = np.exp(logits - logits.max())
+        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    return tokenizer.decode(ids)
+
+
+def _announce(cfg: DiLoCoConfig, ctx, built, rounds: int, block: int) -> None:
+    from pcpc.mlir.signature import load_meta
+
+    n_params = load_meta(built.meta).parameter_bytes // 4
+    payload = 4 * (n_params + 2)
+    dp = 4 * n_params * cfg.tau
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
+    ctx.say(f"DiLoCo: {Path(cfg.model_path).stem} ({n_params:,} params), {ctx.world} workers ({backend}), "
+            f"tau {cfg.tau}, {rounds} rounds; run dir {ctx.dir.path}")
+    if rounds < cfg.outer_loop_steps:
+        ctx.say(f"  max_epochs {cfg.max_epochs} limits the run to {rounds} rounds")
+    ctx.say(f"  each worker all-reduces {_bytes(payload)} per round; per-step data parallel would all-reduce "
+            f"{_bytes(dp)} over the same {cfg.tau} steps ({dp / payload:.1f}x more)")
+    if ctx.resume:
+        ctx.say(f"  resuming from {ctx.dir.checkpoint}")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024

@@ -1,0 +1,64 @@
+"""A seeded stand-in for tiny Shakespeare, made by the tests themselves (nothing is read from outside the repo).
+
+`play_text(n_chars, seed)` writes a play: speaker lines ("FIRST CITIZEN:"),
+then lines of words drawn from a seeded Zipf-like vocabulary of made-up
+words, with punctuation, blank lines between speeches, and the same 65
+characters as tiny Shakespeare (nanoGPT's shakespeare_char vocabulary), so
+tests written against that vocabulary size hold. It has enough structure
+for a tiny model's loss to fall and is a pure function of its arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+"""The 65 characters of tiny Shakespeare, sorted."""
+
+
+def _words(rng: np.random.Generator, n: int) -> list[str]:
+    consonants, vowels = "bcdfghjklmnprstvwxyzq", "aeiou"
+    out = set()
+    while len(out) < n:
+        k = int(rng.integers(1, 4))
+        w = "".join(rng.choice(list(consonants)) + rng.choice(list(vowels)) for _ in range(k))
+        if rng.random() < 0.4:
+            w += rng.choice(list(consonants))
+        out.add(w)
+    return sorted(out)
+
+
+def play_text(n_chars: int = 400_000, seed: int = 0) -> str:
+    """About n_chars characters of seeded play text over exactly CHARS (every one of them occurs)."""
+    rng = np.random.default_rng(seed)
+    words = _words(rng, 2000)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.1
+    p /= p.sum()
+    speakers = [f"{a.upper()} {b.upper()}" for a, b in zip(_words(rng, 12), _words(rng, 12)[::-1])]
+    # Every character of the vocabulary once, up front (digits and rare signs included).
+    parts = ["THE PLAY OF 3 & $ ZQX JV, WITH ALL ITS MARKS: ' - ; ? ! .\n\n"]
+    size = len(parts[0])
+    while size < n_chars:
+        speech = [rng.choice(speakers) + ":\n"]
+        for _ in range(int(rng.integers(1, 5))):
+            n = int(rng.integers(4, 12))
+            line = " ".join(words[i] for i in rng.choice(len(words), n, p=p))
+            line = line[0].upper() + line[1:]
+            line += str(rng.choice([".", ",", "!", "?", ";", ":", "."], p=[.4, .2, .1, .1, .1, .05, .05]))
+            if rng.random() < 0.1:
+                line = line.replace(" ", "'s ", 1)
+            if rng.random() < 0.05:
+                line = line.replace(" ", " - ", 1)
+            speech.append(line + "\n")
+        text = "".join(speech) + "\n"
+        parts.append(text)
+        size += len(text)
+    text = "".join(parts)[:n_chars]
+    assert set(text) <= set(CHARS) and len(set(text)) == len(CHARS), sorted(set(CHARS) - set(text))
+    return text
+
+
+def write_play(path, n_chars: int = 400_000, seed: int = 0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(play_text(n_chars, seed))
+    return path
