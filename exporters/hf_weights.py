@@ -196,18 +196,15 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def write_flat(path: Path, tensors: Sequence[tuple[str, object]], dtype: str, expected_bytes: int) -> int:
     """Write tensors back to back in order as raw little-endian `dtype`; atomic; verified; returns the size."""
+    from pcpc.mlir.build import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for _, t in tensors:
-                f.write(_encode(t, dtype))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # fsynced, checked, then renamed into place
+        for _, t in tensors:
+            f.write(_encode(t, dtype))
+        f.flush()
+        os.fsync(f.fileno())
         verify_flat(tmp, expected_bytes)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path.stat().st_size
 
 

@@ -108,12 +108,21 @@ def compile_key(mlir_sha: str, compile_target: str, flags: tuple[str, ...], vers
     return sha256_bytes(json.dumps(blob, sort_keys=True).encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path):
     """A temp path in `path`'s directory to write `path` through; renamed into place when the block
-    ends, removed if it raises (the old `path`, if any, is untouched)."""
+    ends, removed if it raises (the old `path`, if any, is untouched). The file gets the mode a plain
+    open() would (0666 less the umask), not mkstemp's 0600, so a group sharing the folder can read it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)

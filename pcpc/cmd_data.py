@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +71,20 @@ def _download(url: str, dest: Path, timeout: float) -> None:
                 bar.update(len(chunk))
 
 
+def _unzip_member(path: Path, src: Source) -> None:
+    """Replace the downloaded zip at `path` by its member src.member."""
+    unzipped = path.with_name(path.name + ".unzipped")
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(src.member) as member, open(unzipped, "wb") as out:
+            for chunk in iter(lambda: member.read(1 << 20), b""):
+                out.write(chunk)
+        os.replace(unzipped, path)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"{src.url}: not the expected zip archive ({e})") from None
+    finally:
+        unzipped.unlink(missing_ok=True)
+
+
 def fetch_dataset(name: str, out_dir: Path, timeout: float = 60.0, say=click.echo) -> Path:
     """Download, verify and place dataset `name` in out_dir; returns its path."""
     if name not in SOURCES:
@@ -84,38 +97,25 @@ def fetch_dataset(name: str, out_dir: Path, timeout: float = 60.0, say=click.ech
             return dest
         raise UserError(f"{dest} exists but its {src.algorithm} is not the published {src.digest[:12]}…; "
                         f"remove it and fetch again")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{src.file_name}.", suffix=".download")
-    os.close(fd)
-    tmp = Path(tmp)
-    unzipped = tmp.with_suffix(".unzipped")
-    try:
+    from pcpc.mlir.build import atomic_path
+
+    with atomic_path(dest) as tmp:  # renamed into place only once the checksum matches; removed otherwise
         say(f"downloading {src.url}")
         try:
             _download(src.url, tmp, timeout)
-        except OSError as e:  # URLError, timeouts, DNS failures
+        except OSError as e:  # URLError, HTTP errors, timeouts, DNS failures
+            why = f"HTTP {e.code} {e.reason}" if hasattr(e, "code") else getattr(e, "reason", e)
             raise UserError(
-                f"could not download {name} from {src.url} ({getattr(e, 'reason', e)}). Without a network, "
+                f"could not download {name} from {src.url} ({why}). Without a network, "
                 f"place the file at {dest} yourself ({src.size:,} bytes, {src.algorithm} {src.digest})"
                 + (f": unzip {Path(src.url).name} and rename {src.member} to {src.file_name}" if src.member else "")
             ) from None
-        final = tmp
         if src.member:
-            try:
-                with zipfile.ZipFile(tmp) as zf, zf.open(src.member) as member, open(unzipped, "wb") as out:
-                    for chunk in iter(lambda: member.read(1 << 20), b""):
-                        out.write(chunk)
-            except (zipfile.BadZipFile, KeyError) as e:
-                raise UserError(f"{src.url}: not the expected zip archive ({e})") from None
-            final = unzipped
-        got = file_digest(final, src.algorithm)
+            _unzip_member(tmp, src)
+        got = file_digest(tmp, src.algorithm)
         if got != src.digest:
             raise UserError(f"{src.url}: {src.algorithm} {got} does not match the published {src.digest}; "
                             f"nothing was written to {dest}")
-        os.replace(final, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-        unzipped.unlink(missing_ok=True)
     say(f"{dest}: {src.size:,} bytes, {src.algorithm} ok")
     return dest
 

@@ -42,7 +42,11 @@ def play_text(n_chars: int = 400_000, seed: int = 0) -> str:
         speech = [rng.choice(speakers) + ":\n"]
         for _ in range(int(rng.integers(1, 5))):
             n = int(rng.integers(4, 12))
-            line = " ".join(words[i] for i in rng.choice(len(words), n, p=p))
+            picked = [words[i] for i in rng.choice(len(words), n, p=p)]
+            if rng.random() < 0.15:  # the rare signs and capitals occur throughout, as in the play
+                picked[int(rng.integers(n))] = str(rng.choice(["&", "$3", "3", "ZOUNDS", "QUEEN", "JOVE", "VEX",
+                                                                "XANTHIPPE", "Kate", "York", "Gaunt"]))
+            line = " ".join(picked)
             line = line[0].upper() + line[1:]
             line += str(rng.choice([".", ",", "!", "?", ";", ":", "."], p=[.4, .2, .1, .1, .1, .05, .05]))
             if rng.random() < 0.1:

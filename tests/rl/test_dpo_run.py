@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pcpc.errors import UserError
-from pcpc.runtime import dpo
+from pcpc.kinds import run_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -26,7 +26,7 @@ def toy(tmp_path_factory):
 def run(root: Path, raw: dict, name: str, **kw) -> dict:
     path = root / f"{name}.json"
     path.write_text(json.dumps(raw))
-    return dpo.run_experiment(str(path), raw, out_dir=str(root / name), quiet=True, **kw)
+    return run_experiment(str(path), raw, out_dir=str(root / name), quiet=True, **kw)
 
 
 def test_dpo_learns_the_preferences(toy):

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from pcpc.errors import UserError
-from pcpc.runtime import grpo
+from pcpc.kinds import run_experiment
 from pcpc.runtime.prompts import write_prompts
+from pcpc.runtime.run import checkpoint
 
 REWARD = "def target_token(completion_ids, **_):\n    return [sum(t == 7 for t in c) / max(len(c), 1) for c in completion_ids]\n"
 
@@ -55,8 +56,7 @@ def toy(tmp_path_factory):
 
 
 def run(cfg: Path, **kw) -> dict:
-    return grpo.run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True,
-                               **kw)
+    return run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True, **kw)
 
 
 def records(cfg: Path) -> list[dict]:
@@ -136,7 +136,7 @@ def test_dead_worker_stops_the_run(toy, learned):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # a dead worker exits 1 in every loop (2 is for mistakes in the input)
     assert f"(pid {pid}) was killed by SIGKILL" in err and "GRPO run failed" in err
 
 
@@ -147,7 +147,7 @@ def test_missing_hf_weights_say_what_to_download(tmp_path, monkeypatch):
     path = Path(__file__).resolve().parents[2] / "experiments" / "qwen_rl_test.json"
     with pytest.raises(UserError, match=r"weights_path: checkpoints/initial_weights/qwen_flat.bin does not exist.*"
                                          r"Download Qwen/Qwen2.5-0.5B-Instruct .*huggingface-cli download"):
-        grpo.run_experiment(str(path), json.loads(path.read_text()), quiet=True)
+        run_experiment(str(path), json.loads(path.read_text()), quiet=True)
     assert not (tmp_path / "models").exists()  # failed before building anything
 
 
@@ -168,17 +168,17 @@ def test_outer_step_at_rate_1_is_plain_grpo(toy, learned, updates):
     iteration) or after several updates."""
     import numpy as np
 
-    from pcpc.runtime import rl_setup
+    from pcpc.runtime.rl import setup
 
     root, config = toy
     grpo_config = {"num_iterations": 2, "updates_per_iteration": updates}
     plain = config(f"plain{updates}", grpo_config=dict(grpo_config))
     outer = config(f"outer{updates}", learning_rate=1.0, nesterov_momentum=1e-7, grpo_config=dict(grpo_config))
     run(plain), run(outer)
-    a = rl_setup.load_checkpoint(rl_setup.checkpoint_path(plain.with_suffix("")), "grpo")["arrays"]
-    b = rl_setup.load_checkpoint(rl_setup.checkpoint_path(outer.with_suffix("")), "grpo")["arrays"]
+    a = checkpoint.load(checkpoint.path_in(plain.with_suffix("")), "grpo").state
+    b = checkpoint.load(checkpoint.path_in(outer.with_suffix("")), "grpo").state
     assert a["momentum"] is None and b["momentum"] is not None
-    moved = max(np.abs(p - q).max() for p, q in zip(b["params"], rl_setup.read_weights(
+    moved = max(np.abs(p - q).max() for p, q in zip(b["params"], setup.read_weights(
         root / "models" / "toy_flat.bin", _meta(root))))
     assert moved > 1e-4  # the run did train
     for p, q in zip(a["params"], b["params"]):

@@ -1,29 +1,48 @@
-"""runtime/data.py (tokenizers, split, per-worker sampling) and `pcpc data fetch` (download, checksum, offline)."""
+"""runtime/train/data.py (tokenizers, split, per-worker sampling) and `pcpc data fetch` (download, checksum,
+offline), the download tested against a local HTTP server the test starts (a real download, no mock)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import shutil
+import http.server
+import os
+import stat
+import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from corpus import write_play
 from pcpc import cmd_data
 from pcpc.errors import UserError
-from pcpc.runtime.data import Tokenizer, WorkerSampler, load_dataset, val_batches
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare.txt"
-if not SHAKESPEARE.is_file():
-    SHAKESPEARE = Path("/work/shared/data/tiny_shakespeare.txt")
+from pcpc.runtime.train.data import Tokenizer, WorkerSampler, load_dataset, val_batches
 
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny_shakespeare.txt"
-    shutil.copy(SHAKESPEARE, path)
-    return path
+    """A seeded play with tiny Shakespeare's 65 characters (tests/corpus.py)."""
+    return write_play(tmp_path_factory.mktemp("data") / "tiny_shakespeare.txt", 1_115_394)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """(folder, base URL) of an HTTP server on 127.0.0.1 serving the folder, for the test's duration."""
+    root = tmp_path / "www"
+    root.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 def test_char_tokenizer_on_tiny_shakespeare(shakespeare):
@@ -116,35 +135,53 @@ def test_too_little_data_is_a_user_error(tmp_path):
         load_dataset(tmp_path / "missing.txt", "char")
 
 
-def test_fetch_downloads_verifies_and_places(tmp_path, monkeypatch, shakespeare):
+def test_fetch_downloads_verifies_and_places(tmp_path, monkeypatch, shakespeare, http_root):
+    www, url = http_root
+    (www / "input.txt").write_bytes(shakespeare.read_bytes())
+    digest = hashlib.sha256(shakespeare.read_bytes()).hexdigest()
     src = cmd_data.SOURCES["tiny_shakespeare"]
-    monkeypatch.setitem(cmd_data.SOURCES, "tiny_shakespeare",
-                        cmd_data.Source(shakespeare.as_uri(), src.file_name, src.algorithm, src.digest, src.size))
-    out = cmd_data.fetch_dataset("tiny_shakespeare", tmp_path / "data", say=lambda m: None)
+    monkeypatch.setitem(cmd_data.SOURCES, "tiny_shakespeare", cmd_data.Source(
+        f"{url}/input.txt", src.file_name, src.algorithm, digest, shakespeare.stat().st_size))
+    old = os.umask(0o022)
+    try:
+        out = cmd_data.fetch_dataset("tiny_shakespeare", tmp_path / "data", say=lambda m: None)
+    finally:
+        os.umask(old)
     assert out == tmp_path / "data" / "tiny_shakespeare.txt"
     assert out.read_bytes() == shakespeare.read_bytes()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, not mkstemp's 0600
     assert sorted(p.name for p in out.parent.iterdir()) == ["tiny_shakespeare.txt"]  # no temp files left
     messages = []
     cmd_data.fetch_dataset("tiny_shakespeare", tmp_path / "data", say=messages.append)
     assert "already there" in messages[0]
 
 
-def test_fetch_unzips_a_member_and_rejects_a_bad_checksum(tmp_path, monkeypatch):
+def test_fetch_unzips_a_member_and_rejects_a_bad_checksum(tmp_path, monkeypatch, http_root):
+    www, url = http_root
     payload = b"<mediawiki>" + bytes(range(256)) * 10
-    archive = tmp_path / "enwik8.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
+    with zipfile.ZipFile(www / "enwik8.zip", "w") as zf:
         zf.writestr("enwik8", payload)
-    good = cmd_data.Source(archive.as_uri(), "enwik8.txt", "sha1", hashlib.sha1(payload).hexdigest(),
+    good = cmd_data.Source(f"{url}/enwik8.zip", "enwik8.txt", "sha1", hashlib.sha1(payload).hexdigest(),
                            len(payload), member="enwik8")
     monkeypatch.setitem(cmd_data.SOURCES, "enwik8", good)
     out = cmd_data.fetch_dataset("enwik8", tmp_path / "data", say=lambda m: None)
     assert out.name == "enwik8.txt" and out.read_bytes() == payload
-    bad = cmd_data.Source(archive.as_uri(), "other.txt", "sha1", "0" * 40, len(payload), member="enwik8")
+    bad = cmd_data.Source(f"{url}/enwik8.zip", "other.txt", "sha1", "0" * 40, len(payload), member="enwik8")
     monkeypatch.setitem(cmd_data.SOURCES, "enwik8", bad)
     with pytest.raises(UserError, match="does not match the published"):
         cmd_data.fetch_dataset("enwik8", tmp_path / "data", say=lambda m: None)
     assert not (tmp_path / "data" / "other.txt").exists()
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["enwik8.txt"]
+
+
+def test_fetch_of_a_missing_file_says_so_and_leaves_nothing(tmp_path, monkeypatch, http_root):
+    _, url = http_root
+    src = cmd_data.SOURCES["tiny_shakespeare"]
+    monkeypatch.setitem(cmd_data.SOURCES, "tiny_shakespeare", cmd_data.Source(
+        f"{url}/moved.txt", src.file_name, src.algorithm, src.digest, src.size))
+    with pytest.raises(UserError, match=r"could not download tiny_shakespeare from .*/moved.txt \(HTTP 404 "):
+        cmd_data.fetch_dataset("tiny_shakespeare", tmp_path / "data", say=lambda m: None)
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_fetch_without_network_says_which_file_to_place_where(tmp_path, monkeypatch):
