@@ -128,8 +128,19 @@ def _iree_compile(src: Path, out: Path, flags) -> None:
     cmd = [iree_compile_exe(), str(src), *flags, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
-        raise RuntimeError(f"iree-compile failed ({proc.returncode}) for {src}:\n{tail}")
+        raise UserError(compile_failure(src, flags, proc.stderr, proc.returncode), details=proc.stderr)
+
+
+def compile_failure(src: Path, flags, stderr: str, code: int) -> str:
+    """One line on a failed iree-compile: the target flags and the compiler's first error (the whole
+    output goes into the error's details, which --debug prints)."""
+    target = " ".join(f for f in flags if f.startswith(("--iree-hal-target-backends=", "--iree-cuda-target=",
+                                                        "--iree-rocm-target=", "--iree-vulkan-target=")))
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit status {code}")
+    first = re.sub(r"^\S*?(\.mlir)?:\d+:\d+: ", "", first)
+    return (f"iree-compile could not compile {src.name} for {target or 'its target'}: {first[:300]} "
+            f"(pcpc --debug shows the compiler's output)")
 
 
 def packs_at_export(flags) -> bool:

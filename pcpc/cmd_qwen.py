@@ -24,6 +24,8 @@ from pcpc.mlir.compile import TARGETS as COMPILE_TARGETS
 from pcpc.mlir.targets import SHORT_CACHE
 
 DTYPES = ("float32", "bfloat16")
+PREFILL_LEN = 128
+"""Default tokens per prefill call (capped by the KV-cache capacity)."""
 
 
 def register(cli: click.Group, data: click.Group) -> None:
@@ -51,7 +53,7 @@ def weights_name(model: str, dtype: str) -> str:
     return artifact_name(model, dtype) + ".weights.bin"
 
 
-def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int, max_seq: int | None,
+def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: int | None, max_seq: int | None,
                  resident: bool = False, cache_sizes: list[int] | None = None):
     """The build target of `model`'s generation module with these settings.
 
@@ -74,6 +76,7 @@ def model_target(model: str, dtype: str, batch_sizes: list[int], prefill_len: in
     seq = max_seq if max_seq is not None else min(1024, cfg.max_position_embeddings)
     if seq > cfg.max_position_embeddings:
         raise UserError(f"--max-seq {seq} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}")
+    prefill_len = min(PREFILL_LEN, seq) if prefill_len is None else prefill_len
     if prefill_len > seq:
         raise UserError(f"--prefill-len {prefill_len} must be <= --max-seq {seq}")
     if cache_sizes is None:
@@ -105,7 +108,8 @@ def _record_path(out_dir: Path, name: str) -> Path:
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True, help="Weight dtype of the module.")
 @click.option("--batch-size", "batch_sizes", type=click.IntRange(min=1), multiple=True, default=(1,), show_default=True,
               help="Batch sizes to export (prefill_bs{B} / decode_bs{B}); repeat for several.")
-@click.option("--prefill-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per prefill call.")
+@click.option("--prefill-len", type=click.IntRange(min=1), default=None,
+              help=f"Tokens per prefill call [default: {PREFILL_LEN}, or --max-seq if smaller].")
 @click.option("--max-seq", type=click.IntRange(min=1), default=None, help="KV-cache capacity [default: min(1024, max positions)].")
 @click.option("--cache-size", "cache_sizes", type=click.IntRange(min=0), multiple=True, default=None,
               help=f"A smaller KV-cache capacity to export as well; generation runs on the smallest cache that "
@@ -118,21 +122,27 @@ def _record_path(out_dir: Path, name: str) -> Path:
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
 def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, cache_sizes, resident, target, out_dir):
     """Build a Qwen2 generation module and write its flat weight file into artifacts/."""
+    export_model(model, weights, dtype, list(batch_sizes), prefill_len, max_seq,
+                 list(cache_sizes) if cache_sizes else None, resident, target, Path(out_dir), say=click.echo)
+
+
+def export_model(model: str, weights, dtype: str, batch_sizes: list[int], prefill_len: int | None, max_seq: int | None,
+                 cache_sizes: list[int] | None, resident: bool, target: str, out_dir: Path, say) -> dict:
+    """`pcpc export`: the module (cached build), the flat weights, the packed weights of a resident module,
+    and last the record `pcpc generate` reads; returns the record."""
     from pcpc.errors import UserError
     from pcpc.exporters import hf_weights, qwen2
     from pcpc.mlir.build import build, write_atomic
     from pcpc.mlir.signature import load_meta
 
-    out_dir = Path(out_dir)
-    tgt, cfg = model_target(model, dtype, list(batch_sizes), prefill_len, max_seq, resident,
-                            list(cache_sizes) if cache_sizes else None)
+    tgt, cfg = model_target(model, dtype, batch_sizes, prefill_len, max_seq, resident, cache_sizes)
     model_dir = hf_weights.find_model_dir(model, weights)  # fails fast, before the slow build
     found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
     if found != cfg:
         raise UserError(f"{model_dir}: config.json describes a different model than {model!r}: {found} != {cfg}")
     t0 = time.perf_counter()
-    result = build(tgt, out_dir, target, log=click.echo)
-    click.echo(f"{result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items()) or 'up to date'})")
+    result = build(tgt, out_dir, target, log=say)
+    say(f"{result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items()) or 'up to date'})")
     meta = load_meta(result.meta)
     tensors = hf_weights.read_safetensors(model_dir)
     ordered = hf_weights.ordered_tensors(tensors, qwen2.param_shapes(cfg), cfg.tie_word_embeddings, str(model_dir))
@@ -148,16 +158,16 @@ def export(model, weights, dtype, batch_sizes, prefill_len, max_seq, cache_sizes
         "parameter_bytes": meta.parameter_bytes,
         "eos_token_ids": hf_weights.eos_token_ids(model_dir),
     }
-    click.echo(f"{weights_path} ({size:,} bytes, {len(meta.parameters)} tensors, {dtype}; "
-               f"{time.perf_counter() - t0:.1f}s)")
+    say(f"{weights_path} ({size:,} bytes, {len(meta.parameters)} tensors, {dtype}; {time.perf_counter() - t0:.1f}s)")
     if meta.provenance.encoder_sha256:  # the module reads its matrices packed: pack them now, not at first use
         from pcpc.runtime.pack import ensure_packed
 
         t1 = time.perf_counter()
         packed, _ = ensure_packed(result.vmfb, meta, weights_path)
-        click.echo(f"{packed} ({packed.stat().st_size:,} bytes, packed for {result.vmfb.name}; "
-                   f"{time.perf_counter() - t1:.1f}s)")
+        say(f"{packed} ({packed.stat().st_size:,} bytes, packed for {result.vmfb.name}; "
+            f"{time.perf_counter() - t1:.1f}s)")
     write_atomic(_record_path(out_dir, tgt.name), json.dumps(record, indent=1) + "\n")
+    return record
 
 
 @click.command()
@@ -190,9 +200,11 @@ def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, 
     out_dir = Path(out_dir)
     name = artifact_name(model, dtype, resident)
     rec_path = _record_path(out_dir, name)
-    if not rec_path.is_file():
-        raise UserError(f"{model}: not exported yet ({rec_path} missing); run `pcpc export --model {model}"
-                        f"{'' if dtype == 'float32' else ' --dtype ' + dtype}{' --resident' if resident else ''}` first")
+    if not rec_path.is_file():  # build what is missing, as `pcpc run` does, and say so once
+        click.echo(f"{model}: not exported yet ({rec_path} missing); exporting it now with `pcpc export`'s "
+                   f"defaults (once)", err=True)
+        export_model(model, None, dtype, [1], None, None, None, resident, "llvm-cpu", out_dir,
+                     say=lambda m: click.echo("  " + m, err=True))
     record = load_json(rec_path)
     codec = TextCodec(record["model_dir"])
     ids = read_prompts(prompt_file) if prompt_file else [codec.encode(p, chat=not raw) for p in prompts]

@@ -108,8 +108,6 @@ def test_resident_export_and_generate(exported):
         (["generate", "--model", "{hf}", "--prompt", "x", "--max-tokens", "500", "--out-dir", "{out}"],
          "the module's KV cache holds 64"),
         (["generate", "--model", "{hf}", "--out-dir", "{out}"], "give --prompt TEXT"),
-        (["generate", "--model", "{hf}", "--prompt", "x", "--dtype", "bfloat16", "--out-dir", "{out}"],
-         "run `pcpc export --model"),
         (["export", "--model", "{hf}", "--weights", "{tmp}", "--out-dir", "{tmp}"], "expected a directory with config.json"),
         (["export", "--model", "{hf}", "--prefill-len", "8", "--max-seq", "64", "--cache-size", "4", "--out-dir", "{tmp}"],
          "--cache-size 4: must lie in [--prefill-len, --max-seq) = [8, 64)"),
@@ -124,6 +122,24 @@ def test_cli_errors_exit_2(exported, tmp_path, args, message):
     res = run(*args)
     assert res.exit_code == 2, res.output
     assert message in res.stderr
+
+
+def test_generate_exports_a_model_that_is_not_exported_yet(env, tmp_path):
+    """A fresh HF directory: generate builds the module and writes the weights first, says so once, and the
+    tokens are HF's."""
+    _, hf_dir, _ = env
+    out = tmp_path / "fresh"
+    ids = [3, 4, 5]
+    from pcpc.runtime.prompts import write_prompts
+
+    write_prompts(tmp_path / "p.bin", [ids])
+    res = run("generate", "--model", hf_dir, "--prompt-file", tmp_path / "p.bin", "--max-tokens", 6, "--out-dir", out)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("not exported yet") == 1 and "exporting it now" in res.stderr
+    assert (out / "qwen-hf-gqa-tied.model.json").is_file()
+    assert res.stdout.strip() == hf_reply(hf_dir, ids, 6).strip()
+    again = run("generate", "--model", hf_dir, "--prompt-file", tmp_path / "p.bin", "--max-tokens", 6, "--out-dir", out)
+    assert again.exit_code == 0 and "not exported yet" not in again.stderr and again.stdout == res.stdout
 
 
 def test_export_passes_cache_sizes_to_the_target(monkeypatch):
