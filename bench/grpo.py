@@ -119,7 +119,8 @@ def run_pcpc(a) -> dict:
     def step(k):
         ref_logp = mod("token_logprobs", *ref, ids, np.float32(TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
-                  np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0))
+                  np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0),
+                  np.float32(1))  # use_old 0, bias_correction_kl 1 (TRL's default)
         loss = float(to_host(out[0]))
         grads = list(out[5:])
         del out
@@ -187,8 +188,8 @@ def run_eager(a) -> dict:
         with torch.no_grad():
             ref_lp = logps(ref)
         lp = logps(policy)
-        kl = torch.exp(ref_lp - lp) - (ref_lp - lp) - 1
         ratio = torch.exp(lp - lp.detach())
+        kl = (torch.exp(ref_lp - lp) - (ref_lp - lp) - 1) * ratio  # TRL's use_bias_correction_kl default
         per_tok = -torch.min(ratio * adv[:, None], torch.clamp(ratio, 0.8, 1.2) * adv[:, None]) + BETA * kl
         loss = ((per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         opt.zero_grad(set_to_none=True)

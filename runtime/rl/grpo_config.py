@@ -188,11 +188,12 @@ class GRPOConfig(RLConfig):
 
     def outer_step_note(self) -> str | None:
         """One line for the start of a run whose outer step barely moves the policy, or None."""
-        if not self.outer_step_active or self.learning_rate * (1 + self.nesterov_momentum) >= 0.1:
+        first = self.learning_rate * (1 + self.nesterov_momentum)  # b = Δ, θ -= lr (Δ + μ b) on iteration 1
+        if not self.outer_step_active or first >= 0.1:
             return None
         return (f"note: learning_rate {self.learning_rate:g} is the outer rate on each iteration's pseudo-gradient "
-                f"(the reference's reading): the policy moves by about {self.learning_rate * (1 + self.nesterov_momentum):.2g} "
-                f"of each AdamW step; for plain GRPO set learning_rate 1.0 and nesterov_momentum 0.0")
+                f"(the reference's reading), so the first iteration moves the policy by {first:.2g} of its AdamW "
+                f"step; for plain GRPO set learning_rate 1.0 and nesterov_momentum 0.0")
 
     @property
     def rollouts_per_iteration(self) -> int:

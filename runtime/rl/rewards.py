@@ -189,7 +189,10 @@ class RewardSet:
         }
         per_fn = {}
         for name, fn in zip(self.names, self.functions):
-            values = fn(**_accepted_kwargs(fn, available))
+            try:
+                values = fn(**_accepted_kwargs(fn, available))
+            except Exception as e:  # the user's code: name it; the traceback stays chained (--debug shows it)
+                raise UserError(f"reward function {name!r} raised {type(e).__name__}: {e}") from e
             values = list(values) if values is not None else []
             if len(values) != n:
                 raise UserError(f"reward function {name!r} returned {len(values)} values for {n} completions")

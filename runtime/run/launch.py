@@ -174,6 +174,8 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
             try:
                 rank, status, value = results.get(timeout=0.1)
                 reports[rank] = (status, value)
+                if status == "error" and first_failure is None:  # reported before its process exits
+                    first_failure = (rank, time.monotonic())
             except queue_mod.Empty:
                 pass
             alive = [p for p in procs if p.is_alive()]

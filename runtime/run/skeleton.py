@@ -240,8 +240,9 @@ def _launch(spec: RunSpec, world: int, max_restarts: int, ctx: Launch) -> dict |
         except WorkerFailure as e:
             done = checkpoint.peek_step(spec.run_dir, loop.kind)
             if e.kind == "user_error":  # a mistake in the input: relaunching cannot help
-                ctx.fail(e)
-                raise UserError(str(e), details=e.details) from None
+                failure = UserError(f"{loop.title} run failed{loop.roles}: {e}", details=e.details)
+                ctx.fail(failure)
+                raise failure from None
             where = f"the checkpoint after {loop.unit} {done}" if done is not None else "the start (no checkpoint yet)"
             if attempt == max_restarts:
                 hint = (f"the last checkpoint is after {loop.unit} {done}: continue with `{spec.resume_command}`"
@@ -337,10 +338,12 @@ def run_process(rank: int, world: int, spec: RunSpec):
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         init_process_group(backend, spec.cfg.timeout_s)
-        try:
-            return loop.serve() if not loop.drives() else _drive(loop, run)
-        finally:
-            dist.destroy_process_group()
+        # On an exception the process group is left to close with the process, after the launcher has the
+        # report: closing it first would make the peers fail first, and their "connection closed" would
+        # read as the cause.
+        result = loop.serve() if not loop.drives() else _drive(loop, run)
+        dist.destroy_process_group()
+        return result
     except BaseException as e:
         if rank == 0 and not spec.launcher_owns_status and (Path(spec.run_dir) / "status.json").is_file():
             StatusFile.attach(spec.run_dir).failed(error_kind(e), _one_line(e))  # torchrun: rank 0 owns it

@@ -58,3 +58,13 @@ def test_inspect_corrupt_and_debug(tmp_path):
 
 def test_inspect_missing_file(tmp_path):
     assert_user_error(pcpc("inspect", str(tmp_path / "x.vmfb")), "no such module")
+
+
+def test_a_target_the_compiler_rejects_is_one_line_and_debug_shows_its_output(tmp_path):
+    args = ("build", "nanogpt-small", "--target", "cuda", "--arch", "sm_bogus", "--out-dir", str(tmp_path))
+    assert_user_error(pcpc(*args), "iree-compile could not compile nanogpt-small.mlir for "
+                                   "--iree-hal-target-backends=cuda --iree-cuda-target=sm_bogus: error:")
+    debug = pcpc("--debug", *args)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    assert len(debug.stderr.splitlines()) > 10  # the compiler's whole report
+    assert not list(tmp_path.glob("*.vmfb"))

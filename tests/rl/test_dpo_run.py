@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pcpc.errors import UserError
 from pcpc.kinds import run_experiment
+from pcpc.runtime.run import checkpoint
+from pcpc.runtime.run.status import read_status
+from runs import wait_for_lines, workers_of
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -39,6 +46,8 @@ def test_dpo_learns_the_preferences(toy):
     assert sum(r["rewards/accuracies"] for r in recs[-5:]) / 5 > 0.9
     assert recs[-1]["loss"] < recs[0]["loss"] and summary["dataset_rewards_margins"] > 0
     assert (root / "sigmoid" / "metrics.png").is_file()
+    status = read_status(root / "sigmoid")
+    assert status["state"] == "completed" and status["kind"] == "dpo" and status["step"] == 30
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
@@ -83,3 +92,59 @@ def test_bad_data_names_the_line(toy, tmp_path):
     raw["dpo_config"]["data_path"] = str(data)
     with pytest.raises(UserError, match=r"prefs.jsonl:2: needs string fields prompt, chosen, rejected"):
         run(root, raw, "bad_data")
+
+
+def cli(root: Path, raw: dict, name: str, *args) -> subprocess.Popen:
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return subprocess.Popen([sys.executable, "-m", "pcpc.cli", "run", str(path), "--out", str(root / name), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_max_restarts_relaunches_a_killed_dpo_process_and_finishes_exactly(toy):
+    """DPO runs in one worker process like every loop: a dead one is relaunched from the checkpoint."""
+    root, raw = toy
+    raw = copy.deepcopy(raw)
+    raw.update(checkpoint_interval=4)
+    run(root, raw, "sigmoid_ckpt4")  # the uninterrupted reference with the same schedule
+    proc = cli(root, raw, "restart", "--max-restarts", "1")
+    wait_for_lines(root / "restart" / "metrics.jsonl", 6, proc)
+    os.kill(workers_of(proc.pid)[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "was killed by SIGKILL; restarting (1 of 1) from the checkpoint after step 4" in out
+    got = [json.loads(x) for x in (root / "restart" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (root / "sigmoid_ckpt4" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in want]
+    assert read_status(root / "restart")["restarts"] == 1
+
+
+def test_a_killed_dpo_process_fails_the_run_like_any_dead_worker(toy):
+    root, raw = toy
+    raw = copy.deepcopy(raw)
+    raw["dpo_config"]["num_epochs"] = 1000
+    proc = cli(root, raw, "dead", "--quiet")
+    wait_for_lines(root / "dead" / "metrics.jsonl", 2, proc)
+    pid = workers_of(proc.pid)[0]
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"DPO run failed: worker 0 (pid {pid}) was killed by SIGKILL" in err
+    status = read_status(root / "dead")
+    assert status["state"] == "failed" and status["error"]["kind"] == "died"
+
+
+def test_ctrl_c_stops_dpo_after_the_step_with_a_checkpoint(toy):
+    root, raw = toy
+    raw = copy.deepcopy(raw)
+    raw["dpo_config"]["num_epochs"] = 1000
+    raw["checkpoint_interval"] = 0
+    proc = cli(root, raw, "interrupted")
+    wait_for_lines(root / "interrupted" / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    done = checkpoint.peek_step(root / "interrupted", "dpo")
+    assert f"stopped after step {done} (checkpoint saved)" in out
+    status = read_status(root / "interrupted")
+    assert status["state"] == "stopped" and status["step"] == done >= 2

@@ -21,14 +21,18 @@ from pcpc.errors import UserError
 from pcpc.kinds import run_experiment
 from pcpc.runtime.prompts import write_prompts
 from pcpc.runtime.run import checkpoint
+from pcpc.runtime.run.status import read_status
+from runs import wait_for_lines, workers_of
 
 REWARD = "def target_token(completion_ids, **_):\n    return [sum(t == 7 for t in c) / max(len(c), 1) for c in completion_ids]\n"
+BAD_REWARD = "def broken(completions, **_):\n    return [len(c) / 0 for c in completions]\n"
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_toy")
     (root / "toy_reward.py").write_text(REWARD)
+    (root / "bad_reward.py").write_text(BAD_REWARD)
     write_prompts(root / "prompts.bin", [[1, 2, 3], [4, 5], [6, 8, 9, 10], [11, 12]])
 
     def config(name: str, **top) -> Path:
@@ -85,6 +89,9 @@ def test_policy_learns_the_toy_reward(learned):
     run_dir = cfg.with_suffix("")
     for name in ("metrics.csv", "metrics.png", "summary.json", "samples.jsonl", "config.json", "workers.json"):
         assert (run_dir / name).is_file(), name
+    status = read_status(run_dir)
+    assert status["state"] == "completed" and status["kind"] == "grpo" and status["unit"] == "iteration"
+    assert status["step"] == status["steps_planned"] == 30 and status["last_metrics"]["step"] == 30
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["step", "reward_mean", "reward_std"]
 
@@ -189,3 +196,123 @@ def _meta(root: Path):
     from pcpc.mlir.signature import load_meta
 
     return load_meta(root / "models" / "toy_train.meta.json")
+
+
+def cli(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pcpc.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def final_arrays(cfg: Path) -> dict:
+    return checkpoint.load(checkpoint.path_in(cfg.with_suffix("")), "grpo").state
+
+
+def test_resume_after_sigkill_ends_bit_identical(toy, learned):
+    """SIGKILL the whole run (launcher and workers) between checkpoints; --resume ends where an uninterrupted
+    run ends: the same records and the same weights, bit for bit."""
+    import numpy as np
+
+    root, config = toy
+    cfg = config("killed")
+    run_dir = cfg.with_suffix("")
+    proc = cli("run", cfg, "--out", run_dir, "--quiet", start_new_session=True)
+    wait_for_lines(run_dir / "metrics.jsonl", 5, proc)  # checkpoints after 2 and 4 (checkpoint_interval 2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    status = read_status(run_dir)
+    assert status["recorded_state"] == "running" and status["state"] == "failed" and status["error"]["kind"] == "died"
+    killed_at = checkpoint.peek_step(run_dir, "grpo")
+    assert killed_at % 2 == 0 and 2 <= killed_at < 30
+    run(cfg, resume=True)
+    got, want = records(cfg), records(learned[0])
+    assert [(r["step"], r["reward_mean"], r["kl"], r["loss"]) for r in got] == \
+        [(r["step"], r["reward_mean"], r["kl"], r["loss"]) for r in want]
+    samples = [json.loads(x)["step"] for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples == list(range(1, 31))  # cut back to the checkpoint on resume, like the metrics
+    a, b = final_arrays(cfg), final_arrays(learned[0])
+    for key in ("params", "m", "v"):
+        for x, y in zip(a[key], b[key]):
+            np.testing.assert_array_equal(x, y)
+    assert read_status(run_dir)["state"] == "completed"
+
+
+def test_max_restarts_relaunches_after_a_dead_worker_and_finishes_exactly(toy, learned):
+    root, config = toy
+    cfg = config("restart", grpo_config={"num_iterations": 8})
+    run_dir = cfg.with_suffix("")
+    proc = cli("run", cfg, "--out", run_dir, "--max-restarts", 1)
+    wait_for_lines(run_dir / "metrics.jsonl", 3, proc)
+    os.kill(json.loads((run_dir / "workers.json").read_text())["rank 1"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "restarting (1 of 1) from the checkpoint after iteration 2" in out
+    got, want = records(cfg), records(learned[0])[:8]
+    assert [(r["reward_mean"], r["kl"], r["loss"]) for r in got] == [(r["reward_mean"], r["kl"], r["loss"]) for r in want]
+    status = read_status(run_dir)
+    assert status["state"] == "completed" and status["restarts"] == 1
+
+
+def test_ctrl_c_stops_after_the_iteration_with_a_checkpoint(toy, learned):
+    root, config = toy
+    cfg = config("interrupted", grpo_config={"num_iterations": 100000}, checkpoint_interval=0)
+    run_dir = cfg.with_suffix("")
+    proc = cli("run", cfg, "--out", run_dir)
+    wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    done = checkpoint.peek_step(run_dir, "grpo")
+    assert f"stopped after iteration {done} (checkpoint saved)" in out and "--resume" in out
+    status = read_status(run_dir)
+    assert status["state"] == "stopped" and status["step"] == done >= 2
+    assert json.loads((run_dir / "summary.json").read_text())["stopped"]
+
+
+def test_a_failing_reward_function_names_the_worker_and_debug_shows_the_traceback(toy, learned):
+    root, config = toy
+    cfg = config("bad_reward", grpo_config={"reward_funcs": ["bad_reward.py:broken"]})
+    run_dir = cfg.with_suffix("")
+    proc = cli("run", cfg, "--out", run_dir, "--quiet")
+    _, err = proc.communicate(timeout=300)
+    # the user's code is at fault: a user error (exit 2, never relaunched), naming the worker and the cause
+    assert proc.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "GRPO run failed" in err and "worker 0 (pid " in err
+    assert "reward function 'bad_reward.py:broken' raised ZeroDivisionError: division by zero" in err
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and status["error"]["kind"] == "user_error"
+    assert "ZeroDivisionError" in status["error"]["message"]
+    proc = cli("--debug", "run", cfg, "--out", run_dir, "--quiet", "--overwrite", "--max-restarts", 2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "restarting" not in err
+    assert "Traceback" in err and "bad_reward.py\", line 2, in broken" in err and "ZeroDivisionError" in err
+
+
+def test_the_reference_configs_outer_rate_barely_moves_the_policy_and_the_run_says_so(tmp_path, monkeypatch):
+    """experiments/qwen_rl_test.json as shipped (only the model shrunk to qwen2-tiny with random weights): its
+    top-level learning_rate 1e-5 is the outer rate on the iteration's pseudo-gradient, so one iteration moves the
+    policy by ~1.9e-5 of the AdamW step, which rounds away in fp32 for most weights. Plain GRPO (1.0 / 0.0)
+    moves every weight by about the AdamW rate."""
+    import numpy as np
+
+    from pcpc.mlir.signature import load_meta
+    from pcpc.runtime.rl import setup
+
+    monkeypatch.chdir(tmp_path)
+    shipped = json.loads((Path(__file__).resolve().parents[2] / "experiments" / "qwen_rl_test.json").read_text())
+    shipped.update(model="qwen2-tiny", tokenizer="bytes", init_weights="random", wandb_project=None)
+    moved, notes = {}, {}
+    for name, lr, mu in (("shipped", shipped["learning_rate"], shipped["nesterov_momentum"]), ("plain", 1.0, 0.0)):
+        said = []
+        run_experiment(f"{name}.json", {**shipped, "learning_rate": lr, "nesterov_momentum": mu},
+                       out_dir=f"runs/{name}", say=said.append)
+        notes[name] = [m for m in said if "is the outer rate" in m]
+        before = setup.read_weights(shipped["weights_path"], load_meta(Path("models/qwen_grpo_training.meta.json")))
+        after = checkpoint.load(checkpoint.path_in(f"runs/{name}"), "grpo").state["params"]
+        moved[name] = np.concatenate([(a - b).ravel() for a, b in zip(after, before)])
+    assert len(notes["shipped"]) == 1 and not notes["plain"]
+    assert "learning_rate 1e-05 is the outer rate" in notes["shipped"][0]
+    assert "for plain GRPO set learning_rate 1.0 and nesterov_momentum 0.0" in notes["shipped"][0]
+    shipped_d, plain_d = moved["shipped"], moved["plain"]
+    assert np.mean(plain_d != 0) > 0.99 and 0.5e-6 < np.abs(plain_d).max() < 2e-6  # ~ the AdamW rate, 1e-6
+    assert np.mean(shipped_d != 0) < 0.1 and np.abs(shipped_d).max() < 1e-9

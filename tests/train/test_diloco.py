@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 
 from corpus import write_play
+from runs import alive, wait_for_lines, workers_of
 from pcpc.errors import UserError
 from pcpc.runtime.run import checkpoint
+from pcpc.runtime.run.status import read_status
 from pcpc.runtime.train.config import load_experiment, parse_experiment
 from pcpc.runtime.train.diloco import resolve_model
 
@@ -82,27 +84,7 @@ def final_state(ws: Path, out: str) -> dict:
 
 
 def wait_for_rounds(ws: Path, out: str, rounds: int, proc: subprocess.Popen, limit_s: float = 240):
-    path, t0 = ws / out / "metrics.jsonl", time.monotonic()
-    while time.monotonic() - t0 < limit_s:
-        if path.is_file() and len(path.read_text().splitlines()) >= rounds:
-            return
-        assert proc.poll() is None, f"run ended early: {proc.communicate()}"
-        time.sleep(0.01)
-    raise AssertionError(f"no round {rounds} within {limit_s}s")
-
-
-def workers_of(pid: int) -> list[int]:
-    """Spawned worker processes of launcher `pid`, in start order (rank order)."""
-    out = []
-    for d in os.listdir("/proc"):
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
-            out.append(int(d))
-    return sorted(out)
+    wait_for_lines(ws / out / "metrics.jsonl", rounds, proc, limit_s)
 
 
 def assert_same_state(a: dict, b: dict):
@@ -180,21 +162,31 @@ def uninterrupted(ws):
     return cfg, final_state(ws, "runs/long")
 
 
-def test_resume_after_sigkill_mid_round_equals_an_uninterrupted_run(ws, uninterrupted):
+@pytest.mark.parametrize("interval", [1, 4])
+def test_resume_after_sigkill_mid_round_equals_an_uninterrupted_run(ws, uninterrupted, interval):
     cfg, expected = uninterrupted
-    proc = subprocess.Popen([PCPC, "run", cfg, "--out", "runs/killed", "--quiet"], cwd=ws,
+    cfg = write_config(ws, f"killed{interval}.json", **{**LONG, "checkpoint_interval": interval})
+    out = f"runs/killed{interval}"
+    proc = subprocess.Popen([PCPC, "run", cfg, "--out", out, "--quiet"], cwd=ws,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_rounds(ws, "runs/killed", 3, proc)
+    wait_for_rounds(ws, out, 3 if interval == 1 else interval + 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run at once: launcher and (with it) the workers
     proc.wait()
-    killed_at = final_state(ws, "runs/killed")["round"]
-    assert 1 <= killed_at < LONG["outer_loop_steps"]
-    run(ws, cfg, "runs/killed", "--resume")
-    assert_same_state(final_state(ws, "runs/killed"), expected)
+    killed_at = final_state(ws, out)["round"]
+    assert 1 <= killed_at < LONG["outer_loop_steps"] and killed_at % interval == 0
+    # SIGKILL leaves no word: status.json still says running, with the launcher's pid, which is gone.
+    status = read_status(ws / out)
+    assert status["recorded_state"] == "running" and status["pid"] == proc.pid
+    assert status["state"] == "failed" and status["error"]["kind"] == "died"
+    run(ws, cfg, out, "--resume")
+    assert_same_state(final_state(ws, out), expected)
     cols = ("round", "train_loss", "val_loss")
-    rows = [[json.loads(l)[c] for c in cols] for l in (ws / "runs/killed/metrics.jsonl").read_text().splitlines()]
+    rows = [[json.loads(l)[c] for c in cols] for l in (ws / out / "metrics.jsonl").read_text().splitlines()]
     want = [[json.loads(l)[c] for c in cols] for l in (ws / "runs/long/metrics.jsonl").read_text().splitlines()]
     assert rows == want
+    status = read_status(ws / out)
+    assert status["state"] == "completed" and status["step"] == status["steps_planned"] == LONG["outer_loop_steps"]
+    assert status["last_metrics"]["round"] == LONG["outer_loop_steps"] and status["error"] is None
 
 
 def test_a_killed_worker_stops_the_run_with_a_clear_error(ws):
@@ -210,8 +202,10 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error(ws):
     assert f"worker 1 (pid {workers[1]}) was killed by SIGKILL" in err
     assert "The run stopped; the last checkpoint is after round" in err and "--resume" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
-                   for w in workers)
+    assert not any(alive(w) for w in workers)
+    status = read_status(ws / "runs/dead")
+    assert status["state"] == status["recorded_state"] == "failed" and status["error"]["kind"] == "died"
+    assert f"worker 1 (pid {workers[1]}) was killed by SIGKILL" in status["error"]["message"]
 
 
 def test_max_restarts_relaunches_from_the_checkpoint_and_finishes_exactly(ws, uninterrupted):
@@ -224,6 +218,8 @@ def test_max_restarts_relaunches_from_the_checkpoint_and_finishes_exactly(ws, un
     assert proc.returncode == 0, err
     assert "worker 0" in out and "restarting (1 of 1) from the checkpoint after round" in out
     assert_same_state(final_state(ws, "runs/restart"), expected)
+    status = read_status(ws / "runs/restart")
+    assert status["state"] == "completed" and status["restarts"] == 1
 
 
 def test_ctrl_c_stops_cleanly_after_saving_and_never_leaks_the_api_key(ws):
@@ -246,6 +242,8 @@ def test_ctrl_c_stops_cleanly_after_saving_and_never_leaks_the_api_key(ws):
     for path in (ws / "runs/int").rglob("*"):
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
     assert json.loads((ws / "runs/int/config.json").read_text())["experiment"]["wandb_api_key"] == "<redacted>"
+    status = read_status(ws / "runs/int")
+    assert status["state"] == "stopped" and status["step"] == done and status["error"] is None
 
 
 def test_reference_experiment_files_load_with_their_reference_values():

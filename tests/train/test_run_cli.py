@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from corpus import write_play
+from corpus import play_text, write_play
 from pcpc.cli import cli
 from pcpc.cmd_run import apply_overrides
 from pcpc.errors import UserError
 from pcpc.runtime.run import checkpoint
+from pcpc.runtime.run.status import read_status
 from pcpc.runtime.train.config import parse_experiment
 CONFIG = {"model_path": "models/nanogpt_small.mlir", "data_path": "data/tiny_shakespeare.txt", "tau": 5,
           "outer_loop_steps": 3, "batch_size": 4, "wandb_project": None}
@@ -92,6 +93,33 @@ def test_run_directory_guards(ws):
                       "has 2 workers' state but this run has 3 workers")
     (ws / "runs" / "exp" / "checkpoints" / "latest.pt").write_bytes(b"\x00garbage")
     assert_user_error(pcpc("run", "exp.json", "--resume"), "not a readable pcpc checkpoint")
+
+
+@pytest.mark.parametrize("change, fragments", [
+    ({"data_chars": 300}, ("data_path: each of the 2 workers' shards has 135 tokens", "one batch of 4 x 33")),
+    ({"data_chars": 3000}, ("data_path: the validation split has 300 tokens", "smaller eval_batch_size")),
+    ({"max_epochs": 1, "tau": 50, "eval_batch_size": 8, "data_chars": 12_000},
+     ("max_epochs: 1 epochs of 41 steps is less than one round of tau=50 steps",)),
+])
+def test_data_mistakes_are_found_before_any_worker_starts_and_never_retried(ws, monkeypatch, change, fragments):
+    import pcpc.runtime.run.skeleton as skeleton
+
+    monkeypatch.setattr(skeleton, "launch_local", lambda *a, **k: pytest.fail("a worker was started"))
+    change = dict(change)
+    (ws / "data" / "tiny_shakespeare.txt").write_text(play_text(change.pop("data_chars")))
+    (ws / "exp.json").write_text(json.dumps({**CONFIG, **change}))
+    assert_user_error(pcpc("run", "exp.json", "--max-restarts", "3"), *fragments)
+    assert not (ws / "runs").exists() and not (ws / "models").exists()  # nothing claimed, nothing built
+
+
+def test_unwritable_run_and_model_folders_are_one_line_errors(ws):
+    (ws / "blocker").write_text("a file where a folder would go")
+    assert_user_error(pcpc("run", "exp.json", "--out", "blocker/run"), "run directory blocker/run: Not a directory")
+    (ws / "exp.json").write_text(json.dumps({**CONFIG, "model_path": "blocker/nanogpt_small.mlir"}))
+    assert_user_error(pcpc("run", "exp.json"), "model_path: cannot create the folder of blocker/nanogpt_small.mlir")
+    status = read_status(ws / "runs" / "exp")  # the run had claimed its directory: it says why it failed
+    assert status["state"] == "failed" and status["error"]["kind"] == "user_error"
+    assert "model_path: cannot create the folder" in status["error"]["message"]
 
 
 def test_foreign_mlir_via_the_cli(ws):
