@@ -8,11 +8,11 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
 
   rollout   group_size completions of max_tokens tokens for one prompt, top-p 0.9 at temperature 0.7
             (EOS disabled so both generate exactly max_tokens): tokens / s
-            pcpc: prefill_bs{G} + decode_bs{G} (runtime/rollout.generate_completions)
+            pcpc: prefill_bs{G} + decode_bs{G} (runtime/rl/rollout.generate_completions)
             eager: HF Qwen2ForCausalLM.generate(do_sample=True, ...)
   learner   one GRPO update on those G rows (prompt + completion, beta 0.04, loss grpo): seconds
             pcpc: token_logprobs(reference) + grpo_value_and_grad (loss, torch.func gradients) + AdamW chunk
-                  by chunk (runtime/rl_update.py), as the learner runs it
+                  by chunk (runtime/rl/update.py), as the learner runs it
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
 
 Prints both, the ratios (eager time / pcpc time) and peak RSS. Build time of

@@ -16,7 +16,7 @@ so a sync costs no weight-sized allocation on either side.
 and a final {"op": "stop"}. A task is one generation call: `batch_size`
 prompt rows plus the seed of its sampler, so the completions of an
 iteration do not depend on how many workers share it. A worker that dies
-is noticed by the launcher within seconds (runtime/launch.py) or, across
+is noticed by the launcher within seconds (runtime/run/launch.py) or, across
 machines, by the collective timeout.
 """
 

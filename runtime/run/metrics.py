@@ -273,6 +273,7 @@ class MetricsLog:
         self.run_dir, self.columns = Path(run_dir), list(columns)
         self.key = self.columns[0]
         self.records = truncate_jsonl(self.run_dir / "metrics.jsonl", self.key, start)
+        self.latest = {k: v for r in self.records for k, v in r.items() if v is not None}  # per column
         self.postfix = list(postfix)
         self.progress = Progress(unit, total, start, ticks_per_step, quiet)
         x = x or self.key
@@ -288,7 +289,7 @@ class MetricsLog:
 
     def last(self, column: str):
         """The latest non-null value of `column`, or None."""
-        return next((r[column] for r in reversed(self.records) if r.get(column) is not None), None)
+        return self.latest.get(column)
 
     def tick(self, step: int, **values) -> None:
         """Progress inside step `step` (0-based): the values shown beside the bar."""
@@ -297,6 +298,7 @@ class MetricsLog:
     def record(self, rec: dict) -> dict:
         rec = {k: rec.get(k) for k in self.columns}
         self.records.append(rec)
+        self.latest.update((k, v) for k, v in rec.items() if v is not None)
         for sink in self.sinks:
             sink.record(rec)
         self.progress.step_done(rec[self.key], self._postfix(rec))
@@ -305,7 +307,7 @@ class MetricsLog:
     def _postfix(self, values: dict) -> str:
         parts = []
         for col, label in self.postfix:
-            v = values.get(col, self.last(col))
+            v = values.get(col, self.latest.get(col))
             if v is not None:
                 parts.append(f"{label} {v / 1e3:.1f}k" if col.endswith("tokens_per_s") and v >= 1e4
                              else f"{label} {v:.4g}")

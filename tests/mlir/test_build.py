@@ -184,3 +184,16 @@ def test_merge_identical_globals():
     assert n == 1
     assert "@w_1 " not in merged and "util.global.load @w : " in merged  # the copy's use now reads @w
     assert "util.global.load @w_10 :" in merged and merged.count("util.initializer") == 2
+
+
+def test_artifacts_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """A group that shares a build folder can read what pcpc builds there."""
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        result = build(tiny_target("modes"), tmp_path)
+    finally:
+        os.umask(old)
+    for path in (result.mlir, result.vmfb, result.meta):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
