@@ -165,37 +165,10 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
             say(f"stopping after the current {unit} (press Ctrl+C again to kill the workers)")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    reports: dict[int, tuple[str, object]] = {}  # rank -> ("ok", result) or ("error", Report)
-    first_failure, stopped_by_us = None, set()
     try:
         for p in procs:
             p.start()
-        while True:
-            try:
-                rank, status, value = results.get(timeout=0.1)
-                reports[rank] = (status, value)
-                if status == "error" and first_failure is None:  # reported before its process exits
-                    first_failure = (rank, time.monotonic())
-            except queue_mod.Empty:
-                pass
-            alive = [p for p in procs if p.is_alive()]
-            if not alive:
-                break
-            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failed and first_failure is None:
-                first_failure = (failed[0], time.monotonic())
-            if first_failure and time.monotonic() - first_failure[1] > grace_s:
-                for p in alive:
-                    stopped_by_us.add(p.pid)
-                    p.kill()
-        for p in procs:
-            p.join()
-        while True:  # reports sent just before exiting
-            try:
-                rank, status, value = results.get(timeout=0.05)
-                reports[rank] = (status, value)
-            except queue_mod.Empty:
-                break
+        reports, first_failure, stopped_by_us = _watch(procs, results, grace_s)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -204,6 +177,42 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
     if all(p.exitcode == 0 for p in procs) and all(reports.get(r, ("",))[0] == "ok" for r in range(num_workers)):
         return [reports[r][1] for r in range(num_workers)]
     raise _failure(procs, reports, first_failure, stopped_by_us)
+
+
+def _watch(procs, results, grace_s: float):
+    """Collect the workers' reports until all have exited; once one fails, kill the rest after grace_s.
+
+    Returns (reports {rank: ("ok", result) or ("error", Report)}, (first failed rank, when) or None,
+    pids killed here)."""
+    reports: dict[int, tuple[str, object]] = {}
+    first_failure, stopped_by_us = None, set()
+    while True:
+        try:
+            rank, status, value = results.get(timeout=0.1)
+            reports[rank] = (status, value)
+            if status == "error" and first_failure is None:  # reported before its process exits
+                first_failure = (rank, time.monotonic())
+        except queue_mod.Empty:
+            pass
+        alive = [p for p in procs if p.is_alive()]
+        if not alive:
+            break
+        failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if failed and first_failure is None:
+            first_failure = (failed[0], time.monotonic())
+        if first_failure and time.monotonic() - first_failure[1] > grace_s:
+            for p in alive:
+                stopped_by_us.add(p.pid)
+                p.kill()
+    for p in procs:
+        p.join()
+    while True:  # reports sent just before exiting
+        try:
+            rank, status, value = results.get(timeout=0.05)
+            reports[rank] = (status, value)
+        except queue_mod.Empty:
+            break
+    return reports, first_failure, stopped_by_us
 
 
 def _failure(procs, reports, first_failure, stopped_by_us) -> WorkerFailure:

@@ -195,7 +195,7 @@ class Launch:
 
     def fail(self, e: BaseException, message: str | None = None) -> None:
         if self.status is not None:
-            self.status.failed(error_kind(e), message or _one_line(e))
+            self.status.refresh().failed(error_kind(e), message or _one_line(e))
 
 
 def error_kind(e: BaseException) -> str:
@@ -252,7 +252,7 @@ def _launch(spec: RunSpec, world: int, max_restarts: int, ctx: Launch) -> dict |
                 ctx.fail(failure, str(failure))
                 raise failure from None
             ctx.say(f"{e}; restarting ({attempt + 1} of {max_restarts}) from {where}")
-            ctx.status.update(restarts=attempt + 1)
+            ctx.status.refresh().update(restarts=attempt + 1)
             spec = dataclasses.replace(spec, resume=done is not None)
         except BaseException as e:
             ctx.fail(e)

@@ -82,6 +82,14 @@ class StatusFile:
         path = Path(run_dir) / FILE
         return cls(path, json.loads(path.read_text()))
 
+    def refresh(self) -> "StatusFile":
+        """Take in what another process of the run wrote since (rank 0's progress), before updating."""
+        try:
+            self.data = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        return self
+
     def update(self, **fields) -> None:
         from pcpc.mlir.build import write_atomic
 

@@ -205,6 +205,7 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error(ws):
     assert not any(alive(w) for w in workers)
     status = read_status(ws / "runs/dead")
     assert status["state"] == status["recorded_state"] == "failed" and status["error"]["kind"] == "died"
+    assert status["step"] >= 1 and status["last_metrics"]["round"] == status["step"]  # rank 0's last checkpoint
     assert f"worker 1 (pid {workers[1]}) was killed by SIGKILL" in status["error"]["message"]
 
 
