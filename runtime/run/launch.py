@@ -217,9 +217,14 @@ def _watch(procs, results, grace_s: float):
 
 def _failure(procs, reports, first_failure, stopped_by_us) -> WorkerFailure:
     order = list(range(len(procs)))
-    if first_failure is not None:  # the worker that went first is the likely cause
-        order.remove(first_failure[0])
-        order.insert(0, first_failure[0])
+    # The likely cause goes first: a worker killed by a signal (SIGKILL, the OOM killer; never a consequence of
+    # a peer's failure, whose survivors raise "connection closed"), else the first to fail.
+    killed = [r for r, p in enumerate(procs) if (p.exitcode or 0) < 0 and p.pid not in stopped_by_us
+              and reports.get(r, ("",))[0] != "error"]
+    cause = killed[0] if killed else first_failure[0] if first_failure is not None else None
+    if cause is not None:
+        order.remove(cause)
+        order.insert(0, cause)
     parts, details, kinds = [], [], []
     for r in order:
         p = procs[r]
