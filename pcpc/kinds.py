@@ -47,7 +47,7 @@ def kind_of(raw: dict) -> Kind:
     return marked[0] if marked else next(k for k in KINDS.values() if k.marker is None)
 
 
-def load_experiment(raw: dict, where: str = "config"):
+def load_config(raw: dict, where: str = "config"):
     """(loop class, validated config) of a decoded experiment file; errors name `where` and the field."""
     loop = kind_of(raw).load_loop()
     return loop, from_dict(loop.Config, raw, where=where)
@@ -62,5 +62,5 @@ def run_experiment(config_path, raw: dict | None = None, **options) -> dict | No
     from pcpc.config import load_json
     from pcpc.runtime.run.skeleton import start
 
-    loop, cfg = load_experiment(load_json(config_path) if raw is None else raw, where=str(config_path))
+    loop, cfg = load_config(load_json(config_path) if raw is None else raw, where=str(config_path))
     return start(loop, cfg, str(config_path), **options)
