@@ -3,7 +3,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from conftest import tiny_target
 from pcpc.mlir.build import build

@@ -22,7 +22,7 @@ from pcpc.kinds import run_experiment
 from pcpc.runtime.prompts import write_prompts
 from pcpc.runtime.run import checkpoint
 from pcpc.runtime.run.status import read_status
-from runs import wait_for_lines, workers_of
+from runs import wait_for_lines
 
 REWARD = "def target_token(completion_ids, **_):\n    return [sum(t == 7 for t in c) / max(len(c), 1) for c in completion_ids]\n"
 BAD_REWARD = "def broken(completions, **_):\n    return [len(c) / 0 for c in completions]\n"
