@@ -1,18 +1,45 @@
-"""nanoGPT as pure functions over a params dict.
+"""nanoGPT as pure functions over a params dict, with the variants of the ablations users run.
 
 No module state: `forward(params, idx, cfg)` reads every weight from `params`,
 so the same function can be traced for inference, differentiated by
 pcpc.autodiff and lowered with all weights as function inputs.
 
+Variants (NanoGPTConfig fields; the defaults are today's nanoGPT, bit for bit):
+
+    mlp        relu | gelu: c_fc (4C) -> act -> c_proj, as nanoGPT
+               swiglu: w2(silu(w1 x) * w3 x), hidden = 8/3 C rounded up to multiple_of (llama)
+    norm       layernorm | rmsnorm (x / rms(x) * weight, eps norm_eps; weight only), every block
+               norm and the final one
+    positions  learned (a wpe table) | rope (rotary on q and k from the positions arange(T), theta
+               rope_theta; no wpe table)
+    moe        null (dense MLP) | MoEConfig: the MLP of every `every`-th block becomes num_experts
+               experts of the same kind and a linear router (top_k experts per token)
+
 Parameter names and order follow nanoGPT's `named_parameters()`:
-    transformer.wte.weight, transformer.wpe.weight,
-    transformer.h.{i}.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}.{weight,bias},
+    transformer.wte.weight, transformer.wpe.weight (learned positions only),
+    transformer.h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2}.{weight,bias},
+    transformer.h.{i}.mlp.{c_fc, c_proj} | mlp.{w1, w2, w3}   (dense MLP, by `mlp`)
+    transformer.h.{i}.mlp.router.weight (E, C) and mlp.experts.{c_fc, c_proj | w1, w2, w3}.{weight,bias}
+        with a leading expert axis E                           (MoE blocks)
     transformer.ln_f.{weight,bias}, lm_head.weight (only when untied)
-Linear weights are stored (out_features, in_features), as nn.Linear does.
+Linear weights are stored (out_features, in_features), as nn.Linear does;
+norms have a bias only with bias=True and layernorm.
 
 Initialisation (seeded, as nanoGPT): every Linear and Embedding weight
-~ N(0, 0.02); the residual projections (attn.c_proj, mlp.c_proj) use
-std 0.02 / sqrt(2 * n_layer); biases zero; LayerNorm weight 1, bias 0.
+~ N(0, 0.02), routers and experts included; the residual projections
+(attn.c_proj, mlp.c_proj, mlp.w2) use std 0.02 / sqrt(2 * n_layer); biases
+zero; norm weights 1.
+
+The MoE layer has static shapes (it lowers through iree-turbine like the rest):
+every expert is computed for every token as one batched contraction, and the
+outputs are combined with weights that are zero outside each token's top_k
+(renormalised over the top_k, as Mixtral). The top_k are picked by k rounds
+of argmax, compared against arange (no topk/one_hot: they break make_fx or
+lower badly). Its losses, averaged over the MoE blocks:
+    aux (Switch)  E * sum_i f_i * P_i, f_i the fraction of the N*top_k token slots routed to
+                  expert i, P_i its mean router probability: 1 at perfect balance
+    z (ST-MoE)    mean over tokens of logsumexp(router logits)^2
+`forward_with_aux` returns them and each MoE block's expert loads (the f_i).
 """
 
 from __future__ import annotations
@@ -23,8 +50,34 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from pcpc.config import check_choice, from_dict
+from pcpc.config import check_at_least, check_choice, from_dict
 from pcpc.errors import UserError
+
+MLPS = ("relu", "gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts MLP (the `moe` field of NanoGPTConfig)."""
+
+    num_experts: int = 4
+    """Experts per MoE block (each an MLP of the model's `mlp` kind)."""
+    top_k: int = 2
+    """Experts each token is sent to; their outputs are combined with the renormalised router weights."""
+    every: int = 1
+    """An MoE MLP in every this-many-th block (blocks every-1, 2*every-1, ...); 1: every block."""
+    aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss (Switch Transformer: alpha * N * sum f_i P_i; 1 at balance)."""
+    z_loss_coef: float = 0.001
+    """Weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2)."""
+
+    def __post_init__(self):
+        check_at_least(self, 1, "num_experts", "top_k", "every")
+        check_at_least(self, 0.0, "aux_loss_coef", "z_loss_coef")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
 
 
 @dataclass(frozen=True)
@@ -41,12 +94,20 @@ class NanoGPTConfig:
     """Attention heads; n_embd must be divisible by it."""
     n_embd: int = 64
     """Residual stream width."""
-    activation: str = "relu"
-    """MLP non-linearity: relu | gelu (exact erf form, as nn.GELU)."""
+    mlp: str = "relu"
+    """MLP: relu | gelu (exact erf form, as nn.GELU): 4C hidden; swiglu: gated SiLU, ~8/3 C hidden."""
+    multiple_of: int = 32
+    """swiglu: the hidden width int(2 * 4C / 3) is rounded up to a multiple of this (llama)."""
     norm: str = "layernorm"
-    """Normalisation layer: layernorm."""
+    """Normalisation of every block and the final one: layernorm | rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of the norms."""
     positions: str = "learned"
-    """Position encoding: learned (a wpe table of block_size rows)."""
+    """Position encoding: learned (a wpe table of block_size rows) | rope (rotary q and k, no table)."""
+    rope_theta: float = 10000.0
+    """rope: the base of the rotary frequencies."""
+    moe: MoEConfig | None = None
+    """null: a dense MLP in every block; an object (MoEConfig): Mixture-of-Experts MLPs."""
     bias: bool = False
     """Biases in Linear and LayerNorm layers."""
     tie_embeddings: bool = True
@@ -58,17 +119,41 @@ class NanoGPTConfig:
     fp32. About 1.6x faster on a CPU with avx512_bf16; opt-in (bench/NOTES.md has its accuracy)."""
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "multiple_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        check_choice(self, "activation", ("relu", "gelu"))
-        check_choice(self, "norm", ("layernorm",))
-        check_choice(self, "positions", ("learned",))
+        check_choice(self, "mlp", MLPS)
+        check_choice(self, "norm", NORMS)
+        check_choice(self, "positions", POSITIONS)
         check_choice(self, "compute_dtype", tuple(COMPUTE_DTYPES))
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise ValueError(f"norm_eps and rope_theta must be > 0, got {self.norm_eps}, {self.rope_theta}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"positions \"rope\" rotates pairs: the head size n_embd / n_head "
+                             f"({self.n_embd // self.n_head}) must be even")
+        if self.moe is not None and self.moe.every > self.n_layer:
+            raise ValueError(f"moe.every ({self.moe.every}) is more than n_layer ({self.n_layer}): no block "
+                             f"would have experts")
+
+    @property
+    def hidden(self) -> int:
+        """Width of the MLP's hidden layer."""
+        if self.mlp != "swiglu":
+            return 4 * self.n_embd
+        h = int(2 * 4 * self.n_embd / 3)
+        return self.multiple_of * -(-h // self.multiple_of)
+
+    def is_moe(self, layer: int) -> bool:
+        """True if block `layer` has a Mixture-of-Experts MLP."""
+        return self.moe is not None and (layer + 1) % self.moe.every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layer) if self.is_moe(i)]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,9 +162,20 @@ class NanoGPTConfig:
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+_MINGPT = dict(block_size=128, vocab_size=50304, mlp="gelu", bias=True, tie_embeddings=False)
+_GPT2 = dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, mlp="gelu", bias=True)
+
 PRESETS = {
     "nanogpt-small": dict(block_size=32, vocab_size=65, n_layer=2, n_head=8, n_embd=64),
     "nanogpt-medium": dict(block_size=128, vocab_size=256, n_layer=4, n_head=8, n_embd=256),
+    # GPT-2 124M as build-nanogpt trains it (vocab padded to 50304); and its MoE form, as the reference's
+    # GPTConfig(use_moe=True, num_experts=2) with top-2 routing.
+    "gpt2-124m": _GPT2,
+    "gpt2-124m-moe": {**_GPT2, "moe": {"num_experts": 2, "top_k": 2}},
+    # minGPT's model_type shapes (GELU, biases, an untied head; vocab and block come from the data).
+    "gpt-nano": {**_MINGPT, "n_layer": 3, "n_head": 3, "n_embd": 48},
+    "gpt-micro": {**_MINGPT, "n_layer": 4, "n_head": 4, "n_embd": 128},
+    "gpt-mini": {**_MINGPT, "n_layer": 6, "n_head": 6, "n_embd": 192},
 }
 
 
@@ -90,10 +186,26 @@ def make_config(preset: str, **overrides) -> NanoGPTConfig:
     return from_dict(NanoGPTConfig, {**PRESETS[preset], **overrides}, where=f"{preset} config")
 
 
+def _mlp_shapes(cfg: NanoGPTConfig, experts: int | None) -> dict[str, tuple[int, ...]]:
+    """The MLP's weights (relative names), with a leading expert axis for an MoE block."""
+    C, H = cfg.n_embd, cfg.hidden
+    lead = () if experts is None else (experts,)
+    mats = ({"w1": (H, C), "w2": (C, H), "w3": (H, C)} if cfg.mlp == "swiglu"
+            else {"c_fc": (H, C), "c_proj": (C, H)})
+    out = {}
+    for name, (n_out, n_in) in mats.items():
+        out[f"{name}.weight"] = (*lead, n_out, n_in)
+        if cfg.bias:
+            out[f"{name}.bias"] = (*lead, n_out)
+    return out
+
+
 def param_shapes(cfg: NanoGPTConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's shape, in the documented (named_parameters) order."""
     C, V, T = cfg.n_embd, cfg.vocab_size, cfg.block_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (T, C)}
+    shapes: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (V, C)}
+    if cfg.positions == "learned":
+        shapes["transformer.wpe.weight"] = (T, C)
 
     def linear(name, n_in, n_out):
         shapes[f"{name}.weight"] = (n_out, n_in)
@@ -102,7 +214,7 @@ def param_shapes(cfg: NanoGPTConfig) -> dict[str, tuple[int, ...]]:
 
     def norm(name):
         shapes[f"{name}.weight"] = (C,)
-        if cfg.bias:
+        if cfg.bias and cfg.norm == "layernorm":
             shapes[f"{name}.bias"] = (C,)
 
     for i in range(cfg.n_layer):
@@ -111,12 +223,20 @@ def param_shapes(cfg: NanoGPTConfig) -> dict[str, tuple[int, ...]]:
         linear(f"{p}.attn.c_attn", C, 3 * C)
         linear(f"{p}.attn.c_proj", C, C)
         norm(f"{p}.ln_2")
-        linear(f"{p}.mlp.c_fc", C, 4 * C)
-        linear(f"{p}.mlp.c_proj", 4 * C, C)
+        if cfg.is_moe(i):
+            shapes[f"{p}.mlp.router.weight"] = (cfg.moe.num_experts, C)
+            shapes.update({f"{p}.mlp.experts.{k}": v for k, v in _mlp_shapes(cfg, cfg.moe.num_experts).items()})
+        else:
+            shapes.update({f"{p}.mlp.{k}": v for k, v in _mlp_shapes(cfg, None).items()})
     norm("transformer.ln_f")
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, C)
     return shapes
+
+
+RESIDUAL_PROJECTIONS = ("attn.c_proj.weight", "mlp.c_proj.weight", "mlp.w2.weight", "experts.c_proj.weight",
+                        "experts.w2.weight")
+"""Weights that write into the residual stream: initialised with std 0.02 / sqrt(2 * n_layer)."""
 
 
 def init_params(cfg: NanoGPTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -130,7 +250,7 @@ def init_params(cfg: NanoGPTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
         elif ".ln_" in name:
             params[name] = torch.ones(shape)
         else:
-            std = proj_std if name.endswith("c_proj.weight") else 0.02
+            std = proj_std if name.endswith(RESIDUAL_PROJECTIONS) else 0.02
             params[name] = torch.randn(shape, generator=gen) * std
     return params
 
@@ -148,9 +268,27 @@ def _linear(params, name, x, cfg):
     return _matmul_weight(x, params[f"{name}.weight"], cfg, params.get(f"{name}.bias"))
 
 
-def _norm(params, name, x):
-    C = x.shape[-1]
-    return F.layer_norm(x, (C,), params[f"{name}.weight"], params.get(f"{name}.bias"), 1e-5)
+def _norm(params, name, x, cfg):
+    weight = params[f"{name}.weight"]
+    if cfg.norm == "rmsnorm":
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight
+    return F.layer_norm(x, (x.shape[-1],), weight, params.get(f"{name}.bias"), cfg.norm_eps)
+
+
+def rope_tables(T: int, hs: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (T, hs): position t's angles t * theta^(-2i/hs), i < hs/2, laid out twice (the
+    rotate-half layout of GPT-NeoX and HF Llama). Computed from arange: no state, no buffer."""
+    inv = theta ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
+    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv[None, :]  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, nh, T, hs): x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, nh, T, hs)
+    return x * cos + rotated * sin
 
 
 def _attention(params, name, x, cfg):
@@ -160,6 +298,9 @@ def _attention(params, name, x, cfg):
     q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
     k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
     v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+    if cfg.positions == "rope":
+        cos, sin = rope_tables(T, hs, cfg.rope_theta, x.device)  # (T, hs) each
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Math-form attention: SDPA lowers to a CPU flash kernel IREE cannot compile
     # inside a traced training graph. The causal mask comes from arange, not a buffer.
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
@@ -170,21 +311,98 @@ def _attention(params, name, x, cfg):
     return _linear(params, f"{name}.c_proj", y, cfg)
 
 
+def _act(h, cfg):
+    return F.gelu(h) if cfg.mlp == "gelu" else F.relu(h)
+
+
 def _mlp(params, name, x, cfg):
-    h = _linear(params, f"{name}.c_fc", x, cfg)  # (B, T, 4C)
-    h = F.gelu(h) if cfg.activation == "gelu" else F.relu(h)
+    if cfg.mlp == "swiglu":
+        gate, up = _linear(params, f"{name}.w1", x, cfg), _linear(params, f"{name}.w3", x, cfg)  # (B, T, H)
+        return _linear(params, f"{name}.w2", F.silu(gate) * up, cfg)
+    h = _act(_linear(params, f"{name}.c_fc", x, cfg), cfg)  # (B, T, 4C)
     return _linear(params, f"{name}.c_proj", h, cfg)
+
+
+def _experts_linear(params, name, x, cfg):
+    """Every expert's Linear at once: x (E, N, in) -> (E, N, out), weight (E, out, in)."""
+    dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+    w = params[f"{name}.weight"]
+    y = torch.matmul(x.to(dtype), w.to(dtype).transpose(1, 2)).to(x.dtype)  # (E, N, out)
+    bias = params.get(f"{name}.bias")
+    return y if bias is None else y + bias[:, None, :]
+
+
+def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, E) float mask, 1 on each row's k largest entries: k rounds of argmax against arange (static
+    shapes, no topk/one_hot). Ties go to the lower expert index, as torch.topk's do on CPU."""
+    experts = torch.arange(probs.shape[-1], device=probs.device)
+    mask = torch.zeros_like(probs)
+    remaining = probs.detach()
+    for _ in range(k):
+        pick = (remaining.argmax(-1, keepdim=True) == experts).to(probs.dtype)  # (N, E)
+        mask = mask + pick
+        remaining = remaining.masked_fill(pick > 0, float("-inf"))
+    return mask
+
+
+def _moe(params, name, x, cfg):
+    """A Mixture-of-Experts MLP on x (B, T, C): (output (B, T, C), aux loss, z loss, expert loads (E,))."""
+    B, T, C = x.shape
+    m = cfg.moe
+    xf = x.reshape(B * T, C)  # (N, C)
+    logits = _matmul_weight(xf, params[f"{name}.router.weight"], cfg).float()  # (N, E)
+    probs = logits.softmax(-1)  # (N, E)
+    chosen = top_k_mask(probs, m.top_k)  # (N, E), top_k ones per row
+    gates = probs * chosen
+    gates = gates / gates.sum(-1, keepdim=True)  # renormalised over the chosen experts (Mixtral)
+    xe = xf.unsqueeze(0).expand(m.num_experts, B * T, C)  # (E, N, C)
+    e = f"{name}.experts"
+    if cfg.mlp == "swiglu":
+        h = F.silu(_experts_linear(params, f"{e}.w1", xe, cfg)) * _experts_linear(params, f"{e}.w3", xe, cfg)
+        out = _experts_linear(params, f"{e}.w2", h, cfg)  # (E, N, C)
+    else:
+        out = _experts_linear(params, f"{e}.c_proj", _act(_experts_linear(params, f"{e}.c_fc", xe, cfg), cfg), cfg)
+    y = (out * gates.t().unsqueeze(-1)).sum(0)  # (N, C)
+    load = chosen.mean(0) / m.top_k  # (E,) fraction of the token slots each expert takes
+    aux = m.num_experts * (load * probs.mean(0)).sum()
+    # logsumexp by hand (aten.logsumexp does not lower to IREE); the shift is detached, which leaves the
+    # gradient unchanged and keeps max's backward (a scatter torch-mlir crashes on) out of the graph
+    mx = logits.detach().amax(-1, keepdim=True)  # (N, 1)
+    z = ((mx.squeeze(-1) + (logits - mx).exp().sum(-1).log()) ** 2).mean()
+    return y.reshape(B, T, C), aux, z, load
+
+
+def _trunk(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig):
+    """(logits (B, T, vocab), [(aux, z, load) of each MoE block])."""
+    B, T = idx.shape
+    x = F.embedding(idx, params["transformer.wte.weight"])  # (B, T, C)
+    if cfg.positions == "learned":
+        x = x + F.embedding(torch.arange(T, device=idx.device), params["transformer.wpe.weight"])
+    moe = []
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}"
+        x = x + _attention(params, f"{p}.attn", _norm(params, f"{p}.ln_1", x, cfg), cfg)  # (B, T, C)
+        h = _norm(params, f"{p}.ln_2", x, cfg)
+        if cfg.is_moe(i):
+            h, *stats = _moe(params, f"{p}.mlp", h, cfg)
+            moe.append(stats)
+        else:
+            h = _mlp(params, f"{p}.mlp", h, cfg)
+        x = x + h  # (B, T, C)
+    x = _norm(params, "transformer.ln_f", x, cfg)
+    head = params["transformer.wte.weight"] if cfg.tie_embeddings else params["lm_head.weight"]
+    return _matmul_weight(x, head, cfg), moe  # (B, T, vocab)
 
 
 def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig) -> torch.Tensor:
     """Logits (B, T, vocab) for token ids idx (B, T), T <= block_size."""
-    B, T = idx.shape
-    pos = torch.arange(T, device=idx.device)
-    x = F.embedding(idx, params["transformer.wte.weight"]) + F.embedding(pos, params["transformer.wpe.weight"])
-    for i in range(cfg.n_layer):
-        p = f"transformer.h.{i}"
-        x = x + _attention(params, f"{p}.attn", _norm(params, f"{p}.ln_1", x), cfg)  # (B, T, C)
-        x = x + _mlp(params, f"{p}.mlp", _norm(params, f"{p}.ln_2", x), cfg)  # (B, T, C)
-    x = _norm(params, "transformer.ln_f", x)
-    head = params["transformer.wte.weight"] if cfg.tie_embeddings else params["lm_head.weight"]
-    return _matmul_weight(x, head, cfg)  # (B, T, vocab)
+    return _trunk(params, idx, cfg)[0]
+
+
+def forward_with_aux(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig):
+    """(logits (B, T, vocab), aux loss, z loss, loads (MoE blocks, E)): the losses are the mean over the
+    MoE blocks; a model without experts has no MoE blocks (use `forward`)."""
+    logits, moe = _trunk(params, idx, cfg)
+    assert moe, "forward_with_aux: the model has no MoE blocks"
+    aux, z, loads = zip(*moe)
+    return logits, torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(loads)

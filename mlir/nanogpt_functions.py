@@ -12,6 +12,15 @@ of FUNCTIONS). Every function takes all weights first, in
     outer_step     (*params, *momentum, *delta, lr, mu) -> *params', *momentum'
     logits         (*params, idx) -> logits                (1 row of block_size, for sampling)
 x, y, idx are int64 (B, block_size); step, lr, mu are f32 scalars.
+
+A model with Mixture-of-Experts blocks trains on loss = ce + aux_loss_coef * aux
++ z_loss_coef * z (exporters/nanogpt.py), and value_and_grad / train_step
+return the parts right after the loss, in the same forward:
+
+    value_and_grad (*params, x, y) -> loss, ce, aux, z, expert_load (MoE blocks, E), *grads
+    train_step     (...)           -> loss, ce, aux, z, expert_load, *params', *m', *v'
+forward_loss and eval_loss stay the language-model cross-entropy (comparable
+across models).
 """
 
 from __future__ import annotations
@@ -32,8 +41,25 @@ def model_config(config: dict) -> nanogpt.NanoGPTConfig:
 
 
 def make_loss(cfg: nanogpt.NanoGPTConfig):
+    """loss_fn(params, x, y) -> cross-entropy."""
     def loss_fn(params, x, y):
         return cross_entropy(nanogpt.forward(params, x, cfg), y)
+
+    return loss_fn
+
+
+MOE_STATS = ("ce", "aux", "z", "expert_load")
+"""What a MoE model's value_and_grad and train_step return right after the loss."""
+
+
+def make_moe_loss(cfg: nanogpt.NanoGPTConfig):
+    """loss_fn(params, x, y) -> (loss, ce, aux, z, expert_load): the training loss of a model with experts."""
+    m = cfg.moe
+
+    def loss_fn(params, x, y):
+        logits, aux, z, load = nanogpt.forward_with_aux(params, x, cfg)
+        ce = cross_entropy(logits, y)
+        return ce + m.aux_loss_coef * aux + m.z_loss_coef * z, ce.detach(), aux.detach(), z.detach(), load.detach()
 
     return loss_fn
 
@@ -52,8 +78,13 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         raise ValueError(f"unknown nanogpt functions {bad}; valid: {', '.join(FUNCTIONS)}")
     shapes = nanogpt.param_shapes(cfg)
     names = list(shapes)
-    decay = [len(s) >= 2 for s in shapes.values()]
+    # nanoGPT's rule: decay the matrices and embeddings, not biases and norms; a stack of experts'
+    # biases (E, out) is still biases
+    decay = [len(s) >= 2 and not n.endswith(".bias") for n, s in shapes.items()]
     loss_fn = make_loss(cfg)
+    moe = bool(cfg.moe_layers)
+    train_loss = make_moe_loss(cfg) if moe else loss_fn
+    stats = [("ce", "loss"), ("aux", "loss"), ("z", "loss"), ("expert_load", "output")] if moe else []
     P = _specs("", "param", shapes)
     M, V = _specs("m.", "optimizer_state", shapes), _specs("v.", "optimizer_state", shapes)
     T = cfg.block_size
@@ -74,15 +105,15 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         ),
         "value_and_grad": lambda: ExportFunction(
             "value_and_grad",
-            derive.value_and_grad_fn(loss_fn, names),
+            derive.value_and_grad_fn(train_loss, names, has_aux=moe),
             P + batch(B),
-            [("loss", "loss")] + [("grad." + n, "grad") for n in names],
+            [("loss", "loss")] + stats + [("grad." + n, "grad") for n in names],
         ),
         "train_step": lambda: ExportFunction(
             "train_step",
-            derive.train_step_fn(loss_fn, names, decay, opt),
+            derive.train_step_fn(train_loss, names, decay, opt, has_aux=moe),
             P + M + V + [scalar("step"), scalar("lr")] + batch(B),
-            [("loss", "loss")] + out(P) + out(M) + out(V),
+            [("loss", "loss")] + stats + out(P) + out(M) + out(V),
         ),
         "eval_loss": lambda: ExportFunction(
             "eval_loss", derive.forward_loss_fn(loss_fn, names), P + batch(EB), [("loss", "loss")]

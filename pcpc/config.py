@@ -30,6 +30,9 @@ def _coerce(value, tp, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        objects = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(objects) == 1:  # Section | None: the section's own error names
+            return _coerce(value, objects[0], path)        # the nested field
         errors = []
         for arg in args:
             if arg is type(None):

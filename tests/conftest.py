@@ -12,7 +12,7 @@ from pcpc.mlir.targets import nanogpt_target
 NUMERICS_CASES = {
     "small": ("nanogpt-small", {}, 4),
     "medium": ("nanogpt-medium", {}, 2),
-    "variant": ("nanogpt-small", {"activation": "gelu", "tie_embeddings": False, "bias": True}, 4),
+    "variant": ("nanogpt-small", {"mlp": "gelu", "tie_embeddings": False, "bias": True}, 4),
 }
 NUMERICS_FUNCTIONS = ["value_and_grad", "train_step", "outer_step"]
 
