@@ -134,10 +134,10 @@ def reference_val_loss(params: dict, cfg, batches) -> float:
 
 def setup(exp, world: int):
     """(model config, dataset, initial params, validation batches) as pcpc run resolves them."""
-    from pcpc.runtime.train.diloco import preset_of, tokenizer_kind
+    from pcpc.runtime.train.diloco import tokenizer_kind
 
     data = load_dataset(exp.data_path, tokenizer_kind(exp))
-    cfg = nanogpt.make_config(preset_of(exp.model_path), vocab_size=data.tokenizer.vocab_size)
+    cfg = exp.model_config(data.tokenizer.vocab_size)
     init = nanogpt.init_params(cfg, exp.seed)
     val = val_batches(data.val, cfg.block_size, exp.eval_batch_size, exp.eval_batches)
     return cfg, data, init, val

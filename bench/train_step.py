@@ -103,7 +103,7 @@ def pcpc_step(target, out_dir: Path, cfg, x, y, threads: int, result: Result) ->
     def run() -> None:
         step[0] += 1
         out = mod("train_step", *state, np.float32(step[0]), lr, xd, yd)
-        state[:] = out[1 : 1 + 3 * n]
+        state[:] = out[len(out) - 3 * n:]  # after the loss (and a MoE model's router statistics)
         last[0] = out[0]
 
     def sync() -> float:

@@ -179,11 +179,12 @@ PRESETS = {
 }
 
 
-def make_config(preset: str, **overrides) -> NanoGPTConfig:
-    """Preset plus overrides; unknown keys and wrong types are errors naming the key."""
+def make_config(preset: str, where: str | None = None, **overrides) -> NanoGPTConfig:
+    """Preset plus overrides; unknown keys and wrong types are errors naming the key (under `where`)."""
     if preset not in PRESETS:
-        raise UserError(f"unknown nanogpt preset {preset!r}; valid: {', '.join(PRESETS)}")
-    return from_dict(NanoGPTConfig, {**PRESETS[preset], **overrides}, where=f"{preset} config")
+        raise UserError(f"{where + ': ' if where else ''}unknown nanogpt preset {preset!r}; valid: "
+                        f"{', '.join(PRESETS)}")
+    return from_dict(NanoGPTConfig, {**PRESETS[preset], **overrides}, where=where or f"{preset} config")
 
 
 def _mlp_shapes(cfg: NanoGPTConfig, experts: int | None) -> dict[str, tuple[int, ...]]:

@@ -87,6 +87,11 @@ class DiLoCoConfig(RunConfig):
     """Keep each worker's AdamW moments and step count across rounds (false: reset every round)."""
     sample_tokens: int = 200
     """Characters/bytes of text sampled from the final model (0: none)."""
+    model: str | dict | None = None
+    """The architecture: null (the model_path stem names a preset, as the reference's configs do), a preset
+    name (nanogpt-small, gpt2-124m, ...), or an object {"preset": ..., <NanoGPTConfig fields>} (preset
+    default nanogpt-small): n_layer, n_head, n_embd, block_size, bias, tie_embeddings, mlp, norm, positions,
+    moe, ... (README: model config reference). vocab_size comes from the tokenizer unless given."""
 
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + (
         "outer_loop_steps", "max_epochs", "num_workers", "backend", "eval_interval", "eval_batches",
@@ -121,6 +126,40 @@ class DiLoCoConfig(RunConfig):
         if self.lr_schedule == "constant" and (self.warmup_steps or self.lr_decay_steps is not None
                                                or self.min_learning_rate is not None):
             raise ValueError("warmup_steps, lr_decay_steps and min_learning_rate need lr_schedule \"cosine\"")
+        self.model_config()  # strict: unknown fields and bad combinations are errors naming the field
+
+    @property
+    def preset(self) -> str:
+        """The nanoGPT preset the architecture starts from."""
+        if self.model is None:
+            return Path(self.model_path).stem.replace("_", "-")
+        return self.model if isinstance(self.model, str) else self.model.get("preset", "nanogpt-small")
+
+    @property
+    def model_fields(self) -> dict:
+        """The architecture fields given on top of the preset (the model object less its preset)."""
+        return {k: v for k, v in self.model.items() if k != "preset"} if isinstance(self.model, dict) else {}
+
+    def model_config(self, vocab_size: int | None = None):
+        """The NanoGPTConfig this experiment trains; vocab_size (the tokenizer's) applies unless the model
+        object gives one, which must then hold the tokenizer's ids."""
+        from pcpc.exporters.nanogpt import PRESETS, make_config
+
+        if self.model is None and self.preset not in PRESETS:
+            raise ValueError(f"model_path: {Path(self.model_path).name!r} does not name a nanoGPT preset (the file "
+                             f"stem picks it, or give \"model\"); valid: "
+                             f"{', '.join(p.replace('-', '_') + '.mlir' for p in PRESETS)}")
+        fields = dict(self.model_fields)
+        given = fields.get("vocab_size")
+        if vocab_size is not None and given is None:
+            fields["vocab_size"] = vocab_size
+        try:
+            cfg = make_config(self.preset, where="model", **fields)
+        except ValueError as e:  # UserError included: name the experiment's field
+            raise ValueError(str(e) if str(e).startswith("model") else f"model: {e}") from None
+        if vocab_size is not None and given is not None and isinstance(given, int) and given < vocab_size:
+            raise ValueError(f"model.vocab_size ({given}) is smaller than the tokenizer's {vocab_size} ids")
+        return cfg
 
     @property
     def total_inner_steps(self) -> int:

@@ -21,6 +21,7 @@ directory, checkpoints, metrics, signals and launch are the skeleton's
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,17 +51,12 @@ class Plan:
     tokenizer: str
 
 
-def preset_of(model_path: str | Path) -> str:
-    """models/nanogpt_small.mlir -> nanogpt-small."""
-    return Path(model_path).stem.replace("_", "-")
-
-
 def tokenizer_kind(cfg: DiLoCoConfig) -> str:
     if cfg.tokenizer != "auto":
         return cfg.tokenizer
     from pcpc.exporters.nanogpt import PRESETS
 
-    return "byte" if PRESETS.get(preset_of(cfg.model_path), {}).get("vocab_size") == 256 else "char"
+    return "byte" if PRESETS.get(cfg.preset, {}).get("vocab_size") == 256 else "char"
 
 
 def check_data(cfg: DiLoCoConfig) -> None:
@@ -73,29 +69,35 @@ def check_data(cfg: DiLoCoConfig) -> None:
     raise UserError(f"data_path: {path} not found (relative to {Path.cwd()}); {hint}")
 
 
-def check_preset(cfg: DiLoCoConfig) -> str:
-    from pcpc.exporters.nanogpt import PRESETS
+def model_target(cfg: DiLoCoConfig, vocab_size: int):
+    """The build target of the experiment's modules, and the artifact path they are built at.
 
-    preset = preset_of(cfg.model_path)
-    if preset not in PRESETS:
-        raise UserError(f"model_path: {Path(cfg.model_path).name!r} does not name a nanoGPT preset (the file stem "
-                        f"picks it); valid: {', '.join(p.replace('-', '_') + '.mlir' for p in PRESETS)}")
-    return preset
-
-
-def resolve_model(cfg: DiLoCoConfig, vocab_size: int, say=print):
-    """Build (or find cached) the modules model_path names; returns the BuildResult."""
+    Without a `model` object the artifact is model_path itself (its stem names the preset). With one,
+    it is <model_path folder>/<stem>-<hash of the target's config>.mlir: every architecture (and batch
+    shape) gets its own build, and experiments that share one share the build.
+    """
+    from pcpc.mlir.build import sha256_bytes
     from pcpc.mlir.targets import nanogpt_target
 
-    preset = check_preset(cfg)
+    fields = dict(cfg.model_fields)
+    fields.setdefault("vocab_size", vocab_size)
+    path = Path(cfg.model_path)
     target = nanogpt_target(
-        Path(cfg.model_path).stem, preset, cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        model_overrides={"vocab_size": vocab_size},
+        path.stem, cfg.preset, cfg.batch_size, eval_batch_size=cfg.eval_batch_size, model_overrides=fields,
         optimizer={"beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": cfg.weight_decay,
                    "grad_clip": cfg.grad_clip},
         functions=FUNCTIONS,
     )
-    return build_artifact("model_path", cfg.model_path, target, cfg.target, say, why=WHY_NOT_FOREIGN)
+    if cfg.model is not None:
+        key = sha256_bytes(json.dumps(target.config, sort_keys=True).encode())[:10]
+        path = path.with_name(f"{path.stem}-{key}{path.suffix}")
+    return target, path
+
+
+def resolve_model(cfg: DiLoCoConfig, vocab_size: int, say=print):
+    """Build (or find cached) the experiment's modules; returns the BuildResult."""
+    target, path = model_target(cfg, vocab_size)
+    return build_artifact("model_path", path, target, cfg.target, say, why=WHY_NOT_FOREIGN)
 
 
 def plan_rounds(cfg: DiLoCoConfig, train: np.ndarray, val: np.ndarray, block: int, world: int) -> int:
@@ -124,13 +126,14 @@ class DiLoCo(Loop):
 
     @classmethod
     def plan(cls, cfg: DiLoCoConfig, ctx) -> Plan:
-        from pcpc.exporters.nanogpt import make_config
-
         check_data(cfg)
         kind = tokenizer_kind(cfg)
         data = load_dataset(cfg.data_path, kind)
         vocab = data.tokenizer.vocab_size
-        block = make_config(check_preset(cfg), vocab_size=vocab).block_size
+        try:
+            block = cfg.model_config(vocab).block_size
+        except ValueError as e:  # the tokenizer's vocabulary against the model's
+            raise UserError(f"{ctx.config_path}: {e}") from None
         rounds = plan_rounds(cfg, data.train, data.val, block, ctx.world)
         derived = {"workers": ctx.world}  # each has its own inner AdamW state in the checkpoint
         if cfg.lr_schedule == "cosine":
@@ -183,7 +186,13 @@ class DiLoCo(Loop):
         self.rng = np.random.default_rng(cfg.seed)  # text sampling
         self.rng.bit_generator.state = state["rng_state"] or self.rng.bit_generator.state
         self.sizes = [int(np.prod(spec.shape)) for spec in self.specs]
-        self.flat = np.zeros(sum(self.sizes) + 2, np.float32)  # [Δ of every param, mean train loss, stop flag]
+        # A model with experts: train_step also returns (ce, aux, z, expert_load) right after the loss.
+        results = mod.meta.functions["train_step"].results
+        self.n_stats = len(results) - 1 - 3 * len(self.specs)
+        experts = results[4].shape[-1] if self.n_stats else 0
+        self.stat_cols = ["aux_loss", "z_loss", *[f"expert_load/{e}" for e in range(experts)]] if experts else []
+        # [Δ of every param, mean train loss, the MoE statistics, stop flag]: one all-reduce
+        self.flat = np.zeros(sum(self.sizes) + 2 + len(self.stat_cols), np.float32)
         self.traffic = {"allreduce_bytes_per_worker": self.flat.nbytes,
                         "data_parallel_bytes_per_worker": sum(self.sizes) * 4 * cfg.tau}
         self.tokens_per_step = self.world * cfg.batch_size * self.block
@@ -191,10 +200,14 @@ class DiLoCo(Loop):
         return self.done
 
     def layout(self) -> dict:
-        return dict(columns=COLUMNS, panels=[("cross-entropy (nats/token)", ["train_loss", "val_loss"])],
-                    png="loss.png", x="inner_step", title=f"DiLoCo {Path(self.cfg.model_path).stem}",
-                    postfix=[("train_loss", "loss"), ("val_loss", "val"), ("tokens_per_s", "tok/s")],
-                    ticks_per_step=self.cfg.tau)
+        panels = [("cross-entropy (nats/token)", ["train_loss", "val_loss"])]
+        postfix = [("train_loss", "loss"), ("val_loss", "val"), ("tokens_per_s", "tok/s")]
+        moe = ["expert_load_max"] if self.stat_cols else []
+        if moe:
+            panels += [("router losses", ["aux_loss", "z_loss"]), ("expert load", self.stat_cols[2:])]
+            postfix += [("aux_loss", "aux"), ("expert_load_max", "load max")]
+        return dict(columns=[*COLUMNS, *self.stat_cols, *moe], panels=panels, png="loss.png", x="inner_step",
+                    title=f"DiLoCo {Path(self.cfg.model_path).stem}", postfix=postfix, ticks_per_step=self.cfg.tau)
 
     def step(self, r: int) -> dict:
         """Round r: tau compiled inner steps, one all-reduce of Δ, one compiled outer step."""
@@ -205,11 +218,16 @@ class DiLoCo(Loop):
         if not cfg.persist_inner_state:
             self.M, self.V, self.adam_step = mod.upload_all(self.zeros), mod.upload_all(self.zeros), 0
         P, M, V, loss_sum = self.G, self.M, self.V, 0.0
+        stats = np.zeros(len(self.stat_cols))
         for k in range(tau):
             step = r * tau + k  # the same on every worker: data position and schedule index
             self.adam_step += 1
             loss, *rest = mod("train_step", *P, *M, *V, np.float32(self.adam_step),
                               np.float32(cfg.lr_at(step, rounds)), *self.sampler.batch(step))
+            if self.n_stats:  # train_loss is the cross-entropy; the router's losses and loads are their own
+                ce, aux, z, load = (to_host(x) for x in rest[:self.n_stats])
+                loss, rest = ce, rest[self.n_stats:]
+                stats += np.concatenate([[float(aux), float(z)], load.mean(0)])  # loads: mean over MoE blocks
             P, M, V = rest[:n], rest[n:2 * n], rest[2 * n:]
             loss_sum += float(to_host(loss))
             if self.run.log:
@@ -217,7 +235,8 @@ class DiLoCo(Loop):
         self.M, self.V = M, V
         # Δ = θ_global − θ_local, averaged over the workers in one all-reduce of one flat buffer.
         _pack(self.flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(self.G_host, P)])
-        self.flat[-2], self.flat[-1] = loss_sum / tau, float(self.run.stop.requested)
+        tail = self.flat[sum(self.sizes):]  # [mean train loss, MoE statistics, stop flag] (a view)
+        tail[0], tail[1:-1], tail[-1] = loss_sum / tau, stats / tau, float(self.run.stop.requested)
         _all_reduce_mean(self.flat, self.world, self.backend())
         out = mod("outer_step", *self.G, *self.Bm, *_unpack(self.flat, self.specs, self.sizes),
                   np.float32(cfg.outer_learning_rate), np.float32(cfg.nesterov_momentum))
@@ -229,9 +248,12 @@ class DiLoCo(Loop):
         self.val = self._evaluate() if evaluate else None
         self.tokens += self.tokens_per_step * tau
         elapsed = self.run.elapsed()
-        record = dict(round=done, inner_step=done * tau, train_loss=float(self.flat[-2]), val_loss=self.val,
+        record = dict(round=done, inner_step=done * tau, train_loss=float(tail[0]), val_loss=self.val,
                       lr=cfg.lr_at(step, rounds), tokens=self.tokens, elapsed_s=round(elapsed, 3),
-                      tokens_per_s=round(self.tokens / elapsed, 1), **self.traffic)
+                      tokens_per_s=round(self.tokens / elapsed, 1), **self.traffic,
+                      **{c: float(v) for c, v in zip(self.stat_cols, tail[1:-1])})
+        if self.stat_cols:
+            record["expert_load_max"] = float(tail[3:-1].max())
         if self.val is not None:
             self.run.say(f"round {done:>4}  step {done * tau:>6}  train {record['train_loss']:.4f}  "
                          f"val {self.val:.4f}")

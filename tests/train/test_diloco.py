@@ -305,3 +305,46 @@ def test_a_foreign_mlir_file_is_refused_with_the_reason(tmp_path, monkeypatch):
         resolve_model(parse_experiment(BASE), vocab_size=65, say=lambda m: None)
     with pytest.raises(UserError, match=r"'my_model\.mlir' does not name a nanoGPT preset .*nanogpt_small\.mlir"):
         resolve_model(parse_experiment({**BASE, "model_path": "models/my_model.mlir"}), 65, say=lambda m: None)
+
+
+MOE_MODEL = {"mlp": "swiglu", "norm": "rmsnorm", "positions": "rope", "moe": {"num_experts": 4, "top_k": 2}}
+
+
+def test_a_model_object_trains_logs_the_router_and_shares_its_build(ws):
+    """`model` describes the architecture in the config: MoE with RoPE, RMSNorm and SwiGLU here. The metrics
+    carry the router's losses and the expert loads; a second experiment with the same architecture and batch
+    shapes reuses the build."""
+    cfg = write_config(ws, "moe.json", model=MOE_MODEL)
+    run(ws, cfg, "runs/moe")
+    recs = [json.loads(line) for line in (ws / "runs/moe/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2, 3] and recs[-1]["val_loss"] is not None
+    loads = [[r[f"expert_load/{e}"] for e in range(4)] for r in recs]
+    assert all(abs(sum(row) - 1.0) < 1e-5 for row in loads)
+    assert all(0.5 < r["aux_loss"] < 2.0 and r["z_loss"] > 0 for r in recs)  # ~1 near balance
+    assert recs[-1]["expert_load_max"] == max(loads[-1])
+    assert "aux_loss" in (ws / "runs/moe/metrics.csv").read_text().splitlines()[0]
+    built = sorted((ws / "models").glob("nanogpt_small-*.vmfb"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    cfg2 = write_config(ws, "moe2.json", model=MOE_MODEL, seed=7, outer_loop_steps=1)
+    run(ws, cfg2, "runs/moe2")
+    assert sorted((ws / "models").glob("nanogpt_small-*.vmfb")) == built and built[0].stat().st_mtime_ns == stamp
+    resolved = json.loads((ws / "runs/moe/config.json").read_text())
+    assert resolved["vmfb"] == str(built[0].relative_to(ws)) and resolved["experiment"]["model"] == MOE_MODEL
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"n_layr": 4}, r"x\.json: model: unknown key 'n_layr'; valid keys: block_size"),
+    ({"mlp": "swish"}, r"x\.json: model: mlp must be one of relu, gelu, swiglu"),
+    ({"moe": {"num_experts": 2, "top_k": 3}}, r"x\.json: model\.moe: top_k \(3\) must be <= num_experts \(2\)"),
+    ({"preset": "gpt-5"}, r"x\.json: model: unknown nanogpt preset 'gpt-5'; valid: nanogpt-small"),
+    ("gpt-5", r"x\.json: model: unknown nanogpt preset 'gpt-5'"),
+    (7, r"x\.json\.model: expected str or dict or NoneType, got int 7"),
+])
+def test_model_mistakes_name_the_field(model, message):
+    with pytest.raises(UserError, match=message):
+        parse_experiment({**BASE, "model": model}, where="x.json")
+    assert parse_experiment({**BASE, "model": {"n_layer": 4, "mlp": "gelu"}}).model_config(65).n_layer == 4
+    assert parse_experiment({**BASE, "model": "gpt-nano"}).model_config(65).n_embd == 48
+    with pytest.raises(ValueError, match=r"model\.vocab_size \(50\) is smaller than the tokenizer's 65 ids"):
+        parse_experiment({**BASE, "model": {"vocab_size": 50}}).model_config(65)
