@@ -72,10 +72,17 @@ class MoEConfig:
     """Weight of the load-balancing loss (Switch Transformer: alpha * N * sum f_i P_i; 1 at balance)."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2)."""
+    capacity_factor: float | None = None
+    """null: every expert computes every token, weighted zero outside its top_k (exact, no token is
+    dropped). A number: capacity dispatch, each expert computes only the tokens routed to it, at most
+    ceil(capacity_factor * tokens * top_k / num_experts) of them per call, in token order; a token past an
+    expert's capacity skips that expert (Switch Transformer). num_experts / top_k never drops."""
 
     def __post_init__(self):
         check_at_least(self, 1, "num_experts", "top_k", "every")
         check_at_least(self, 0.0, "aux_loss_coef", "z_loss_coef")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or null, got {self.capacity_factor}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
 
@@ -333,6 +340,40 @@ def _experts_linear(params, name, x, cfg):
     return y if bias is None else y + bias[:, None, :]
 
 
+def _experts(params, name, xe, cfg):
+    """Every expert's MLP on its own rows: xe (E, rows, C) -> (E, rows, C)."""
+    if cfg.mlp == "swiglu":
+        h = F.silu(_experts_linear(params, f"{name}.w1", xe, cfg)) * _experts_linear(params, f"{name}.w3", xe, cfg)
+        return _experts_linear(params, f"{name}.w2", h, cfg)
+    return _experts_linear(params, f"{name}.c_proj", _act(_experts_linear(params, f"{name}.c_fc", xe, cfg), cfg), cfg)
+
+
+def capacity(cfg, tokens: int) -> int:
+    """Slots per expert per call with capacity dispatch."""
+    m = cfg.moe
+    return min(tokens, math.ceil(m.capacity_factor * tokens * m.top_k / m.num_experts))
+
+
+def _dispatch(params, name, xf, chosen, gates, cfg):
+    """Capacity dispatch: expert e computes the first `capacity` tokens routed to it (token order), gathered
+    into (E, capacity, C); the outputs are scattered back, weighted. Static shapes: a slot without a token
+    holds token 0 at weight 0. xf (N, C), chosen / gates (N, E) -> (N, C)."""
+    N, C = xf.shape
+    E, cap = chosen.shape[1], capacity(cfg, N)
+    slot = chosen.cumsum(0) - 1  # (N, E): the place of each token in its expert's queue
+    kept = (chosen > 0) & (slot < cap)  # (N, E)
+    # slot_token[e, s]: the token in expert e's slot s (0 where the slot stays empty)
+    flat = torch.where(kept, torch.arange(E, device=xf.device) * cap + slot, E * cap).reshape(-1)  # (N*E,)
+    tokens = torch.arange(N, device=xf.device).unsqueeze(1).expand(N, E).reshape(-1)  # (N*E,)
+    flat = flat.long()
+    slot_token = xf.new_zeros(E * cap + 1, dtype=torch.int64).index_put((flat,), tokens)[:-1]  # (E*cap,)
+    filled = xf.new_zeros(E * cap + 1).index_put((flat,), xf.new_ones(N * E))[:-1]  # (E*cap,) 1: a token
+    weight = torch.where(kept, gates, 0.0).t().reshape(-1)  # (E*N,) per (expert, token)
+    w = weight[torch.arange(E, device=xf.device).repeat_interleave(cap) * N + slot_token] * filled  # (E*cap,)
+    out = _experts(params, name, xf[slot_token].reshape(E, cap, C), cfg)  # (E, cap, C)
+    return xf.new_zeros(N, C).index_put((slot_token,), out.reshape(E * cap, C) * w.unsqueeze(-1), accumulate=True)
+
+
 def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
     """(N, E) float mask, 1 on each row's k largest entries: k rounds of argmax against arange (static
     shapes, no topk/one_hot). Ties go to the lower expert index, as torch.topk's do on CPU."""
@@ -356,14 +397,11 @@ def _moe(params, name, x, cfg):
     chosen = top_k_mask(probs, m.top_k)  # (N, E), top_k ones per row
     gates = probs * chosen
     gates = gates / gates.sum(-1, keepdim=True)  # renormalised over the chosen experts (Mixtral)
-    xe = xf.unsqueeze(0).expand(m.num_experts, B * T, C)  # (E, N, C)
-    e = f"{name}.experts"
-    if cfg.mlp == "swiglu":
-        h = F.silu(_experts_linear(params, f"{e}.w1", xe, cfg)) * _experts_linear(params, f"{e}.w3", xe, cfg)
-        out = _experts_linear(params, f"{e}.w2", h, cfg)  # (E, N, C)
+    if m.capacity_factor is None:  # every expert on every token, zero weight outside the top_k
+        out = _experts(params, f"{name}.experts", xf.unsqueeze(0).expand(m.num_experts, B * T, C), cfg)  # (E,N,C)
+        y = (out * gates.t().unsqueeze(-1)).sum(0)  # (N, C)
     else:
-        out = _experts_linear(params, f"{e}.c_proj", _act(_experts_linear(params, f"{e}.c_fc", xe, cfg), cfg), cfg)
-    y = (out * gates.t().unsqueeze(-1)).sum(0)  # (N, C)
+        y = _dispatch(params, f"{name}.experts", xf, chosen, gates, cfg)
     load = chosen.mean(0) / m.top_k  # (E,) fraction of the token slots each expert takes
     aux = m.num_experts * (load * probs.mean(0)).sum()
     # logsumexp by hand (aten.logsumexp does not lower to IREE); the shift is detached, which leaves the

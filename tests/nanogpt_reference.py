@@ -6,10 +6,13 @@ against. It shares no code with the exporter.
     RoPE      HF Llama's rotate_half form: cos/sin of t * theta^(-2i/d), q*cos + rotate_half(q)*sin
     SwiGLU    Llama's FeedForward: w2(silu(w1 x) * w3 x)
     MoE       Mixtral's sparse block: softmax router, topk, renormalised weights, a loop over the experts
-              with index_select / index_add_ on the tokens each one was given
+              with index_select / index_add_ on the tokens each one was given (with a capacity factor, the
+              first tokens in token order, as Switch)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -97,7 +100,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.E, self.k = cfg.moe.num_experts, cfg.moe.top_k
+        self.E, self.k, self.capacity_factor = cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.capacity_factor
         self.router = nn.Linear(cfg.n_embd, self.E, bias=False)
         self.experts = nn.ModuleList([dense_mlp(cfg) for _ in range(self.E)])
         self.stats = None
@@ -110,8 +113,11 @@ class SparseMoE(nn.Module):
         weights, chosen = torch.topk(probs, self.k, dim=-1)  # (N, k)
         weights = weights / weights.sum(-1, keepdim=True)
         out = torch.zeros_like(xf)
+        cap = xf.shape[0] if self.capacity_factor is None else \
+            min(xf.shape[0], math.ceil(self.capacity_factor * xf.shape[0] * self.k / self.E))
         for e, expert in enumerate(self.experts):
-            rows, slot = torch.where(chosen == e)
+            rows, slot = torch.where(chosen == e)  # in token order
+            rows, slot = rows[:cap], slot[:cap]  # Switch's capacity: the tokens past it skip the expert
             if rows.numel():
                 y = expert(xf.index_select(0, rows)) * weights[rows, slot, None]
                 out = out.index_add(0, rows, y)

@@ -22,6 +22,7 @@ CASES = {
     "moe": {"moe": MOE},
     "moe-rope-rmsnorm-swiglu": {"mlp": "swiglu", "norm": "rmsnorm", "positions": "rope", "moe": MOE},
     "moe-every-2-gelu-bias": {"n_layer": 4, "mlp": "gelu", "bias": True, "moe": {**MOE, "every": 2}},
+    "moe-capacity-swiglu": {"mlp": "swiglu", "moe": {**MOE, "capacity_factor": 1.0}},
 }
 BATCH, LR = 4, 6e-4
 

@@ -22,6 +22,9 @@ VARIANTS = {
     "moe-every-2-gelu-bias": ("nanogpt-small", {"n_layer": 4, "mlp": "gelu", "bias": True,
                                                 "moe": {**MOE, "every": 2, "top_k": 1}}),
     "all": ("nanogpt-small", {"mlp": "swiglu", "norm": "rmsnorm", "positions": "rope", "moe": MOE}),
+    "moe-capacity-no-drops": ("nanogpt-small", {"moe": {**MOE, "capacity_factor": 2.0}}),
+    "moe-capacity-1.0": ("nanogpt-small", {"moe": {**MOE, "capacity_factor": 1.0}}),
+    "moe-capacity-0.5-swiglu": ("nanogpt-small", {"mlp": "swiglu", "moe": {**MOE, "capacity_factor": 0.5}}),
     "gpt-nano": ("gpt-nano", {"block_size": 16, "vocab_size": 97}),
 }
 
@@ -46,7 +49,8 @@ def test_forward_matches_the_module(case):
     assert rel_err(nanogpt.forward(params, short, cfg), ref(short)) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["swiglu", "rmsnorm", "rope", "moe", "all"])
+@pytest.mark.parametrize("case", ["swiglu", "rmsnorm", "rope", "moe", "all", "moe-capacity-1.0",
+                                  "moe-capacity-0.5-swiglu"])
 def test_loss_and_gradients_match_the_module(case):
     """The training loss (cross-entropy, plus the aux and z losses with experts) and every gradient."""
     from pcpc.mlir.nanogpt_functions import make_loss, make_moe_loss
@@ -128,6 +132,27 @@ def test_moe_routing_is_exactly_top_k_and_the_references_choice():
     for block, load in zip(ref.moe_blocks(), loads):  # the same experts per token, so the same loads
         assert torch.equal(block.stats[2], load)
         assert abs(float(load.sum()) - 1.0) < 1e-6
+
+
+def test_capacity_dispatch_drops_the_tokens_past_capacity_and_only_those():
+    """capacity_factor 0.5: each expert takes the first ceil(0.5 * N * k / E) of its tokens; the dense form and
+    a capacity that holds every token give the same output; a token dropped by both its experts passes the
+    MLP unchanged (zero)."""
+    base = nanogpt.make_config("nanogpt-small", moe=MOE)
+    params = nanogpt.init_params(base, seed=4)
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(1))
+    p = {k.replace("transformer.h.0.mlp.", "m."): v for k, v in params.items() if ".h.0.mlp." in k}
+    dense = nanogpt._moe(p, "m", x, base)[0]
+    full = nanogpt._moe(p, "m", x, nanogpt.make_config("nanogpt-small", moe={**MOE, "capacity_factor": 2.0}))[0]
+    assert rel_err(full, dense) < 1e-6
+    half_cfg = nanogpt.make_config("nanogpt-small", moe={**MOE, "capacity_factor": 0.5})
+    assert nanogpt.capacity(half_cfg, 64) == 16
+    half = nanogpt._moe(p, "m", x, half_cfg)[0].reshape(64, 64)
+    chosen = nanogpt.top_k_mask(torch.nn.functional.linear(x.reshape(64, 64), p["m.router.weight"]).softmax(-1), 2)
+    kept = (chosen > 0) & (chosen.cumsum(0) <= 16)  # (N, E): the first 16 tokens of each expert
+    dropped = ~kept.any(-1)
+    assert dropped.any() and torch.all(half[dropped] == 0)
+    assert not torch.allclose(half[~dropped], dense.reshape(64, 64)[~dropped])  # some lost one of two experts
 
 
 def test_aux_loss_is_one_at_perfect_balance():
