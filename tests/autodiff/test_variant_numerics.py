@@ -96,3 +96,12 @@ def test_train_step_matches_torch_adamw_on_the_eager_module(case, modules):
     got_all = np.concatenate([to_host(g).ravel() for g in P])
     want_all = np.concatenate([want[k].numpy().ravel() for k in params])
     assert rel_err(got_all, want_all) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["moe-rope-rmsnorm-swiglu", "moe-capacity-swiglu"])
+def test_the_moe_modules_compile_for_gpus_too(case, tmp_path):
+    """Both MoE formulations lower through iree-turbine and compile for CUDA (no GPU needed to compile)."""
+    target = nanogpt_target(f"gpu-{case}", "nanogpt-small", BATCH, model_overrides=CASES[case],
+                            functions=["train_step"])
+    result = build(target, tmp_path, compile_target="cuda")
+    assert result.vmfb.stat().st_size > 0
