@@ -348,6 +348,28 @@ def _experts(params, name, xe, cfg):
     return _experts_linear(params, f"{name}.c_proj", _act(_experts_linear(params, f"{name}.c_fc", xe, cfg), cfg), cfg)
 
 
+def _all_experts(params, name, xf, gates, cfg):
+    """Every expert on every token as two plain matmuls: the experts' input layers side by side,
+    (N, C) @ (C, E*H), the gates folded into the hidden activations, then (N, E*H) @ (E*H, C) sums the
+    weighted experts. xf (N, C), gates (N, E) -> (N, C)."""
+    N, C = xf.shape
+    E = gates.shape[1]
+
+    def wide(layer):  # (E, H, C) -> the (N, E, H) input layer of every expert
+        w, b = params[f"{name}.{layer}.weight"], params.get(f"{name}.{layer}.bias")
+        h = _matmul_weight(xf, w.reshape(-1, C), cfg, None if b is None else b.reshape(-1))  # (N, E*H)
+        return h.reshape(N, E, -1)
+
+    if cfg.mlp == "swiglu":
+        h, down = F.silu(wide("w1")) * wide("w3"), "w2"
+    else:
+        h, down = _act(wide("c_fc"), cfg), "c_proj"
+    w2 = params[f"{name}.{down}.weight"]  # (E, C, H)
+    y = _matmul_weight((h * gates.unsqueeze(-1)).reshape(N, -1), w2.permute(1, 0, 2).reshape(C, -1), cfg)  # (N, C)
+    b2 = params.get(f"{name}.{down}.bias")  # (E, C): each expert's output bias, weighted
+    return y if b2 is None else y + gates @ b2
+
+
 def capacity(cfg, tokens: int) -> int:
     """Slots per expert per call with capacity dispatch."""
     m = cfg.moe
@@ -398,8 +420,7 @@ def _moe(params, name, x, cfg):
     gates = probs * chosen
     gates = gates / gates.sum(-1, keepdim=True)  # renormalised over the chosen experts (Mixtral)
     if m.capacity_factor is None:  # every expert on every token, zero weight outside the top_k
-        out = _experts(params, f"{name}.experts", xf.unsqueeze(0).expand(m.num_experts, B * T, C), cfg)  # (E,N,C)
-        y = (out * gates.t().unsqueeze(-1)).sum(0)  # (N, C)
+        y = _all_experts(params, f"{name}.experts", xf, gates, cfg)
     else:
         y = _dispatch(params, f"{name}.experts", xf, chosen, gates, cfg)
     load = chosen.mean(0) / m.top_k  # (E,) fraction of the token slots each expert takes
