@@ -163,6 +163,16 @@ class DPO(Loop):
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
         return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T)
 
+    @classmethod
+    def check_inputs(cls, cfg: DPOConfig, config_dir: Path) -> None:
+        path = data_path_of(cfg, config_dir)
+        if not path.is_file():
+            raise UserError(f"dpo_config.data_path: {path} not found (JSONL of {{\"prompt\", \"chosen\", "
+                            f"\"rejected\"}})")
+        setup.check_weights_source(cfg.weights_path, setup.model_source(cfg.model, cfg.model_overrides),
+                                   cfg.init_weights)
+        setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
+
     # --- the process
 
     def setup(self, resume) -> int:

@@ -125,6 +125,16 @@ class GRPO(Loop):
         return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
                     str(ctx.config_dir))
 
+    @classmethod
+    def check_inputs(cls, cfg: GRPOConfig, config_dir: Path) -> None:
+        from pcpc.runtime.rl.rewards import RewardSet
+
+        g = cfg.grpo_config
+        RewardSet.from_config(g.reward_funcs, g.reward_weights, config_dir)
+        src = setup.model_source(cfg.model, cfg.model_overrides)
+        setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)
+        setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)  # a missing prompt file is written
+
     # --- every process: rank 0 learns, the others serve rollouts
 
     def threads(self) -> int:

@@ -50,10 +50,14 @@ class RunConfig:
     """W&B run name (null: W&B picks one)."""
     wandb_api_key: str | None = field(default=None, repr=False)
     """W&B API key (or WANDB_API_KEY / `wandb login`); never printed or written to the run directory."""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags of the run (pcpc batch sets them from the experiment's name: method, seed, size, ...)."""
+    wandb_group: str | None = None
+    """W&B group of the run (pcpc batch: {size}_{group})."""
 
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
         "threads", "checkpoint_interval", "timeout_s", "wandb_project", "wandb_entity", "wandb_run_name",
-        "wandb_api_key",
+        "wandb_api_key", "wandb_tags", "wandb_group",
     )
     """Fields a resumed run may change: they do not alter its trajectory. A loop's config adds its own."""
 

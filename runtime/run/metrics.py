@@ -156,7 +156,8 @@ class WandbSink:
             return None
         try:
             run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name,
-                             config=cfg.public_dict(), dir=str(run_dir), resume="allow")
+                             config=cfg.public_dict(), dir=str(run_dir), resume="allow",
+                             tags=list(cfg.wandb_tags) or None, group=cfg.wandb_group)
         except Exception as e:  # network down, bad key: the run goes on, locally
             why = (str(e).splitlines() or [""])[0][:200].replace(key or "\0", "<redacted>")
             say(f"W&B: could not start a run ({type(e).__name__}: {why}); logging locally to {run_dir}")

@@ -98,6 +98,10 @@ class Loop:
         raise NotImplementedError
 
     @classmethod
+    def check_inputs(cls, cfg, config_dir: Path) -> None:
+        """Raise a UserError if a file the run reads is missing (pcpc batch validate calls this)."""
+
+    @classmethod
     def explain_change(cls, key: str, now, then) -> str | None:
         """Why a changed trajectory value blocks a resume, when the plain message would not say."""
         return None

@@ -78,7 +78,7 @@ class DiLoCoConfig(RunConfig):
     lr_schedule: str = "constant"
     """Inner learning-rate schedule: constant, or cosine (linear warmup then cosine decay, nanoGPT's get_lr)."""
     warmup_steps: int = 0
-    """cosine: inner steps of linear warmup."""
+    """Inner steps of linear warmup (lr * (step + 1) / (warmup + 1), nanoGPT's), before either schedule."""
     lr_decay_steps: int | None = None
     """cosine: inner step at which the rate reaches min_learning_rate (null: the run's last inner step)."""
     min_learning_rate: float | None = None
@@ -123,9 +123,8 @@ class DiLoCoConfig(RunConfig):
                              f"got {self.min_learning_rate}")
         if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
             raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be > warmup_steps ({self.warmup_steps})")
-        if self.lr_schedule == "constant" and (self.warmup_steps or self.lr_decay_steps is not None
-                                               or self.min_learning_rate is not None):
-            raise ValueError("warmup_steps, lr_decay_steps and min_learning_rate need lr_schedule \"cosine\"")
+        if self.lr_schedule == "constant" and (self.lr_decay_steps is not None or self.min_learning_rate is not None):
+            raise ValueError("lr_decay_steps and min_learning_rate need lr_schedule \"cosine\"")
         self.model_config()  # strict: unknown fields and bad combinations are errors naming the field
 
     @property
@@ -176,18 +175,17 @@ class DiLoCoConfig(RunConfig):
     def lr_at(self, it: int, rounds: int | None = None) -> float:
         """Inner learning rate of 0-based inner step `it` (nanoGPT's get_lr for "cosine") in a run of
         `rounds` rounds (default outer_loop_steps)."""
-        if self.lr_schedule == "constant":
-            return self.learning_rate
         lr, warmup = self.learning_rate, self.warmup_steps
+        if it < warmup:  # linear warmup, as nanoGPT's get_lr, before either schedule
+            return lr * (it + 1) / (warmup + 1)
+        if self.lr_schedule == "constant":
+            return lr
         decay = self.decay_steps(rounds)
         min_lr = self.min_learning_rate if self.min_learning_rate is not None else lr / 10
-        if it < warmup:
-            return lr * (it + 1) / (warmup + 1)
         if it > decay:
             return min_lr
         ratio = (it - warmup) / max(1, decay - warmup)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
 
 
 def parse_experiment(raw: dict, where: str = "config") -> DiLoCoConfig:

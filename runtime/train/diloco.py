@@ -146,6 +146,10 @@ class DiLoCo(Loop):
         return Plan(str(built.vmfb), kind)
 
     @classmethod
+    def check_inputs(cls, cfg: DiLoCoConfig, config_dir: Path) -> None:
+        check_data(cfg)
+
+    @classmethod
     def explain_change(cls, key, now, then):
         if key == "workers":
             return (f"--resume: the checkpoint has {then} workers' state but this run has {now} workers "

@@ -269,7 +269,7 @@ def test_reference_experiment_files_load_with_their_reference_values():
     ({"learning_rate": -1}, r"learning_rate must be > 0"),
     ({"num_workers": True}, r"num_workers: expected an integer, got bool"),
     ({"lr_schedule": "linear"}, r"lr_schedule must be one of constant, cosine; got 'linear'"),
-    ({"warmup_steps": 10}, r"warmup_steps, lr_decay_steps and min_learning_rate need lr_schedule \"cosine\""),
+    ({"lr_decay_steps": 10}, r"lr_decay_steps and min_learning_rate need lr_schedule \"cosine\""),
     ({"model_path": "models/nanogpt_small.vmfb"}, r"model_path must name a \.mlir build artifact"),
     ({"target": "tpu"}, r"target must be one of llvm-cpu, cuda, rocm, vulkan"),
 ])

@@ -1,0 +1,105 @@
+"""`pcpc batch`: batches of runs (runtime/batch/): run, validate, status, diagnose, summary.
+
+    pcpc batch validate experiments/ablations.yaml
+    pcpc batch run experiments/ablations.yaml [--list | --dry-run] [--only a,b] [--exclude a,b]
+        [--skip-completed] [--overwrite] [--parallel N] [--gpu-ids 0,1] [--out DIR] [--no-progress]
+    pcpc batch status runs/ablations [--verbose] [--watch [S]] [--json]
+    pcpc batch diagnose runs/ablations [--lines N] [--verbose]
+    pcpc batch summary runs/ablations [--stdout]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def register(cli: click.Group, data: click.Group) -> None:
+    cli.add_command(batch)
+
+
+@click.group()
+def batch():
+    """Batches of runs: a base config, named experiments and a matrix (YAML or JSON)."""
+
+
+def _load(file):
+    from pcpc.runtime.batch.spec import load_batch
+
+    return load_batch(file)
+
+
+@batch.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def validate(file):
+    """Check every experiment of FILE with the loaders `pcpc run` uses; list every error."""
+    from pcpc.errors import UserError
+    from pcpc.runtime.batch.spec import validate as check
+
+    b = _load(file)
+    errors = check(b)
+    for e in errors:
+        click.echo(f"error: {e}", err=True)
+    if errors:
+        raise UserError(f"{file}: {len(errors)} error{'s' if len(errors) > 1 else ''} in "
+                        f"{len(b.experiments)} experiments")
+    click.echo(f"{file}: {len(b.experiments)} experiments, all valid")
+
+
+@batch.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--list", "list_", is_flag=True, help="List the experiments and stop.")
+@click.option("--dry-run", is_flag=True, help="Print each run's command (and estimated duration) and stop.")
+@click.option("--only", default=None, metavar="A,B", help="Run only these experiments.")
+@click.option("--exclude", default=None, metavar="A,B", help="Leave these experiments out.")
+@click.option("--skip-completed", is_flag=True, help="Skip completed runs; resume stopped or failed ones from "
+              "their checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over the runs the output tree already holds.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1), help="Runs at once.")
+@click.option("--gpu-ids", default="", metavar="0,1", help="GPUs to hand out, one per parallel slot.")
+@click.option("--out", "out", default=None, type=click.Path(file_okay=False),
+              help="Output tree (default: runs/<batch name>).")
+@click.option("--no-progress", is_flag=True, help="No progress output (the end summary only).")
+@click.pass_context
+def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, parallel, gpu_ids, out, no_progress):
+    """Run the experiments of FILE as `pcpc run` processes."""
+    from pcpc.errors import UserError
+    from pcpc.runtime.batch import runner
+    from pcpc.runtime.batch.spec import validate as check
+
+    b = _load(file)
+    selected = b.select(only, exclude)
+    if list_:
+        for e in selected:
+            click.echo(f"{e.name:32s} {e.group}")
+        click.echo(f"{len(selected)} of {len(b.experiments)} experiments")
+        return
+    errors = check(b)
+    if errors:
+        for e in errors:
+            click.echo(f"error: {e}", err=True)
+        raise UserError(f"{file}: {len(errors)} error(s); nothing was run (`pcpc batch validate {file}`)")
+    opts = runner.Options(runner.out_dir(b, out), parallel, tuple(g for g in gpu_ids.split(",") if g),
+                          skip_completed, overwrite, not no_progress, click.echo)
+    jobs = runner.plan(b, selected, opts)
+    if dry_run:
+        for job in jobs:
+            est = runner.estimate(job, opts.out)
+            click.echo(f"{job.exp.name}: {job.action}" + (f", ~{runner.hms(est)} (earlier runs of this shape)"
+                                                         if est else ""))
+            if job.action != "skip":
+                click.echo("  " + " ".join(job.argv()))
+        return
+    finals = runner.run_batch(b, jobs, opts)
+    counts = {}
+    for state in finals.values():
+        counts[state] = counts.get(state, 0) + 1
+    click.echo(f"batch {b.name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"; {opts.out}")
+    retry = [n for n, s in finals.items() if s in ("failed", "stopped", "not started")]
+    if retry:
+        click.echo(f"to run the rest: pcpc batch run {file} --out {opts.out} --skip-completed --only {','.join(retry)}")
+    if any(s == "stopped" for s in finals.values()) or "not started" in finals.values():
+        ctx.exit(130)
+    if any(s == "failed" for s in finals.values()):
+        ctx.exit(1)
