@@ -103,3 +103,51 @@ def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, par
         ctx.exit(130)
     if any(s == "failed" for s in finals.values()):
         ctx.exit(1)
+
+
+@batch.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--verbose", is_flag=True, help="A line for every run, not only the running ones.")
+@click.option("--watch", default=None, type=float, is_flag=False, flag_value=10.0, metavar="[SECONDS]",
+              help="Refresh every SECONDS (default 10) until the runner ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def status(out, verbose, watch, as_json):
+    """How the runs of the batch output tree OUT stand, read from the runs themselves."""
+    import json
+    import time
+
+    from pcpc.runtime.batch.reports import format_status, status_report
+
+    while True:
+        rep = status_report(out, verbose)
+        text = json.dumps(rep, indent=1) if as_json else format_status(rep, verbose)
+        if watch:
+            click.clear()
+        click.echo(text)
+        if not watch or rep["runner"]["state"] != "running":
+            return
+        time.sleep(watch)
+
+
+@batch.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--lines", default=20, show_default=True, type=click.IntRange(min=0), help="Log lines shown per run.")
+@click.option("--verbose", is_flag=True, help="Every run of each kind, not only the first.")
+def diagnose(out, lines, verbose):
+    """The failed and stopped runs of OUT grouped by kind, with their log lines and a fix."""
+    from pcpc.runtime.batch.reports import diagnose as find, format_diagnosis
+
+    click.echo(format_diagnosis(find(out, lines), verbose))
+
+
+@batch.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print SUMMARY.md instead of only writing it.")
+def summary(out, to_stdout):
+    """Write OUT/SUMMARY.md: progress, final metrics per run and per group, curves, storage, failures."""
+    from pathlib import Path
+
+    from pcpc.runtime.batch.reports import summary as write
+
+    text = write(out)
+    click.echo(text if to_stdout else f"{Path(out) / 'SUMMARY.md'}")
