@@ -82,16 +82,15 @@ def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, par
         raise UserError(f"{file}: {len(errors)} error(s); nothing was run (`pcpc batch validate {file}`)")
     opts = runner.Options(runner.out_dir(b, out), parallel, tuple(g for g in gpu_ids.split(",") if g),
                           skip_completed, overwrite, not no_progress, click.echo)
-    jobs = runner.plan(b, selected, opts)
     if dry_run:
-        for job in jobs:
+        for job in runner.plan(b, selected, opts):
             est = runner.estimate(job, opts.out)
             click.echo(f"{job.exp.name}: {job.action}" + (f", ~{runner.hms(est)} (earlier runs of this shape)"
                                                          if est else ""))
             if job.action != "skip":
                 click.echo("  " + " ".join(job.argv()))
         return
-    finals = runner.run_batch(b, jobs, opts)
+    finals = runner.run_batch(b, selected, opts)
     counts = {}
     for state in finals.values():
         counts[state] = counts.get(state, 0) + 1

@@ -78,8 +78,8 @@ def load(out: str | Path) -> tuple[dict, list[RunView]]:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: unreadable ({e})") from None
-    runs = [RunView(name, r.get("group", name), Path(r.get("run_dir", out / name)),
-                    Path(r.get("log", out / "logs" / f"{name}.log")), read_status(r.get("run_dir", out / name)),
+    # the tree's own layout (out/<name>, out/logs/<name>.log), wherever it was run from
+    runs = [RunView(name, r.get("group", name), out / name, out / "logs" / f"{name}.log", read_status(out / name),
                     r.get("exit_code"))
             for name, r in record.get("runs", {}).items()]
     return record, runs

@@ -218,11 +218,17 @@ def _child_setup() -> None:
         pass
 
 
-def run_batch(batch: Batch, jobs: list[Job], opts: Options) -> dict:
-    """Run the jobs, `opts.parallel` at a time; returns {name: final state}."""
+def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
+    """Take the output tree (one runner at a time), plan, and run the jobs `opts.parallel` at a time;
+    returns {name: final state}."""
     from pcpc.mlir.build import write_atomic
 
     lock = _lock(opts.out)
+    try:
+        jobs = plan(batch, selected, opts)
+    except BaseException:
+        lock.close()
+        raise
     status = BatchStatus(opts.out, batch)
     (opts.out / "logs").mkdir(parents=True, exist_ok=True)
     for job in jobs:

@@ -36,27 +36,33 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22), None if it is gone."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22), None if it is gone."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def pid_alive(pid: int, start_ticks: int | None) -> bool:
-    """True if process `pid` exists and, when start_ticks is known, is the same process (not a reused pid)."""
+    """True if process `pid` runs and, when start_ticks is known, is the same process (not a reused pid).
+    A zombie (dead, not yet reaped by its parent) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # it exists, owned by someone else
-    if start_ticks is None:
-        return True
-    found = process_start_ticks(pid)
-    return found is None or found == start_ticks
+    fields = _stat(pid)
+    if fields is None:
+        return start_ticks is None  # no /proc: trust kill(0)
+    return fields[0] != "Z" and (start_ticks is None or int(fields[19]) == start_ticks)
 
 
 class StatusFile:
