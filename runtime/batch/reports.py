@@ -17,14 +17,14 @@ import json
 import math
 import re
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pcpc.errors import UserError
 from pcpc.runtime.batch.runner import STATUS, hms
 from pcpc.runtime.run.metrics import read_jsonl
-from pcpc.runtime.run.status import read_status
+from pcpc.config import load_json
+from pcpc.runtime.run.status import read_status, seconds_between
 
 STATES = ("completed", "running", "failed", "stopped", "not started")
 
@@ -50,7 +50,7 @@ class RunView:
         if not s.get("started_at"):
             return None
         end = s.get("ended_at") or (s.get("updated_at") if self.state != "running" else None)
-        return _elapsed(s["started_at"], end)
+        return seconds_between(s["started_at"], end)
 
     def eta(self) -> float | None:
         """Seconds left at the run's step rate so far (running runs)."""
@@ -61,23 +61,13 @@ class RunView:
         return seconds / step * (planned - step)
 
 
-def _elapsed(start: str, end: str | None) -> float:
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    t0 = time.mktime(time.strptime(start, fmt))
-    t1 = time.mktime(time.strptime(end, fmt)) if end else time.mktime(time.gmtime())
-    return max(0.0, t1 - t0)
-
-
 def load(out: str | Path) -> tuple[dict, list[RunView]]:
     """(the runner's record, a view of every run) of an output tree."""
     out = Path(out)
     path = out / STATUS
     if not path.is_file():
         raise UserError(f"{out}: not a batch output tree (no {STATUS}); give the --out of `pcpc batch run`")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
+    record = load_json(path)
     # the tree's own layout (out/<name>, out/logs/<name>.log), wherever it was run from
     runs = [RunView(name, r.get("group", name), out / name, out / "logs" / f"{name}.log", read_status(out / name),
                     r.get("exit_code"))

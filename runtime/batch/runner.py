@@ -35,7 +35,7 @@ from pathlib import Path
 from pcpc.errors import UserError
 from pcpc.runtime.batch.spec import Batch, Experiment, rebase_paths
 from pcpc.runtime.run import checkpoint as ckpt_mod
-from pcpc.runtime.run.status import now_iso, read_status
+from pcpc.runtime.run.status import now_iso, read_status, seconds_between
 
 STATUS = "batch_status.json"
 
@@ -150,13 +150,8 @@ def estimate(job: Job, out: Path) -> float | None:
                 continue
         except (OSError, json.JSONDecodeError):
             continue
-        seconds.append(_seconds(status["started_at"], status["ended_at"]))
+        seconds.append(seconds_between(status["started_at"], status["ended_at"]))
     return statistics.median(seconds) if seconds else None
-
-
-def _seconds(a: str, b: str) -> float:
-    fmt = "%Y-%m-%dT%H:%M:%SZ"
-    return time.mktime(time.strptime(b, fmt)) - time.mktime(time.strptime(a, fmt))
 
 
 def hms(s: float) -> str:

@@ -21,6 +21,7 @@ as failed (error kind "died"), telling a reused pid apart by its start time.
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import socket
@@ -32,8 +33,18 @@ STATES = ("running", "completed", "failed", "stopped")
 VERSION = 1
 
 
+ISO = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime(ISO, time.gmtime())
+
+
+def seconds_between(start: str, end: str | None = None) -> float:
+    """Seconds from one status time to another (or to now)."""
+    t0 = calendar.timegm(time.strptime(start, ISO))
+    t1 = calendar.timegm(time.strptime(end, ISO)) if end else time.time()
+    return max(0.0, t1 - t0)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -71,7 +71,8 @@ def attempts(ws, out, name) -> list[str]:
 # --- batch files
 
 
-def test_matrix_names_groups_and_deep_merge(ws):
+def test_matrix_names_groups_and_deep_merge(ws, monkeypatch):
+    monkeypatch.chdir(ws)  # data_path is relative to the current directory, as for `pcpc run`
     path = write_batch(ws, "m", base=base(ws, model={"preset": "nanogpt-small", "n_layer": 2}),
                        experiments=[{"name": "plain"}, {"name": "rms", "model": {"norm": "rmsnorm"}}],
                        matrix=[{"key": "seed", "values": [1, 2], "label": "s"}])
@@ -92,7 +93,8 @@ def test_matrix_names_groups_and_deep_merge(ws):
                                                               "dora_b8_s42"]
 
 
-def test_validation_names_every_bad_experiment_and_field(ws):
+def test_validation_names_every_bad_experiment_and_field(ws, monkeypatch):
+    monkeypatch.chdir(ws)
     path = write_batch(ws, "bad", base=base(ws), experiments=[
         {"name": "ok"}, {"name": "typo", "tua": 3}, {"name": "nodata", "data_path": "data/none.txt"},
         {"name": "ok"}, {"name": "badmodel", "model": {"mlp": "swish"}}])
