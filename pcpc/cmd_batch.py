@@ -3,6 +3,7 @@
     pcpc batch validate experiments/ablations.yaml
     pcpc batch run experiments/ablations.yaml [--list | --dry-run] [--only a,b] [--exclude a,b]
         [--skip-completed] [--overwrite] [--parallel N] [--gpu-ids 0,1] [--out DIR] [--no-progress]
+        [--executor local|slurm|submitit-local [--partition P] [--time-min M] [--gpus-per-run G] [--cpus-per-run C]]
     pcpc batch status runs/ablations [--verbose] [--watch [S]] [--json]
     pcpc batch diagnose runs/ablations [--lines N] [--verbose]
     pcpc batch summary runs/ablations [--stdout]
@@ -60,9 +61,18 @@ def validate(file):
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Output tree (default: runs/<batch name>).")
 @click.option("--no-progress", is_flag=True, help="No progress output (the end summary only).")
+@click.option("--executor", type=click.Choice(["local", "slurm", "submitit-local"]), default="local",
+              show_default=True, help="Local processes, Slurm jobs (submitit), or submitit's local executor.")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--time-min", default=240, show_default=True, type=click.IntRange(min=1),
+              help="Slurm time limit per run, minutes.")
+@click.option("--gpus-per-run", default=0, show_default=True, type=click.IntRange(min=0), help="Slurm GPUs per run.")
+@click.option("--cpus-per-run", default=None, type=click.IntRange(min=1),
+              help="Slurm CPUs per run (and its threads).")
 @click.pass_context
-def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, parallel, gpu_ids, out, no_progress):
-    """Run the experiments of FILE as `pcpc run` processes."""
+def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, parallel, gpu_ids, out, no_progress,
+        executor, partition, time_min, gpus_per_run, cpus_per_run):
+    """Run the experiments of FILE as `pcpc run` processes (here, or as Slurm jobs)."""
     from pcpc.errors import UserError
     from pcpc.runtime.batch import runner
     from pcpc.runtime.batch.spec import validate as check
@@ -79,8 +89,13 @@ def run(ctx, file, list_, dry_run, only, exclude, skip_completed, overwrite, par
         for e in errors:
             click.echo(f"error: {e}", err=True)
         raise UserError(f"{file}: {len(errors)} error(s); nothing was run (`pcpc batch validate {file}`)")
+    from pcpc.runtime.batch.executors import SlurmOptions
+
+    if executor == "local" and (partition or gpus_per_run or cpus_per_run):
+        raise UserError("--partition, --gpus-per-run and --cpus-per-run are for --executor slurm")
     opts = runner.Options(runner.out_dir(b, out), parallel, tuple(g for g in gpu_ids.split(",") if g),
-                          skip_completed, overwrite, not no_progress, click.echo)
+                          skip_completed, overwrite, not no_progress, click.echo, executor,
+                          SlurmOptions(partition, time_min, gpus_per_run, cpus_per_run))
     if dry_run:
         for job in runner.plan(b, selected, opts):
             est = runner.estimate(job, opts.out)

@@ -1,4 +1,5 @@
-"""`pcpc batch run FILE`: run a batch's experiments as `pcpc run` processes, in parallel slots.
+"""`pcpc batch run FILE`: run a batch's experiments as `pcpc run` processes, in parallel slots, on this
+machine or as Slurm jobs (runtime/batch/executors.py).
 
     runs/<batch>/                    (or --out DIR)
         batch_status.json            the runner's record: every run's state, command, log, times (atomic)
@@ -9,8 +10,8 @@
 A run is completed only when its own status.json says so (runtime/run/status.py).
 With --skip-completed the runner skips those, resumes (--resume) the ones that
 stopped or failed after a checkpoint, and starts the others over; that is also
-how a batch continues after the runner itself was killed (its runs die with it:
-PR_SET_PDEATHSIG). Without it, an output tree that already holds runs is refused
+how a batch continues after the runner itself was killed (its local runs die with
+it: PR_SET_PDEATHSIG; Slurm jobs go on, and are found still running). Without it, an output tree that already holds runs is refused
 unless --overwrite. One runner per output tree (a lock file). Ctrl+C stops the
 running runs after their current step (they checkpoint) and records them as
 stopped; a second Ctrl+C kills them. A failed run does not stop the batch; the
@@ -26,13 +27,13 @@ import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pcpc.errors import UserError
+from pcpc.runtime.batch.executors import Executor, SlurmOptions, threads_per_run
 from pcpc.runtime.batch.spec import Batch, Experiment, rebase_paths
 from pcpc.runtime.run import checkpoint as ckpt_mod
 from pcpc.runtime.run.status import now_iso, read_status, seconds_between
@@ -49,6 +50,8 @@ class Options:
     overwrite: bool = False
     progress: bool = True
     say: object = print
+    executor: str = "local"
+    slurm: SlurmOptions | None = None
 
 
 @dataclass
@@ -107,7 +110,6 @@ def plan(batch: Batch, selected: list[Experiment], opts: Options) -> list[Job]:
     """The job of every selected experiment; refuses an output tree that holds runs unless told what to do."""
     from pcpc.kinds import load_config
 
-    cores = os.cpu_count() or 1
     jobs, held = [], []
     for exp in selected:
         raw = rebase_paths({**exp.raw, **wandb_labels(exp, exp.raw)}, batch.path.parent)
@@ -126,7 +128,7 @@ def plan(batch: Batch, selected: list[Experiment], opts: Options) -> list[Job]:
                                 f"stop it first")
             if (has_ckpt or status is not None) and not opts.overwrite and not opts.skip_completed:
                 held.append(exp.name)
-        threads = max(1, cores // max(1, opts.parallel) // max(1, loop.world_size(cfg)))
+        threads = threads_per_run(opts.executor, opts.slurm, opts.parallel, loop.world_size(cfg))
         jobs.append(Job(exp, action, run_dir, opts.out / "configs" / f"{exp.name}.json",
                         opts.out / "logs" / f"{exp.name}.log", threads, shape_of(exp.raw), raw))
     if held:
@@ -201,18 +203,6 @@ def _lock(out: Path):
     return f
 
 
-def _child_setup() -> None:
-    """In each run's process: its own process group (Ctrl+C is passed on once, by the runner), and death with
-    the runner (a killed runner leaves no run going on alone)."""
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
     """Take the output tree (one runner at a time), plan, and run the jobs `opts.parallel` at a time;
     returns {name: final state}."""
@@ -224,6 +214,11 @@ def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
     except BaseException:
         lock.close()
         raise
+    try:
+        executor = Executor(opts.executor, opts.out, opts.parallel, opts.slurm)
+    except BaseException:
+        lock.close()
+        raise
     status = BatchStatus(opts.out, batch)
     (opts.out / "logs").mkdir(parents=True, exist_ok=True)
     for job in jobs:
@@ -232,7 +227,7 @@ def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
                    command=shlex.join(job.argv()), log=str(job.log), run_dir=str(job.run_dir), group=job.exp.group)
     pending = [j for j in jobs if j.action != "skip"]
     view = _View(len(jobs), len(jobs) - len(pending), opts)
-    running: dict[str, tuple[subprocess.Popen, Job, object]] = {}
+    running: dict[str, tuple[object, Job, int]] = {}
     stop = []
     old = signal.signal(signal.SIGINT, lambda *a: stop.append(1))
     old_term = signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
@@ -243,26 +238,29 @@ def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
             if stop and running and len(stop) == 1 and not getattr(view, "stopping", False):
                 view.stopping = True
                 opts.say("stopping the running runs after their current step (Ctrl+C again kills them)")
-                for proc, _, _ in running.values():
-                    _signal_group(proc, signal.SIGINT)
-            if len(stop) > 1:
-                for proc, _, _ in running.values():
-                    _signal_group(proc, signal.SIGKILL)
+                for handle, _, _ in running.values():
+                    handle.interrupt()
+            if len(stop) > 1 and not getattr(view, "killed", False):
+                view.killed = True
+                for handle, job, _ in running.values():
+                    handle.kill()
+                    _kill_owner(job.run_dir)
             while pending and slots and not stop:
                 job = pending.pop(0)
-                running[job.exp.name] = _start(job, slots.pop(0), opts, status)
+                running[job.exp.name] = _start(job, slots.pop(0), opts, status, executor)
                 view.started(job.exp.name)
-            for name, (proc, job, slot) in list(running.items()):
-                if proc.poll() is None:
-                    continue
+            for name, (handle, job, slot) in list(running.items()):
+                returncode = handle.poll()
+                if returncode is None or _owner_alive(job.run_dir):
+                    continue  # a run is over when its own status says so, not when its job is
                 del running[name]
                 slots.append(slot)
                 run_status = read_status(job.run_dir) or {}
-                state = run_status.get("state") or ("failed" if proc.returncode else "completed")
-                if proc.returncode and state in ("running", "completed"):
+                state = run_status.get("state") or ("failed" if returncode else "completed")
+                if returncode and state in ("running", "completed"):
                     state = "failed"  # its own status could not say (killed, or it failed before claiming)
                 finals[name] = state
-                status.set(name, state=state, exit_code=proc.returncode, ended_at=now_iso(),
+                status.set(name, state=state, exit_code=returncode, ended_at=now_iso(),
                            error=(run_status.get("error") or None))
                 view.ended(name, state)
             time.sleep(0.2)
@@ -277,27 +275,33 @@ def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
     return finals
 
 
-def _start(job: Job, slot: int, opts: Options, status: BatchStatus):
-    env = dict(os.environ)
+def _owner_alive(run_dir: Path) -> dict | None:
+    """The run's status while a process of this host still owns it (read_status checks the pid)."""
+    s = read_status(run_dir)
+    return s if s and s["state"] == "running" and s.get("host") == socket.gethostname() else None
+
+
+def _kill_owner(run_dir: Path) -> None:
+    s = _owner_alive(run_dir)
+    if s:
+        try:
+            os.kill(int(s["pid"]), signal.SIGKILL)  # its workers die with it
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+
+
+def _start(job: Job, slot: int, opts: Options, status: BatchStatus, executor: Executor):
+    env = {}
     if opts.gpu_ids:
         env["CUDA_VISIBLE_DEVICES"] = opts.gpu_ids[slot % len(opts.gpu_ids)]
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "a") as log:
         log.write(f"\n=== {now_iso()} {job.action}: {shlex.join(job.argv())}\n")
-        log.flush()
-        proc = subprocess.Popen(job.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_child_setup)
+    handle = executor.start(job.argv(), job.log, env)
     attempts = status.data["runs"].get(job.exp.name, {}).get("attempts", 0) + 1
-    status.set(job.exp.name, state="running", pid=proc.pid, started_at=now_iso(), attempts=attempts,
-               slot=slot, gpu=env.get("CUDA_VISIBLE_DEVICES") if opts.gpu_ids else None)
-    return proc, job, slot
-
-
-def _signal_group(proc: subprocess.Popen, sig) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
+    status.set(job.exp.name, state="running", **handle.ident, started_at=now_iso(), attempts=attempts,
+               slot=slot, gpu=env.get("CUDA_VISIBLE_DEVICES"), executor=opts.executor)
+    return handle, job, slot
 
 
 class _View:

@@ -66,7 +66,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent (the launcher) dies."""
     try:
         import ctypes
@@ -78,7 +78,7 @@ def _die_with_parent() -> None:
 
 def _entry(target, rank: int, world: int, port: int, parent: int, payload, results) -> None:
     """Body of a spawned worker: set the environment, run target, report how it ended."""
-    _die_with_parent()
+    die_with_parent()
     os.setpgrp()  # Ctrl+C reaches the launcher only, which passes it on exactly once
     if os.getppid() != parent:  # the launcher died before prctl took effect
         os._exit(1)
@@ -141,7 +141,9 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
     """Run target(rank, num_workers, payload) in num_workers spawned processes; results by rank.
 
     Ctrl+C (or SIGTERM) is passed on to the workers, which stop cleanly at
-    the end of their round; a second one kills them. Raises WorkerFailure if
+    the end of their round; a second one kills them. A repeat within 2 s is
+    the same request arriving twice (the terminal's and a batch runner's or
+    Slurm's), as in signals.StopRequest. Raises WorkerFailure if
     any worker fails; survivors of a dead worker are killed after grace_s.
     """
     import multiprocessing as mp
@@ -157,7 +159,9 @@ def launch_local(target: Callable, payload, num_workers: int, grace_s: float = 5
     interrupts = []
 
     def on_signal(signum, frame):
-        interrupts.append(signum)
+        if interrupts and time.monotonic() - interrupts[0] < 2.0:
+            return
+        interrupts.append(time.monotonic())
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL if len(interrupts) > 1 else signal.SIGINT)

@@ -191,3 +191,39 @@ def test_two_runners_and_ctrl_c(ws):
     assert "--skip-completed --only long" in out
     found = reports.diagnose(ws / "runs/long")
     assert found[0]["kind"] == "stopped" and "--skip-completed resumes it" in found[0]["fix"]
+
+
+def test_the_slurm_executor_through_submitits_local_cluster(ws):
+    """`--executor submitit-local` is the Slurm code path (submitit jobs, their results, their logs) on this
+    machine: runs complete or fail as their own status says, and Ctrl+C stops a job's run at a checkpoint."""
+    path = write_batch(ws, "sub", base=base(ws), experiments=[{"name": "ok"}, {"name": "toosmall",
+                                                                               "batch_size": 100000}])
+    proc = pcpc(ws, "batch", "run", path, "--out", "runs/sub", "--executor", "submitit-local", "--parallel", "2",
+                "--no-progress")
+    assert proc.returncode == 1, proc.stderr
+    record = json.loads((ws / "runs/sub/batch_status.json").read_text())["runs"]
+    assert {n: r["state"] for n, r in record.items()} == {"ok": "completed", "toosmall": "failed"}
+    assert all(r["executor"] == "submitit-local" and r["job_id"] for r in record.values())
+    assert read_status(ws / "runs/sub/ok")["state"] == "completed"
+    assert "too few for one batch" in (ws / "runs/sub/logs/toosmall.log").read_text()
+    assert (ws / "runs/sub/submitit").is_dir()
+
+    path = write_batch(ws, "sublong", base=base(ws, outer_loop_steps=400), experiments=[{"name": "long"}])
+    runner = spawn(ws, "batch", "run", path, "--out", "runs/sublong", "--executor", "submitit-local",
+                   "--no-progress")
+    metrics = ws / "runs/sublong/long/metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, runner)
+    # Ctrl+C at the terminal: it reaches the runner and submitit's controller, which kills its job a second
+    # later; the run still stops after its step, and the runner waits for that
+    os.killpg(runner.pid, signal.SIGINT)
+    out, err = runner.communicate(timeout=120)
+    assert runner.returncode == 130, err
+    status = read_status(ws / "runs/sublong/long")
+    assert status["state"] == "stopped", status
+    assert json.loads((ws / "runs/sublong/batch_status.json").read_text())["runs"]["long"]["state"] == "stopped"
+    resumed = pcpc(ws, "batch", "run", path, "--out", "runs/sublong", "--skip-completed", "--dry-run")
+    assert "long: resume" in resumed.stdout
+
+    bad = pcpc(ws, "batch", "run", path, "--out", "runs/x", "--partition", "gpu")
+    assert bad.returncode == 2 and "--partition, --gpus-per-run and --cpus-per-run are for --executor slurm" \
+        in bad.stderr
