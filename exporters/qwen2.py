@@ -268,13 +268,13 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def _qkv(params, p, x, rope, cfg):
+def _qkv(params, p, x, rope, cfg, linear=_linear):
     """q (B, nh, T, hd), k and v (B, nkv, T, hd), RoPE (cos, sin) applied to q and k."""
     B, T, _ = x.shape
     hd = cfg.dim_head
-    q = _linear(params, f"{p}.q_proj", x).view(B, T, cfg.num_attention_heads, hd).transpose(1, 2)
-    k = _linear(params, f"{p}.k_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
-    v = _linear(params, f"{p}.v_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
+    q = linear(params, f"{p}.q_proj", x).view(B, T, cfg.num_attention_heads, hd).transpose(1, 2)
+    k = linear(params, f"{p}.k_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
+    v = linear(params, f"{p}.v_proj", x).view(B, T, cfg.num_key_value_heads, hd).transpose(1, 2)
     cos, sin = rope
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
@@ -298,8 +298,8 @@ def _attend(q, k, v, visible, cfg):
     return y.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
 
 
-def _mlp(params, p, x):
-    return _linear(params, f"{p}.down_proj", F.silu(_linear(params, f"{p}.gate_proj", x)) * _linear(params, f"{p}.up_proj", x))
+def _mlp(params, p, x, linear=_linear):
+    return linear(params, f"{p}.down_proj", F.silu(linear(params, f"{p}.gate_proj", x)) * linear(params, f"{p}.up_proj", x))
 
 
 def _embed(params, input_ids):
@@ -347,6 +347,7 @@ def forward(
     position_ids: torch.Tensor | None,
     cfg: Qwen2Config,
     attention_mask: torch.Tensor | None = None,
+    linear=_linear,
 ) -> torch.Tensor:
     """Logits (B, T, V) float32 for a full sequence (no cache; training and scoring).
 
@@ -354,6 +355,7 @@ def forward(
     `cumsum(attention_mask) - 1` (0..T-1 without a mask; left padding gets
     position 0 as HF's generate does). attention_mask (B, T), 1 = real token,
     0 = padding; token i attends to tokens j <= i whose mask is 1.
+    linear(params, name, x, bias=True) is every q/k/v/o and MLP projection (an adapter's: exporters/peft.py).
     """
     B, T = input_ids.shape
     idx = torch.arange(T, device=input_ids.device)
@@ -370,9 +372,10 @@ def forward(
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(params, f"{p}.input_layernorm", x, cfg.rms_norm_eps)
-        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg)
-        x = x + _linear(params, f"{p}.self_attn.o_proj", _attend(q, k, v, visible, cfg), bias=False)
-        x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps))
+        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg, linear)
+        x = x + linear(params, f"{p}.self_attn.o_proj", _attend(q, k, v, visible, cfg), bias=False)
+        x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps),
+                     linear)
     return _head(params, x, cfg)
 
 
@@ -384,6 +387,7 @@ def forward_cached(
     cache_v: torch.Tensor,
     cfg: Qwen2Config,
     last_only: bool = False,
+    linear=_linear,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One prefill chunk or decode step against the KV cache (layout in the module docstring).
 
@@ -401,13 +405,14 @@ def forward_cached(
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(params, f"{p}.input_layernorm", x, cfg.rms_norm_eps)
-        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg)
+        q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg, linear)
         ck = _write_cache(cache_k[i], k, slots)  # (B, nkv, S, hd)
         cv = _write_cache(cache_v[i], v, slots)
         new_k.append(ck)
         new_v.append(cv)
-        x = x + _linear(params, f"{p}.self_attn.o_proj", _attend(q, ck, cv, visible, cfg), bias=False)
-        x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps))
+        x = x + linear(params, f"{p}.self_attn.o_proj", _attend(q, ck, cv, visible, cfg), bias=False)
+        x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps),
+                     linear)
     if last_only:
         x = x[:, -1:]
     logits = _head(params, x, cfg)

@@ -1,0 +1,398 @@
+"""PEFT adapters as pure functions over tensors, with the HF `peft` library's definitions and file format.
+
+An adapter is a dict of tensors keyed as peft saves them, less the `base_model.model.` prefix:
+
+    model.layers.{i}.self_attn.q_proj.lora_A.weight        (r, in)     lora, lora_plus, dora, pissa, milora
+    model.layers.{i}.self_attn.q_proj.lora_B.weight        (out, r)
+    model.layers.{i}.self_attn.q_proj.lora_magnitude_vector (out,)     dora
+    model.layers.{i}.self_attn.q_proj.vera_lambda_b        (out,)      vera (trainable)
+    model.layers.{i}.self_attn.q_proj.vera_lambda_d        (r,)
+    vera_A (r, max in), vera_B (max out, r)                           vera (shared, frozen, from projection_prng_key)
+    model.layers.{i}.mlp.down_proj.miss_block              (r, out)    miss
+
+and one adapted linear layer is (x rows (N, in), W (out, in), s the scaling):
+
+    lora      y = x W^T + b + s (x A^T) B^T                 s = alpha / r, or alpha / sqrt(r) with use_rslora
+    dora      y = (m / |W + s B A|_row) (x W^T + s (x A^T) B^T) + b    the norm detached (DoRA 4.3, as peft)
+    pissa     lora on the top-r singular triplets: A = sqrt(S/s) Vh_r, B = U_r sqrt(S/s), base W - s B A
+    milora    the same on the bottom-r triplets (Liu et al. 2024); saved, both become a plain LoRA (below)
+    vera      y = x W^T + b + lambda_b * ((lambda_d * (x A[:, :in]^T)) B[:out]^T)
+    miss      y = x W^T + b + (sum over the in/r groups of x) @ M
+    lora_plus lora; the optimizer steps the B matrices at lr * loraplus_lr_ratio
+
+The base weights are function inputs, never trained; only the adapter's trainable tensors get gradients.
+`linear_fn(adapter, cfg)` is the linear layer exporters/qwen2.py's forward takes (`linear=`), so the same
+function traces into the compiled modules and runs eagerly in the tests against peft.
+
+Files (save / load): `adapter_model.safetensors` + `adapter_config.json` in peft's format, keys with the
+`base_model.model.` prefix. PiSSA / MiLoRA adapters are saved as the plain LoRA that applies to the untouched
+base, as peft's `path_initial_model_for_weight_conversion` does: A' = [A; A0], B' = [B, -B0], r 2r, alpha 2 alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from pcpc.errors import UserError
+
+METHODS = ("lora", "lora_plus", "dora", "pissa", "milora", "vera", "miss")
+QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_R = {"vera": 256, "miss": 64}
+PREFIX = "base_model.model."
+LORA_FAMILY = ("lora", "lora_plus", "dora", "pissa", "milora")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """The `peft` section of a run config (peft's field names and defaults)."""
+
+    type: str = "lora"
+    """lora, lora_plus, dora, pissa, milora, vera or miss."""
+    r: int | None = None
+    """Rank (None: peft's default, 8; vera 256; miss 64)."""
+    lora_alpha: float = 8.0
+    """LoRA scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora). Not used by vera / miss."""
+    target_modules: tuple[str, ...] = QWEN2_TARGETS
+    """Linear layers to adapt, by their last name (q_proj ... down_proj), in every decoder layer."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    lora_dropout: float = 0.0
+    """Only 0 (the compiled step is deterministic)."""
+    loraplus_lr_ratio: float = 16.0
+    """lora_plus: the B matrices' learning rate over the A matrices'."""
+    projection_prng_key: int = 0
+    """vera: seed of the shared random projections."""
+    d_initial: float = 0.1
+    """vera: initial lambda_d."""
+    init_seed: int | None = None
+    """Seed of the LoRA A matrices (None: the run's seed)."""
+
+    def __post_init__(self):
+        if self.type not in METHODS:
+            raise UserError(f"peft.type must be one of {', '.join(METHODS)}; got {self.type!r}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.r is None:
+            object.__setattr__(self, "r", DEFAULT_R.get(self.type, 8))
+        if not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"peft.r must be a positive integer; got {self.r!r}")
+        bad = [t for t in self.target_modules if t not in QWEN2_TARGETS]
+        if bad or not self.target_modules:
+            raise UserError(f"peft.target_modules: expected some of {', '.join(QWEN2_TARGETS)}; got "
+                            f"{list(self.target_modules)}")
+        if self.lora_dropout != 0.0:
+            raise UserError("peft.lora_dropout: only 0.0 is supported (the compiled training step is deterministic)")
+        if self.loraplus_lr_ratio <= 0:
+            raise UserError("peft.loraplus_lr_ratio must be > 0")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def from_config(raw: dict | PeftConfig | None, where: str = "peft") -> PeftConfig | None:
+    from pcpc.config import from_dict
+
+    if raw is None or isinstance(raw, PeftConfig):
+        return raw
+    return from_dict(PeftConfig, raw, where=where)
+
+
+# ---------------------------------------------------------------------------
+# layout
+
+
+def targets(qcfg, cfg: PeftConfig) -> list[tuple[str, int, int]]:
+    """(module name, out, in) of every adapted linear layer, in parameter order."""
+    C, I, hd = qcfg.hidden_size, qcfg.intermediate_size, qcfg.dim_head
+    dims = {"q_proj": (qcfg.num_attention_heads * hd, C), "k_proj": (qcfg.num_key_value_heads * hd, C),
+            "v_proj": (qcfg.num_key_value_heads * hd, C), "o_proj": (C, qcfg.num_attention_heads * hd),
+            "gate_proj": (I, C), "up_proj": (I, C), "down_proj": (C, I)}
+    out = []
+    for i in range(qcfg.num_hidden_layers):
+        for t in QWEN2_TARGETS:
+            if t in cfg.target_modules:
+                part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                out.append((f"model.layers.{i}.{part}.{t}", *dims[t]))
+    return out
+
+
+def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """({trainable name: shape}, {frozen adapter name: shape}) in order (the frozen ones: vera's projections)."""
+    train, frozen = {}, {}
+    r = cfg.r
+    for name, o, i in targets(qcfg, cfg):
+        if cfg.type in LORA_FAMILY:
+            train[f"{name}.lora_A.weight"] = (r, i)
+            train[f"{name}.lora_B.weight"] = (o, r)
+            if cfg.type == "dora":
+                train[f"{name}.lora_magnitude_vector"] = (o,)
+        elif cfg.type == "vera":
+            train[f"{name}.vera_lambda_b"] = (o,)
+            train[f"{name}.vera_lambda_d"] = (r,)
+        elif cfg.type == "miss":
+            if i % r:
+                raise UserError(f"peft.r: miss needs r to divide every adapted layer's input width; {name} has "
+                                f"{i} inputs, r is {r}")
+            train[f"{name}.miss_block"] = (r, o)
+    if cfg.type == "vera":
+        ts = targets(qcfg, cfg)
+        frozen["vera_A"] = (r, max(i for _, _, i in ts))
+        frozen["vera_B"] = (max(o for _, o, _ in ts), r)
+    return train, frozen
+
+
+def lr_scales(names, cfg: PeftConfig) -> list[float]:
+    """Each trainable tensor's learning-rate multiplier (lora_plus: the B matrices' ratio)."""
+    return [cfg.loraplus_lr_ratio if cfg.type == "lora_plus" and ".lora_B." in n else 1.0 for n in names]
+
+
+# ---------------------------------------------------------------------------
+# initialisation (peft's)
+
+
+def _kaiming_uniform(shape, generator, a=math.sqrt(5)) -> torch.Tensor:
+    """nn.init.kaiming_uniform_(a=sqrt(5)) on a (out, in) tensor, with a generator."""
+    fan_in = shape[1]
+    gain = math.sqrt(2.0 / (1 + a * a))
+    bound = math.sqrt(3.0) * gain / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
+         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter: the trainable tensors, frozen: vera's projections, residual: {base weight name: the weight
+    the adapter applies to}, which differs from the base only for pissa / milora)."""
+    train_shapes, frozen_shapes = shapes(qcfg, cfg)
+    g = torch.Generator().manual_seed(seed if cfg.init_seed is None else cfg.init_seed)
+    adapter, frozen, residual = {}, {}, {}
+    s, r = cfg.scaling, cfg.r
+    for name, o, i in targets(qcfg, cfg):
+        W = base[f"{name}.weight"].float()
+        if cfg.type in ("lora", "lora_plus", "dora"):
+            adapter[f"{name}.lora_A.weight"] = _kaiming_uniform((r, i), g)
+            adapter[f"{name}.lora_B.weight"] = torch.zeros(o, r)
+            if cfg.type == "dora":
+                adapter[f"{name}.lora_magnitude_vector"] = torch.linalg.norm(W, dim=1)
+        elif cfg.type in ("pissa", "milora"):
+            if r > min(o, i):
+                raise UserError(f"peft.r: {cfg.type} takes r singular triplets; {name} has only {min(o, i)}")
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            sel = slice(0, r) if cfg.type == "pissa" else slice(len(S) - r, len(S))
+            sq = torch.sqrt(S[sel] / s)
+            A = (sq[:, None] * Vh[sel]).float()
+            B = (U[:, sel] * sq[None]).float()
+            adapter[f"{name}.lora_A.weight"], adapter[f"{name}.lora_B.weight"] = A, B
+            residual[f"{name}.weight"] = (W - s * (B @ A)).to(base[f"{name}.weight"].dtype)
+        elif cfg.type == "vera":
+            adapter[f"{name}.vera_lambda_b"] = torch.zeros(o)
+            adapter[f"{name}.vera_lambda_d"] = torch.full((r,), float(cfg.d_initial))
+        elif cfg.type == "miss":
+            adapter[f"{name}.miss_block"] = torch.zeros(r, o)
+    if cfg.type == "vera":
+        frozen = vera_projections(cfg, frozen_shapes["vera_A"][1], frozen_shapes["vera_B"][0])
+    assert list(adapter) == list(train_shapes)
+    return adapter, frozen, residual
+
+
+def vera_projections(cfg: PeftConfig, max_in: int, max_out: int) -> dict[str, torch.Tensor]:
+    """VeRA's shared frozen A (r, max in) and B (max out, r), from projection_prng_key as peft draws them."""
+    g = torch.Generator().manual_seed(cfg.projection_prng_key)
+    A = _kaiming_uniform((cfg.r, max_in), g, a=0.0)  # peft's _kaiming_init: gain sqrt(2)
+    return {"vera_A": A, "vera_B": _kaiming_uniform((max_out, cfg.r), g, a=0.0)}
+
+
+# ---------------------------------------------------------------------------
+# the adapted linear layer and the merged weight
+
+
+def _delta_rows(rows, name, t, cfg: PeftConfig, W):
+    """The adapter's addition to x W^T for rows (N, in); dora returns the whole (N, out) without bias."""
+    s = cfg.scaling
+    if cfg.type in LORA_FAMILY:
+        A, B = t[f"{name}.lora_A.weight"], t[f"{name}.lora_B.weight"]
+        lora = (rows @ A.t()) @ B.t() * s
+        if cfg.type != "dora":
+            return lora
+        norm = torch.linalg.norm(W.float() + s * (B @ A), dim=1).detach()
+        scale = t[f"{name}.lora_magnitude_vector"] / norm  # (out,)
+        return (scale - 1.0) * (rows @ W.float().t()) + scale * lora
+    if cfg.type == "vera":
+        o, i = W.shape
+        A, B = t["vera_A"][:, :i], t["vera_B"][:o]
+        return t[f"{name}.vera_lambda_b"] * ((t[f"{name}.vera_lambda_d"] * (rows @ A.t())) @ B.t())
+    if cfg.type == "miss":
+        M = t[f"{name}.miss_block"]
+        r = M.shape[0]
+        return rows.view(rows.shape[0], -1, r).sum(1) @ M
+    raise AssertionError(cfg.type)
+
+
+def linear_fn(tensors: dict[str, torch.Tensor], cfg: PeftConfig):
+    """A linear layer for exporters/qwen2.py's forward(linear=...): the base layer plus the adapter on the
+    targets. `tensors` holds the adapter's trainable and frozen tensors."""
+    from pcpc.exporters import qwen2
+
+    wanted = set(cfg.target_modules)
+
+    def linear(params, name, x, bias=True):
+        y = qwen2._linear(params, name, x, bias)
+        if name.rsplit(".", 1)[-1] not in wanted or not name.startswith("model.layers."):
+            return y
+        W = params[f"{name}.weight"]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return y + _delta_rows(rows, name, tensors, cfg, W).view(*x.shape[:-1], W.shape[0])
+
+    return linear
+
+
+def merged(W: torch.Tensor, name: str, tensors: dict[str, torch.Tensor], cfg: PeftConfig) -> torch.Tensor:
+    """The weight of module `name` with its adapter folded in (what peft's merge_and_unload computes)."""
+    s, Wf = cfg.scaling, W.float()
+    if cfg.type in LORA_FAMILY:
+        A, B = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+        out = Wf + s * (B @ A)
+        if cfg.type == "dora":
+            out = (tensors[f"{name}.lora_magnitude_vector"] / torch.linalg.norm(out, dim=1))[:, None] * out
+    elif cfg.type == "vera":
+        o, i = W.shape
+        A, B = tensors["vera_A"][:, :i], tensors["vera_B"][:o]
+        out = Wf + (tensors[f"{name}.vera_lambda_b"][:, None] * B) @ (tensors[f"{name}.vera_lambda_d"][:, None] * A)
+    elif cfg.type == "miss":
+        M = tensors[f"{name}.miss_block"]  # (r, out); delta^T (in, out) = M stacked in/r times
+        out = Wf + M.repeat(W.shape[1] // M.shape[0], 1).t()
+    else:
+        raise AssertionError(cfg.type)
+    return out.to(W.dtype)
+
+
+# ---------------------------------------------------------------------------
+# peft's files
+
+
+def peft_type(cfg: PeftConfig) -> str:
+    return {"vera": "VERA", "miss": "MISS"}.get(cfg.type, "LORA")
+
+
+def saved_state(adapter: dict, frozen: dict, cfg: PeftConfig, initial: dict | None = None
+                ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+    """peft's state dict for the adapter (keys with the base_model.model. prefix), and the config it is saved
+    under: pissa / milora become the plain LoRA [A; A0], [B, -B0] of rank 2r on the untouched base."""
+    out, saved_cfg = {}, cfg
+    if cfg.type in ("pissa", "milora"):
+        assert initial is not None, "pissa / milora need the initial adapter to convert"
+        for k, v in adapter.items():
+            v0 = initial[k]
+            out[PREFIX + k] = torch.cat([v, v0], 0) if ".lora_A." in k else torch.cat([v, -v0], 1)
+        saved_cfg = replace(cfg, type="lora", r=2 * cfg.r,
+                            lora_alpha=cfg.lora_alpha * (2 ** 0.5 if cfg.use_rslora else 2))
+    else:
+        out = {PREFIX + k: v for k, v in adapter.items()}
+    if cfg.type == "vera":
+        out.update({"base_model." + k: v for k, v in frozen.items()})  # save_projection=True
+    return {k: v.detach().float().contiguous() for k, v in out.items()}, saved_cfg
+
+
+def adapter_config(cfg: PeftConfig, base_model: str | None) -> dict:
+    """adapter_config.json as peft writes it (the fields its loader reads)."""
+    common = {"peft_type": peft_type(cfg), "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "inference_mode": True, "target_modules": sorted(cfg.target_modules), "revision": None,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
+              "fan_in_fan_out": False}
+    if cfg.type == "vera":
+        return {**common, "r": cfg.r, "projection_prng_key": cfg.projection_prng_key, "save_projection": True,
+                "vera_dropout": 0.0, "d_initial": cfg.d_initial, "init_weights": True}
+    if cfg.type == "miss":
+        return {**common, "r": cfg.r, "miss_dropout": 0.0, "init_weights": True, "mini_r": 1}
+    return {**common, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.type == "dora", "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+            "pcpc_method": cfg.type}
+
+
+def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base_model: str | None,
+         initial: dict | None = None) -> Path:
+    """Write adapter_model.safetensors + adapter_config.json into out_dir (each file atomically)."""
+    from safetensors.torch import save as st_save
+
+    from pcpc.mlir.build import write_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state, saved_cfg = saved_state(adapter, frozen, cfg, initial)
+    write_atomic(out_dir / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
+    write_atomic(out_dir / "adapter_config.json", json.dumps(adapter_config(saved_cfg, base_model), indent=2) + "\n")
+    return out_dir
+
+
+def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, trainable tensors, frozen tensors) of a peft adapter directory, pcpc's or peft's own."""
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise UserError(f"{d}: not a peft adapter directory ({f.name} is missing)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    kind = raw.get("peft_type")
+    targets_ = raw.get("target_modules") or []
+    if isinstance(targets_, str):
+        raise UserError(f"{cfg_file}: target_modules as a regex is not supported; list the module names")
+    targets_ = tuple(t for t in QWEN2_TARGETS if t in targets_)
+    if kind == "LORA":
+        for key in ("rank_pattern", "alpha_pattern"):
+            if raw.get(key):
+                raise UserError(f"{cfg_file}: {key} is not supported")
+        cfg = PeftConfig(type="dora" if raw.get("use_dora") else "lora", r=int(raw["r"]),
+                         lora_alpha=float(raw.get("lora_alpha", 8)), target_modules=targets_,
+                         use_rslora=bool(raw.get("use_rslora", False)))
+    elif kind == "VERA":
+        cfg = PeftConfig(type="vera", r=int(raw["r"]), target_modules=targets_,
+                         projection_prng_key=int(raw.get("projection_prng_key", 0)),
+                         d_initial=float(raw.get("d_initial", 0.1)))
+    elif kind == "MISS":
+        if raw.get("init_weights", True) is not True:
+            raise UserError(f"{cfg_file}: MiSS init_weights {raw['init_weights']!r} is not supported (only True)")
+        cfg = PeftConfig(type="miss", r=int(raw["r"]), target_modules=targets_)
+    else:
+        raise UserError(f"{cfg_file}: peft_type {kind!r} is not supported (LORA, VERA, MISS)")
+    state = load_file(str(weights))
+    adapter, frozen = {}, {}
+    for k, v in state.items():
+        if k.startswith(PREFIX):
+            adapter[k[len(PREFIX):]] = v.float()
+        elif k.startswith("base_model."):
+            frozen[k[len("base_model."):]] = v.float()
+        else:
+            raise UserError(f"{weights}: unexpected key {k!r}")
+    if cfg.type == "vera" and not frozen:
+        raise UserError(f"{weights}: the VeRA projections vera_A / vera_B are not in the file (saved with "
+                        f"save_projection=False); save the adapter with save_projection=True")
+    return cfg, adapter, frozen
+
+
+def check_against(cfg: PeftConfig, adapter: dict, frozen: dict, qcfg, where: str) -> None:
+    """The adapter's tensors are exactly the ones this model and config call for."""
+    want, want_frozen = shapes(qcfg, cfg)
+    got = {k: tuple(v.shape) for k, v in adapter.items()}
+    if got != want:
+        missing = sorted(set(want) - set(got))[:3]
+        extra = sorted(set(got) - set(want))[:3]
+        wrong = [k for k in want if k in got and got[k] != want[k]][:3]
+        raise UserError(f"{where}: the adapter does not fit this model: missing {missing}, unexpected {extra}, "
+                        f"shape mismatch {[(k, got[k], want[k]) for k in wrong]}")
+    for k, shape in want_frozen.items():
+        if k not in frozen or tuple(frozen[k].shape) != shape:
+            raise UserError(f"{where}: {k} must be {shape}")
+
+
+def describe(cfg: PeftConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
+

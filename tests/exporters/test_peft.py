@@ -1,0 +1,208 @@
+"""exporters/peft.py against the HF peft library, eagerly: for every method the adapted forward gives peft's
+logits, the gradients of a loss w.r.t. the adapter equal peft + torch autograd's, the merged weights give the
+same logits, and adapters cross both ways through peft's files (pcpc's load in `PeftModel.from_pretrained`,
+peft's load in pcpc)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcpc.exporters import peft as pcpc_peft, qwen2
+from qwen_helpers import hf_model
+
+peft = pytest.importorskip("peft")
+
+CASE = "mha-untied"
+METHODS = {
+    "lora": dict(r=4, lora_alpha=8),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True),
+    "lora_plus": dict(r=4, lora_alpha=16),
+    "dora": dict(r=4, lora_alpha=8),
+    "pissa": dict(r=4, lora_alpha=8),
+    "milora": dict(r=4, lora_alpha=8),
+    "vera": dict(r=16),
+    "miss": dict(r=8),
+}
+
+
+def pcpc_cfg(method: str, **extra) -> pcpc_peft.PeftConfig:
+    kw = dict(METHODS[method])
+    kind = "lora" if method == "rslora" else method
+    return pcpc_peft.PeftConfig(type=kind, **kw, **extra)
+
+
+def peft_config(cfg: pcpc_peft.PeftConfig):
+    targets = list(cfg.target_modules)
+    if cfg.type == "vera":
+        return peft.VeraConfig(r=cfg.r, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
+                               d_initial=cfg.d_initial, save_projection=True)
+    if cfg.type == "miss":
+        return peft.MissConfig(r=cfg.r, target_modules=targets)
+    init = {"pissa": "pissa"}.get(cfg.type, True)
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_rslora=cfg.use_rslora,
+                           use_dora=cfg.type == "dora", init_lora_weights=init, lora_dropout=0.0)
+
+
+def base_params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def perturbed(adapter: dict, seed: int) -> dict:
+    """The adapter after some training: every trainable tensor moved, so nothing is zero by construction."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) * (v.abs().mean() + 0.1) for k, v in adapter.items()}
+
+
+def rel_err(a, b) -> float:
+    """|a - b| / |b| over the whole tensor (the issue's relative error)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ids_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(0, 320, (2, 12), generator=g)
+
+
+def pcpc_logits(base, tensors, cfg, qcfg, ids):
+    return qwen2.forward(base, ids, None, qcfg, linear=pcpc_peft.linear_fn(tensors, cfg))
+
+
+def peft_name(k: str) -> str:
+    """pcpc's (and peft's saved) key -> the peft model's parameter name, which carries the adapter's name."""
+    if k.endswith(".weight"):
+        return PREFIX + k.removesuffix(".weight") + ".default.weight"
+    if k.endswith("lora_magnitude_vector"):
+        return PREFIX + k + ".default.weight"
+    return PREFIX + k + ".default"
+
+
+def into_peft_model(pm, adapter: dict, frozen: dict):
+    """Set a peft model's adapter tensors to pcpc's values."""
+    params, buffers = dict(pm.named_parameters()), dict(pm.named_buffers())
+    for k, v in adapter.items():
+        params[peft_name(k)].data.copy_(v)
+    for k, v in frozen.items():  # vera's shared projections, referenced by every layer
+        for name, buf in buffers.items():
+            if name.endswith(f".{k}.default"):
+                buf.copy_(v)
+
+
+PREFIX = pcpc_peft.PREFIX
+
+
+@pytest.fixture(scope="module")
+def qcfg():
+    import json
+
+    return qwen2.config_from_hf(json.loads(hf_model(CASE).config.to_json_string()))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "milora"])
+def test_forward_and_gradients_equal_peft(method, qcfg):
+    """Logits of the adapted model, and the gradients of a loss w.r.t. every adapter tensor, equal peft's."""
+    cfg = pcpc_cfg(method)
+    model = hf_model(CASE)
+    base = base_params(model)
+    adapter, frozen, residual = pcpc_peft.init(base, qcfg, cfg, seed=0)
+    pm = peft.get_peft_model(hf_model(CASE), peft_config(cfg))
+    if cfg.type == "pissa":  # peft's own SVD init: the same adapter and residual (up to the signs of U, V)
+        ours = qwen2.forward({**base, **residual}, ids_batch(), None, qcfg,
+                             linear=pcpc_peft.linear_fn({**adapter, **frozen}, cfg))
+        torch.testing.assert_close(ours, pm(ids_batch()).logits, rtol=1e-4, atol=1e-4)
+        for k, v in residual.items():
+            torch.testing.assert_close(v, dict(pm.named_parameters())[PREFIX + k.replace(".weight",
+                                                                                        ".base_layer.weight")],
+                                       rtol=1e-4, atol=1e-5)
+    if cfg.type == "vera":  # the shared projections are drawn as peft draws them
+        buffers = dict(pm.named_buffers())
+        for k, v in frozen.items():
+            theirs = buffers[f"{PREFIX}model.layers.0.self_attn.q_proj.{k}.default"]
+            torch.testing.assert_close(v, theirs, rtol=0, atol=0)
+    trained = perturbed(adapter, 1)
+    into_peft_model(pm, trained, frozen)
+    if cfg.type == "pissa":
+        for k, v in residual.items():
+            dict(pm.named_parameters())[PREFIX + k.replace(".weight", ".base_layer.weight")].data.copy_(v)
+    ids = ids_batch()
+    weights = torch.linspace(0.5, 1.5, 320)
+
+    def loss_of(logits):
+        return (torch.log_softmax(logits, -1) * weights).sum(-1).mean()
+
+    t = {k: v.clone().requires_grad_(True) for k, v in trained.items()}
+    mine = pcpc_logits({**base, **residual}, {**t, **frozen}, cfg, qcfg, ids)
+    theirs = pm(ids).logits
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    loss_of(mine).backward()
+    loss_of(theirs).backward()
+    named = dict(pm.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert len(trainable) == len(t)  # peft trains exactly the tensors pcpc does
+    for k, v in t.items():
+        assert rel_err(v.grad, named[peft_name(k)].grad) < 1e-5, k
+    for n, p in named.items():  # the base is frozen in both
+        if n not in trainable:
+            assert p.grad is None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_saved_adapters_load_in_peft_with_pcpcs_logits(method, qcfg, tmp_path):
+    """pcpc's files load with PeftModel.from_pretrained on the untouched base and give pcpc's logits; milora
+    and pissa load as the LoRA they convert to. merged() gives the same logits as a plain model."""
+    cfg = pcpc_cfg(method)
+    base = base_params(hf_model(CASE))
+    adapter, frozen, residual = pcpc_peft.init(base, qcfg, cfg, seed=0)
+    trained = perturbed(adapter, 2)
+    ids = ids_batch()
+    mine = pcpc_logits({**base, **residual}, {**trained, **frozen}, cfg, qcfg, ids)
+    pcpc_peft.save(tmp_path / "adapter", trained, frozen, cfg, "tiny", initial=adapter)
+    loaded = peft.PeftModel.from_pretrained(hf_model(CASE), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(loaded(ids).logits, mine, rtol=1e-4, atol=1e-4)
+    merged = dict(base)
+    tensors = {**trained, **frozen}
+    for name, _, _ in pcpc_peft.targets(qcfg, cfg):
+        merged[f"{name}.weight"] = pcpc_peft.merged({**base, **residual}[f"{name}.weight"], name, tensors, cfg)
+    torch.testing.assert_close(qwen2.forward(merged, ids, None, qcfg), mine, rtol=1e-4, atol=1e-4)
+    # and back: pcpc loads its own files (pissa / milora as their LoRA) with the same logits
+    cfg2, adapter2, frozen2 = pcpc_peft.load(tmp_path / "adapter")
+    pcpc_peft.check_against(cfg2, adapter2, frozen2, qcfg, "adapter")
+    torch.testing.assert_close(pcpc_logits(base, {**adapter2, **frozen2}, cfg2, qcfg, ids), mine,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "miss"])
+def test_adapters_saved_by_peft_load_in_pcpc(method, qcfg, tmp_path):
+    cfg = pcpc_cfg(method)
+    model = hf_model(CASE)
+    base = base_params(model)
+    pm = peft.get_peft_model(model, peft_config(cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "theirs")
+    cfg2, adapter, frozen = pcpc_peft.load(tmp_path / "theirs")
+    assert cfg2.type == cfg.type and cfg2.r == cfg.r
+    pcpc_peft.check_against(cfg2, adapter, frozen, qcfg, "adapter")
+    ids = ids_batch()
+    torch.testing.assert_close(pcpc_logits(base, {**adapter, **frozen}, cfg2, qcfg, ids), pm(ids).logits,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bad_configs_and_files_name_the_field(qcfg, tmp_path):
+    from pcpc.errors import UserError
+
+    with pytest.raises(UserError, match="peft.type must be one of"):
+        pcpc_peft.PeftConfig(type="prefix")
+    with pytest.raises(UserError, match="peft.target_modules"):
+        pcpc_peft.PeftConfig(target_modules=["qproj"])
+    with pytest.raises(UserError, match="lora_dropout"):
+        pcpc_peft.PeftConfig(lora_dropout=0.1)
+    with pytest.raises(UserError, match="adapter_config.json is missing"):
+        pcpc_peft.load(tmp_path)
+    cfg = pcpc_cfg("lora")
+    base = base_params(hf_model(CASE))
+    adapter, frozen, _ = pcpc_peft.init(base, qcfg, cfg)
+    with pytest.raises(UserError, match="does not fit this model"):
+        pcpc_peft.check_against(cfg, {k: v for k, v in list(adapter.items())[1:]}, frozen, qcfg, "adapter")
