@@ -75,8 +75,10 @@ def adamw(
     cfg: AdamWConfig,
     decay: list[bool],
     coef: torch.Tensor | None = None,
+    lr_scale: list[float] | None = None,
 ):
     """One AdamW update. `step` is the 1-based count of this update (t in the Adam paper).
+    lr_scale: a constant multiplier of lr per parameter (LoRA+'s B matrices), 1 when None.
 
     Returns (new_params, new_m, new_v); matches torch.optim.AdamW (foreach=False).
     Gradients are clipped to cfg.grad_clip by their global norm, or, when `coef`
@@ -90,13 +92,14 @@ def adamw(
     bc1 = 1.0 - torch.pow(cfg.beta1, step)
     bc2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step))
     new_p, new_m, new_v = [], [], []
-    for p, g, m_i, v_i, d in zip(params, grads, m, v, decay):
+    for j, (p, g, m_i, v_i, d) in enumerate(zip(params, grads, m, v, decay)):
+        lr_j = lr * lr_scale[j] if lr_scale is not None and lr_scale[j] != 1.0 else lr
         if d and cfg.weight_decay:
-            p = p * (1.0 - lr * cfg.weight_decay)
+            p = p * (1.0 - lr_j * cfg.weight_decay)
         m_i = cfg.beta1 * m_i + (1.0 - cfg.beta1) * g
         v_i = cfg.beta2 * v_i + (1.0 - cfg.beta2) * g * g
         denom = torch.sqrt(v_i) / bc2_sqrt + cfg.eps
-        p = p - (lr / bc1) * m_i / denom
+        p = p - (lr_j / bc1) * m_i / denom
         new_p.append(p)
         new_m.append(m_i)
         new_v.append(v_i)

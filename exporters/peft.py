@@ -146,6 +146,18 @@ def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
     return train, frozen
 
 
+SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".vera_lambda_b", ".vera_lambda_d",
+            ".miss_block")
+
+
+def module_of(name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.lora_A.weight` -> `model.layers.0.self_attn.q_proj`."""
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    raise ValueError(f"{name}: not an adapter tensor")
+
+
 def lr_scales(names, cfg: PeftConfig) -> list[float]:
     """Each trainable tensor's learning-rate multiplier (lora_plus: the B matrices' ratio)."""
     return [cfg.loraplus_lr_ratio if cfg.type == "lora_plus" and ".lora_B." in n else 1.0 for n in names]

@@ -57,24 +57,30 @@ from pcpc.autodiff.dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, sequence_l
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_logprobs
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
-from pcpc.exporters import qwen2
+from pcpc.exporters import peft, qwen2
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.qwen_functions import model_config, param_specs
 from pcpc.mlir.signature import TensorSpec
 
 FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
-             "adamw", "outer")
-KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "optimizer", "functions")
+             "adamw", "outer", "merge")
+KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "optimizer", "functions", "peft")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
 
-def make_grpo_loss(cfg: qwen2.Qwen2Config):
+def full_logits(cfg: qwen2.Qwen2Config):
+    """logits_of(params, ids) of the whole model (full fine-tuning: every weight is trained)."""
+    return lambda params, ids: qwen2.forward(params, ids, None, cfg)
+
+
+def make_grpo_loss(cfg: qwen2.Qwen2Config, logits_of=None):
     """loss_fn(params, <grpo data>) -> (loss, kl, clip_ratio, low_clip, high_clip)."""
+    logits_of = logits_of or full_logits(cfg)
 
     def loss_fn(params, ids, mask, advantages, old_logp, ref_logp, loss_type, beta, eps_low, eps_high,
                 temperature, max_completion_length, use_old, bias_correction_kl):
-        logits = qwen2.forward(params, ids, None, cfg)  # (B, T, V)
+        logits = logits_of(params, ids)  # (B, T, V)
         logp = token_logprobs(logits, ids, temperature)  # (B, L)
         old = torch.where(use_old > 0, old_logp, logp.detach())
         ref = torch.where(beta > 0, ref_logp, logp.detach())  # beta 0: no reference model, kl 0, no NaN
@@ -84,17 +90,30 @@ def make_grpo_loss(cfg: qwen2.Qwen2Config):
     return loss_fn
 
 
-def make_dpo_loss(cfg: qwen2.Qwen2Config):
+def make_dpo_loss(cfg: qwen2.Qwen2Config, logits_of=None):
     """loss_fn(params, <dpo data>) -> (loss, chosen_rewards, rejected_rewards)."""
+    logits_of = logits_of or full_logits(cfg)
 
     def loss_fn(params, ids, mask, ref_logps, loss_type, beta):
-        logits = qwen2.forward(params, ids, None, cfg)
+        logits = logits_of(params, ids)
         seq = sequence_logps(token_logprobs(logits, ids, 1.0), mask)  # (2P,) sums, as ref_logps
         tokens = mask.sum(-1)  # (2P,) ipo's per-token means divide by these
         n = seq.shape[0] // 2
         return dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta, loss_type, tokens[:n], tokens[n:])
 
     return loss_fn
+
+
+def weight_specs(cfg: qwen2.Qwen2Config, pcfg) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """(trained, frozen) weight specs: every weight trained, none frozen; or, with an adapter, its trainable
+    tensors trained and the base model's weights (then VeRA's projections) frozen."""
+    base = param_specs(cfg)
+    if pcfg is None:
+        return base, []
+    train, x = peft.shapes(cfg, pcfg)
+    return ([TensorSpec(k, "param", s, "float32") for k, s in train.items()],
+            [TensorSpec(p.name, "frozen", p.shape, p.dtype) for p in base]
+            + [TensorSpec(k, "frozen", s, "float32") for k, s in x.items()])
 
 
 def check_config(config: dict) -> None:
@@ -121,9 +140,22 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     B, T = config["batch_size"], config["seq_len"]
     L = T - 1
     opt = from_dict(AdamWConfig, {**RL_OPTIMIZER, **config.get("optimizer", {})}, where="optimizer")
-    P = param_specs(cfg)
-    names = [p.name for p in P]
-    n = len(names)
+    pcfg = peft.from_config(config.get("peft"), where="peft")
+    P, frozen = weight_specs(cfg, pcfg)  # P: the trained weights (the module's parameters); frozen: inputs only
+    names, all_names = [p.name for p in P], [p.name for p in P + frozen]
+    n, nw, nf = len(names), len(P) + len(frozen), len(frozen)
+    W = P + frozen
+
+    def logits_of(weights: dict, ids):
+        if pcfg is None:
+            return qwen2.forward(weights, ids, None, cfg)
+        return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
+
+    def with_frozen(loss_fn):
+        """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient."""
+        def loss(params, *rest):
+            return loss_fn({**params, **dict(zip(all_names[n:], rest[:nf]))}, *rest[nf:])
+        return loss
 
     def scalar(name):
         return TensorSpec(name, "scalar", (), "float32")
@@ -145,11 +177,11 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     grad_specs = [TensorSpec("grad." + p.name, "data", p.shape, "float32") for p in P]
 
     def logprobs(*flat):
-        return token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), flat[n], None, cfg), flat[n], flat[n + 1])
+        return token_logprobs(logits_of(dict(zip(all_names, flat[:nw])), flat[nw]), flat[nw], flat[nw + 1])
 
     def seq_logps(*flat):
-        x, m = flat[n], flat[n + 1]
-        return sequence_logps(token_logprobs(qwen2.forward(dict(zip(names, flat[:n])), x, None, cfg), x, 1.0), m)
+        x, m = flat[nw], flat[nw + 1]
+        return sequence_logps(token_logprobs(logits_of(dict(zip(all_names, flat[:nw])), x), x, 1.0), m)
 
     def coef(*flat):
         return clip_coef(list(flat), opt.grad_clip) if opt.grad_clip > 0 else torch.ones((), dtype=torch.float32)
@@ -163,11 +195,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             return [TensorSpec(prefix + s.name, role, s.shape, "float32") for s in specs]
 
         decay = [len(s.shape) >= 2 for s in specs]
+        scale = peft.lr_scales([P[i].name for i in idx], pcfg) if pcfg else None
 
         def adamw_chunk(*flat):
             p, g, m, v = (list(flat[j * k:(j + 1) * k]) for j in range(4))
             step, lr, c = flat[4 * k:]
-            new_p, new_m, new_v = adamw(p, g, m, v, step, lr, opt, decay, coef=c)
+            new_p, new_m, new_v = adamw(p, g, m, v, step, lr, opt, decay, coef=c, lr_scale=scale)
             return (*new_p, *new_m, *new_v)
 
         def outer_chunk(*flat):
@@ -185,6 +218,23 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
                            [(s.name, s.role) for s in specs + mom]),
         ]
 
+    def merge_function(kind: int, idx: list[int]) -> ExportFunction:
+        """merge_K (*adapter chunk, *its modules' base weights, *vera projections) -> the merged weights."""
+        modules = list(dict.fromkeys(peft.module_of(P[i].name) for i in idx))
+        base = {p.name: p for p in frozen}
+        targets = [base[f"{m}.weight"] for m in modules]
+        xs = frozen[len(frozen) - len(peft.shapes(cfg, pcfg)[1]):]
+        chunk = [TensorSpec(generic_name(P[i].name), "param", P[i].shape, "float32") for i in idx]
+        target_specs = [TensorSpec(generic_name(t.name), "frozen", t.shape, t.dtype) for t in targets]
+
+        def merge(*flat):
+            k, t = len(idx), len(targets)
+            tensors = {**dict(zip([P[i].name for i in idx], flat[:k])), **dict(zip([x.name for x in xs], flat[k + t:]))}
+            return tuple(peft.merged(w, m, tensors, pcfg) for w, m in zip(flat[k:k + t], modules))
+
+        return ExportFunction(f"merge_{kind}", merge, chunk + target_specs + xs,
+                              [(s.name, "output") for s in target_specs])
+
     firsts = {}
     for kind, idx in update_groups(names, [p.shape for p in P]):
         firsts.setdefault(kind, idx)
@@ -192,17 +242,20 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     fns = {
         "token_logprobs": lambda: [ExportFunction(
-            "token_logprobs", logprobs, P + [ids, scalar("temperature")], [("logp", "output")])],
+            "token_logprobs", logprobs, W + [ids, scalar("temperature")], [("logp", "output")])],
         "sequence_logps": lambda: [ExportFunction(
-            "sequence_logps", seq_logps, P + [ids, mask], [("logps", "output")])],
+            "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
         "grpo_value_and_grad": lambda: [ExportFunction(
-            "grpo_value_and_grad", derive.value_and_grad_fn(make_grpo_loss(cfg), names, has_aux=True),
-            P + grpo_data, grpo_stats + grads)],
+            "grpo_value_and_grad",
+            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of)), names, has_aux=True),
+            W + grpo_data, grpo_stats + grads)],
         "dpo_value_and_grad": lambda: [ExportFunction(
-            "dpo_value_and_grad", derive.value_and_grad_fn(make_dpo_loss(cfg), names, has_aux=True),
-            P + dpo_data, dpo_stats + grads)],
+            "dpo_value_and_grad",
+            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of)), names, has_aux=True),
+            W + dpo_data, dpo_stats + grads)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
         "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_")],
         "outer": lambda: [f for f in chunked if f.name.startswith("outer_")],
+        "merge": lambda: [merge_function(kind, idx) for kind, idx in firsts.items()] if pcfg else [],
     }
     return [f for name in config.get("functions", FUNCTIONS) for f in fns[name]()], P

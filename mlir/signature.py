@@ -18,8 +18,9 @@ from pcpc.errors import UserError
 
 SCHEMA_VERSION = 1
 
-ROLES = ("param", "optimizer_state", "state", "data", "scalar", "loss", "grad", "output")
-"""param: model weight; optimizer_state: AdamW moments / outer momentum; state: KV cache and
+ROLES = ("param", "frozen", "optimizer_state", "state", "data", "scalar", "loss", "grad", "output")
+"""param: model weight (trained); frozen: a weight that is an input but never trained (a PEFT run's base
+model and VeRA's projections); optimizer_state: AdamW moments / outer momentum; state: KV cache and
 similar carried values; data: batch inputs; scalar: lr, step and other 0-d controls;
 loss / grad / output: results."""
 

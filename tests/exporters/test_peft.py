@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pcpc.exporters import peft as pcpc_peft, qwen2
+from peft_helpers import into_peft_model, peft_config, peft_name
 from qwen_helpers import hf_model
 
 peft = pytest.importorskip("peft")
@@ -30,18 +31,6 @@ def pcpc_cfg(method: str, **extra) -> pcpc_peft.PeftConfig:
     kw = dict(METHODS[method])
     kind = "lora" if method == "rslora" else method
     return pcpc_peft.PeftConfig(type=kind, **kw, **extra)
-
-
-def peft_config(cfg: pcpc_peft.PeftConfig):
-    targets = list(cfg.target_modules)
-    if cfg.type == "vera":
-        return peft.VeraConfig(r=cfg.r, target_modules=targets, projection_prng_key=cfg.projection_prng_key,
-                               d_initial=cfg.d_initial, save_projection=True)
-    if cfg.type == "miss":
-        return peft.MissConfig(r=cfg.r, target_modules=targets)
-    init = {"pissa": "pissa"}.get(cfg.type, True)
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_rslora=cfg.use_rslora,
-                           use_dora=cfg.type == "dora", init_lora_weights=init, lora_dropout=0.0)
 
 
 def base_params(model) -> dict[str, torch.Tensor]:
@@ -68,26 +57,6 @@ def pcpc_logits(base, tensors, cfg, qcfg, ids):
     return qwen2.forward(base, ids, None, qcfg, linear=pcpc_peft.linear_fn(tensors, cfg))
 
 
-def peft_name(k: str) -> str:
-    """pcpc's (and peft's saved) key -> the peft model's parameter name, which carries the adapter's name."""
-    if k.endswith(".weight"):
-        return PREFIX + k.removesuffix(".weight") + ".default.weight"
-    if k.endswith("lora_magnitude_vector"):
-        return PREFIX + k + ".default.weight"
-    return PREFIX + k + ".default"
-
-
-def into_peft_model(pm, adapter: dict, frozen: dict):
-    """Set a peft model's adapter tensors to pcpc's values."""
-    params, buffers = dict(pm.named_parameters()), dict(pm.named_buffers())
-    for k, v in adapter.items():
-        params[peft_name(k)].data.copy_(v)
-    for k, v in frozen.items():  # vera's shared projections, referenced by every layer
-        for name, buf in buffers.items():
-            if name.endswith(f".{k}.default"):
-                buf.copy_(v)
-
-
 PREFIX = pcpc_peft.PREFIX
 
 
@@ -105,7 +74,7 @@ def test_forward_and_gradients_equal_peft(method, qcfg):
     model = hf_model(CASE)
     base = base_params(model)
     adapter, frozen, residual = pcpc_peft.init(base, qcfg, cfg, seed=0)
-    pm = peft.get_peft_model(hf_model(CASE), peft_config(cfg))
+    pm = peft.get_peft_model(hf_model(CASE), peft_config(cfg, init="pissa" if cfg.type == "pissa" else True))
     if cfg.type == "pissa":  # peft's own SVD init: the same adapter and residual (up to the signs of U, V)
         ours = qwen2.forward({**base, **residual}, ids_batch(), None, qcfg,
                              linear=pcpc_peft.linear_fn({**adapter, **frozen}, cfg))
