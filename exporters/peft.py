@@ -44,6 +44,8 @@ METHODS = ("lora", "lora_plus", "dora", "pissa", "milora", "vera", "miss")
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_R = {"vera": 256, "miss": 64}
 PREFIX = "base_model.model."
+SHARED = ("vera_A", "vera_B")
+"""Adapter tensors shared by every layer (frozen, saved as base_model.<name>)."""
 LORA_FAMILY = ("lora", "lora_plus", "dora", "pissa", "milora")
 
 
@@ -179,9 +181,9 @@ def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(adapter: the trainable tensors, frozen: vera's projections, residual: {base weight name: the weight
     the adapter applies to}, which differs from the base only for pissa / milora)."""
-    train_shapes, frozen_shapes = shapes(qcfg, cfg)
+    train_shapes, _ = shapes(qcfg, cfg)
     g = torch.Generator().manual_seed(seed if cfg.init_seed is None else cfg.init_seed)
-    adapter, frozen, residual = {}, {}, {}
+    adapter = {}
     s, r = cfg.scaling, cfg.r
     for name, o, i in targets(qcfg, cfg):
         W = base[f"{name}.weight"].float()
@@ -199,16 +201,34 @@ def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
             A = (sq[:, None] * Vh[sel]).float()
             B = (U[:, sel] * sq[None]).float()
             adapter[f"{name}.lora_A.weight"], adapter[f"{name}.lora_B.weight"] = A, B
-            residual[f"{name}.weight"] = (W - s * (B @ A)).to(base[f"{name}.weight"].dtype)
         elif cfg.type == "vera":
             adapter[f"{name}.vera_lambda_b"] = torch.zeros(o)
             adapter[f"{name}.vera_lambda_d"] = torch.full((r,), float(cfg.d_initial))
         elif cfg.type == "miss":
             adapter[f"{name}.miss_block"] = torch.zeros(r, o)
-    if cfg.type == "vera":
-        frozen = vera_projections(cfg, frozen_shapes["vera_A"][1], frozen_shapes["vera_B"][0])
     assert list(adapter) == list(train_shapes)
-    return adapter, frozen, residual
+    return adapter, shared_tensors(qcfg, cfg), residual_weights(base, adapter, qcfg, cfg)
+
+
+def shared_tensors(qcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
+    """The adapter's frozen tensors shared by every layer: VeRA's projections, or none."""
+    if cfg.type != "vera":
+        return {}
+    _, frozen_shapes = shapes(qcfg, cfg)
+    return vera_projections(cfg, frozen_shapes["vera_A"][1], frozen_shapes["vera_B"][0])
+
+
+def residual_weights(base: dict, adapter0: dict, qcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
+    """{weight name: the base weight the adapter applies to} where that is not the base weight itself:
+    PiSSA / MiLoRA take their initial adapter out of the base, W - s B0 A0."""
+    if cfg.type not in ("pissa", "milora"):
+        return {}
+    out = {}
+    for name, _, _ in targets(qcfg, cfg):
+        W = base[f"{name}.weight"]
+        B0, A0 = adapter0[f"{name}.lora_B.weight"], adapter0[f"{name}.lora_A.weight"]
+        out[f"{name}.weight"] = (W.float() - cfg.scaling * (B0 @ A0)).to(W.dtype)
+    return out
 
 
 def vera_projections(cfg: PeftConfig, max_in: int, max_out: int) -> dict[str, torch.Tensor]:

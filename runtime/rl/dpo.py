@@ -153,13 +153,13 @@ class DPO(Loop):
         opt = {"beta1": d.adam_beta1, "beta2": d.adam_beta2, "weight_decay": d.weight_decay,
                "grad_clip": d.max_grad_norm}
         target = rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=2 * d.batch_size, seq_len=T,
-                           functions=DPO_FUNCTIONS, optimizer=opt)
+                           **setup.adapter_recipe(cfg, DPO_FUNCTIONS), optimizer=opt)
         built = build_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(built.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
         ctx.write_config(training_vmfb=str(built.vmfb), seq_len=T, pairs=n_pairs)
-        ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} ({load_meta(built.meta).parameter_bytes // 4:,} "
-                f"params), {n_pairs} pairs{f' ({pairs.truncated} completions cut to max_length)' if pairs.truncated else ''}"
+        ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} ({setup.describe_training(cfg, load_meta(built.meta))}"
+                f"), {n_pairs} pairs{f' ({pairs.truncated} completions cut to max_length)' if pairs.truncated else ''}"
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
         return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T)
 
@@ -178,6 +178,7 @@ class DPO(Loop):
     def setup(self, resume) -> int:
         from pcpc.autodiff.dpo import loss_type_weights
         from pcpc.runtime.module import CompiledModule
+        from pcpc.runtime.rl.policy import make_policy
         from pcpc.runtime.rl.update import ChunkedOptimizer
 
         cfg, d = self.cfg, self.cfg.dpo_config
@@ -185,16 +186,20 @@ class DPO(Loop):
         self.opt = ChunkedOptimizer(mod)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
         self.pairs = load_pairs(self.plan.data_path, tok, self.plan.eos_token_ids[0],
-                                mod.meta.parameters[0].shape[0], d.max_length)
+                                setup.vocab_size(mod.meta), d.max_length)
         self.sel = np.asarray(loss_type_weights(d.loss_type), np.float32)
-        initial = setup.read_weights(self.plan.weights_path, mod.meta)
+        self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
+                                  keep_reference=True)
         t0 = time.perf_counter()
-        self.ref_c, self.ref_r = self.pair_logps(mod.upload_all(initial))  # the reference, once
+        self.ref_c, self.ref_r = self.pair_logps(self.policy.ref_args())  # the reference, once
         self.reference_s = time.perf_counter() - t0
         self.run.say(f"  reference log-probs of {len(self.pairs.prompts)} pairs in {self.reference_s:.2f}s")
+        if self.policy.adapter is None:
+            self.policy.ref = None  # full fine-tuning: the initial weights are not needed again
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
-        state = resume.state if resume else {"params": initial, "m": zeros, "v": zeros}
-        self.P, self.M, self.V = (mod.upload_all(state[k]) for k in ("params", "m", "v"))
+        state = resume.state if resume else {"m": zeros, "v": zeros}
+        self.P = self.policy.P
+        self.M, self.V = (mod.upload_all(state[k]) for k in ("m", "v"))
         return resume.step if resume else 0
 
     def layout(self) -> dict:
@@ -227,7 +232,7 @@ class DPO(Loop):
         ids, mask = batch_rows(self.pairs, idx, self.plan.seq_len, self.plan.eos_token_ids[0])
         refs = np.concatenate([self.ref_c[idx], self.ref_r[idx]]).astype(np.float32)
         t0 = time.perf_counter()
-        out = self.mod("dpo_value_and_grad", *self.P, ids, mask, refs, self.sel, np.float32(d.beta))
+        out = self.mod("dpo_value_and_grad", *self.policy.args(), ids, mask, refs, self.sel, np.float32(d.beta))
         loss, c_rew, r_rew = (to_host(x) for x in out[:3])
         grads = list(out[3:])
         del out
@@ -237,23 +242,24 @@ class DPO(Loop):
                 "elapsed_s": round(self.run.elapsed(), 3)}
 
     def state(self) -> dict:
-        return {"params": self.P, "m": self.M, "v": self.V}
+        return {**self.policy.state(), "m": self.M, "v": self.V}
 
     def finish(self, done: int, stopped: bool) -> dict:
         """The whole data set with the final weights; the summary."""
         d, n = self.cfg.dpo_config, len(self.pairs.prompts)
-        pol_c, pol_r = self.pair_logps(self.P)
+        pol_c, pol_r = self.pair_logps(self.policy.args())
+        adapter = self.policy.save(self.run.dir.path / "adapter")
         final = _reward_metrics(d.beta * (pol_c - self.ref_c), d.beta * (pol_r - self.ref_r))
         recs = self.run.log.records
         summary = {"steps": done, "steps_planned": self.run.spec.steps, "pairs": n,
                    "final_train_loss": recs[-1]["loss"] if recs else None,
                    **{f"dataset_{k.replace('/', '_')}": v for k, v in final.items()},
                    "step_s": round(float(np.mean([r["step_s"] for r in recs])), 4) if recs else None,
-                   "reference_s": round(self.reference_s, 3)}
+                   "reference_s": round(self.reference_s, 3), **({"adapter": str(adapter)} if adapter else {})}
         if not stopped:
             self.run.say(f"done: {done} steps; on all {n} pairs: accuracy {final['rewards/accuracies']:.3f}, "
-                         f"margin {final['rewards/margins']:.3f}; metrics, metrics.png and checkpoint in "
-                         f"{self.run.dir.path}")
+                         f"margin {final['rewards/margins']:.3f}; metrics, metrics.png"
+                         f"{', adapter' if adapter else ''} and checkpoint in {self.run.dir.path}")
         return summary
 
 

@@ -60,7 +60,7 @@ def training_target(cfg: GRPOConfig, src, seq_len: int):
 
     g = cfg.grpo_config
     return rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=cfg.rollouts_per_iteration,
-                     seq_len=seq_len, functions=GRPO_FUNCTIONS,
+                     seq_len=seq_len, **setup.adapter_recipe(cfg, GRPO_FUNCTIONS),
                      optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
                                 "grad_clip": g.max_grad_norm})
 
@@ -113,8 +113,7 @@ class GRPO(Loop):
                                cfg.target, ctx.say)
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
-        n_params = load_meta(train.meta).parameter_bytes // 4
-        ctx.say(f"GRPO: {cfg.model} ({n_params:,} params), 1 learner + {ctx.world - 1} rollout worker(s); "
+        ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + {ctx.world - 1} rollout worker(s); "
                 f"{cfg.rollouts_per_iteration} rollouts/iteration ({g.num_prompts} prompts x {g.group_size}), "
                 f"{g.num_iterations} iterations, rows of {seq_len} tokens; run dir {ctx.dir.path}")
         if cfg.outer_step_active:
@@ -153,8 +152,8 @@ class GRPO(Loop):
 
     def setup(self, resume) -> int:
         from pcpc.autodiff.grpo import loss_type_weights
-        from pcpc.runtime.generate import import_host_array
         from pcpc.runtime.module import CompiledModule
+        from pcpc.runtime.rl.policy import make_policy
         from pcpc.runtime.rl.rewards import RewardSet
         from pcpc.runtime.rl.rollout import RolloutClient
         from pcpc.runtime.rl.update import ChunkedOptimizer
@@ -164,22 +163,18 @@ class GRPO(Loop):
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
         self.opt = ChunkedOptimizer(mod)
         self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
-        self.prompts = setup.ensure_prompts(g.prompt_file, self.tok, mod.meta.parameters[0].shape[0], lambda m: None)
+        self.prompts = setup.ensure_prompts(g.prompt_file, self.tok, setup.vocab_size(mod.meta), lambda m: None)
         self.rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(self.plan.reward_dir))
         self.client = RolloutClient(self.world)
 
-        initial = setup.read_weights(self.plan.weights_path, mod.meta)
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
-        state = resume.state if resume else {"params": initial, "m": zeros, "v": zeros, "momentum": None,
-                                             "adam_step": 0}
-        # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
-        # fresh start, the first policy share them.
-        ref = ([import_host_array(mod, a) for a in initial] if mod.driver == "local-task"
-               else mod.upload_all(initial))
-        self.P = list(ref) if state["params"] is initial else mod.upload_all(state["params"])  # updated in place
+        state = resume.state if resume else {"m": zeros, "v": zeros, "momentum": None, "adam_step": 0}
+        self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
+                                  keep_reference=g.beta > 0)
+        self.P = self.policy.P  # updated in place
         self.M, self.V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
         self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
-        self.ref = ref if g.beta > 0 else None
+        self.ref = self.policy.ref_args() if g.beta > 0 else None
         self.adam_step = state["adam_step"]
         N, L = cfg.rollouts_per_iteration, self.plan.seq_len - 1
         self.zeros_bl = mod.upload(np.zeros((N, L), np.float32))
@@ -230,7 +225,7 @@ class GRPO(Loop):
 
         tasks, _ = make_tasks(rows, self.cfg.rollout_config.batch_size, self.cfg.seed, it)
         t0 = time.perf_counter()
-        results, sync_s = self.client.rollout(tasks, self.P if self.sync else None)
+        results, sync_s = self.client.rollout(tasks, self.policy.rollout_weights() if self.sync else None)
         rollout_s = time.perf_counter() - t0 - sync_s
         self.sync = True
         if it == self.first:  # which process is which, for whoever needs to find a worker
@@ -265,8 +260,8 @@ class GRPO(Loop):
         ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
         ref_logp = mod("token_logprobs", *self.ref, ids_d, temperature)[0] if self.ref else self.zeros_bl
-        old_logp = (mod("token_logprobs", *self.P, ids_d, temperature)[0] if g.updates_per_iteration > 1
-                    else self.zeros_bl)
+        old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, temperature)[0]
+                    if g.updates_per_iteration > 1 else self.zeros_bl)
         # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
         # kept); several: the iteration's starting weights are kept for it.
         fused = cfg.outer_step_active and g.updates_per_iteration == 1
@@ -275,8 +270,8 @@ class GRPO(Loop):
         stats = []
         for _ in range(g.updates_per_iteration):
             self.adam_step += 1
-            out = mod("grpo_value_and_grad", *self.P, ids_d, mask_d, adv_d, old_logp, ref_logp, self.sel,
-                      *self.scalars)
+            out = mod("grpo_value_and_grad", *self.policy.args(), ids_d, mask_d, adv_d, old_logp, ref_logp,
+                      self.sel, *self.scalars)
             stats.append([float(to_host(x)) for x in out[:5]])
             grads = list(out[5:])
             del out
@@ -309,11 +304,12 @@ class GRPO(Loop):
         return rec
 
     def state(self) -> dict:
-        return {"params": self.P, "m": self.M, "v": self.V, "momentum": self.Bm, "adam_step": self.adam_step}
+        return {**self.policy.state(), "m": self.M, "v": self.V, "momentum": self.Bm, "adam_step": self.adam_step}
 
     def finish(self, done: int, stopped: bool) -> dict:
         self.client.stop()
         self.samples.close()
+        adapter = self.policy.save(self.run.dir.path / "adapter")
         recs = self.run.log.records
         summary = {
             "iterations": done, "iterations_planned": self.run.spec.steps, "workers": self.world - 1,
@@ -322,11 +318,12 @@ class GRPO(Loop):
             "rollout_tokens_per_s": _mean([x["rollout_tokens_per_s"] for x in recs]),
             "learner_step_s": _mean([x["learner_step_s"] for x in recs]),
             "train_seconds": round(self.run.elapsed(), 3),
+            **({"adapter": str(adapter)} if adapter else {}),
         }
         if not stopped and recs:
             self.run.say(f"done: {done} iterations, reward {summary['first_reward_mean']:.3f} -> "
-                         f"{summary['final_reward_mean']:.3f}; metrics, metrics.png, samples and checkpoint in "
-                         f"{self.run.dir.path}")
+                         f"{summary['final_reward_mean']:.3f}; metrics, metrics.png, samples"
+                         f"{', adapter' if adapter else ''} and checkpoint in {self.run.dir.path}")
         return summary
 
 

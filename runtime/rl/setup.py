@@ -23,6 +23,7 @@ import numpy as np
 
 from pcpc.config import check_choice
 from pcpc.errors import UserError
+from pcpc.exporters.peft import PeftConfig
 from pcpc.runtime.run.config import RunConfig
 
 INIT_WEIGHTS = ("hf", "random")
@@ -58,6 +59,10 @@ class RLConfig(RunConfig):
     """How weights_path is made when missing: hf (export the model's HF weights) or random (seeded init)."""
     eos_token_ids: tuple[int, ...] | None = None
     """Token ids that end a completion (null: the tokenizer's EOS and the chat end-of-turn token)."""
+    peft: PeftConfig | None = None
+    """Train an adapter on the frozen base instead of every weight (exporters/peft.py: type lora, lora_plus,
+    dora, pissa, milora, vera or miss; r, lora_alpha, target_modules, ... as HF peft names them). The run
+    saves it as adapter_model.safetensors + adapter_config.json in <run dir>/adapter, which peft loads."""
 
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + ("training_model_path", "init_weights")
     """Where the module is built and how a missing weight file would be made do not change a resumed run."""
@@ -141,8 +146,10 @@ def check_weights_source(path: str | Path, src: ModelSource, init_weights: str) 
 
 def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, seed: int,
                    say: Callable[[str], None]) -> Path:
-    """Make the flat weight file if it is missing; always check its size against meta.json."""
+    """Make the flat weight file if it is missing; always check its size against meta.json (the base model's
+    weights of a training module that trains an adapter)."""
     from pcpc.exporters import hf_weights, qwen2
+    from pcpc.runtime.rl.policy import base_bytes
 
     path = Path(path)
     if not path.exists():
@@ -160,17 +167,47 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
             say(f"weights_path: {path} missing; exporting it from {model_dir}")
             tensors = hf_weights.ordered_tensors(hf_weights.read_safetensors(model_dir), shapes,
                                                  cfg.tie_word_embeddings, str(model_dir))
-        size = hf_weights.write_flat(path, list(tensors), "float32", meta.parameter_bytes)
+        size = hf_weights.write_flat(path, list(tensors), "float32", base_bytes(meta))
         say(f"  wrote {path} ({size:,} bytes, {len(shapes)} tensors)")
-    hf_weights.verify_flat(path, meta.parameter_bytes)
+    hf_weights.verify_flat(path, base_bytes(meta))
     return path
 
 
-def read_weights(path: str | Path, meta) -> list[np.ndarray]:
-    """The flat weight file as one fp32 array per parameter, in meta.json order."""
-    from pcpc.exporters.hf_weights import read_flat
+def adapter_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
+    """The training module's `functions` and, with an adapter, its `peft` section and merge functions."""
+    if cfg.peft is None:
+        return {"functions": list(functions)}
+    from dataclasses import asdict
 
-    return read_flat(Path(path), meta.parameters, meta.parameter_bytes)
+    return {"functions": [*functions, "merge"], "peft": asdict(cfg.peft)}
+
+
+def describe_training(cfg: RLConfig, meta) -> str:
+    """`494,032,768 params` or `494,032,768 params frozen, lora r 16: 8,798,208 trained (1.78%)`."""
+    from pcpc.runtime.rl.policy import base_bytes
+
+    base = base_bytes(meta) // 4
+    if cfg.peft is None:
+        return f"{base:,} params"
+    trained = meta.parameter_bytes // 4
+    return (f"{base:,} params frozen, {cfg.peft.type} r {cfg.peft.r}: {trained:,} trained "
+            f"({100 * trained / base:.2f}%)")
+
+
+def vocab_size(meta) -> int:
+    """Rows of the embedding, the first base weight of a training module."""
+    from pcpc.runtime.rl.policy import base_specs
+
+    return base_specs(meta)[0].shape[0]
+
+
+def read_weights(path: str | Path, meta) -> list[np.ndarray]:
+    """The flat weight file as one fp32 array per base-model weight, in meta.json order."""
+    from pcpc.exporters.hf_weights import read_flat
+    from pcpc.runtime.rl.policy import base_specs
+
+    specs = base_specs(meta)
+    return read_flat(Path(path), specs, sum(s.nbytes for s in specs))
 
 
 # ---------------------------------------------------------------------------

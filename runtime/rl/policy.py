@@ -1,0 +1,153 @@
+"""The weights a GRPO / DPO learner trains, as the training module's arguments take them.
+
+    full fine-tuning      P = every weight (trained); the reference is the initial weights
+    an adapter (`peft`)   P = the adapter's trainable tensors; the base weights (PiSSA / MiLoRA: the residual
+                          W - s B0 A0) and VeRA's projections are frozen inputs, uploaded once; the reference
+                          is the base with the initial adapter (the base model itself: no extra weight copy)
+
+`args()` are the weight arguments of a call with the current policy, `ref_args()` the reference's,
+`rollout_weights()` the full weights the generation module takes (the adapter merged in, block by block,
+by the module's merge_K functions), `state()` what a checkpoint keeps, `save(dir)` the adapter's peft files.
+The chunked AdamW (runtime/rl/update.py) updates P in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pcpc.mlir.signature import ModuleMeta
+
+
+def base_specs(meta: ModuleMeta) -> list:
+    """The specs of the base model's weights (the flat weight file's layout): a module's parameters, or the
+    frozen weights of a training module that trains an adapter."""
+    from pcpc.exporters.peft import SHARED
+
+    for name in ("token_logprobs", "sequence_logps"):
+        if name in meta.functions:
+            frozen = [a for a in meta.functions[name].args if a.role == "frozen" and a.name not in SHARED]
+            if frozen:
+                return frozen
+    return list(meta.parameters)
+
+
+def base_bytes(meta: ModuleMeta) -> int:
+    return sum(s.nbytes for s in base_specs(meta))
+
+
+class FullPolicy:
+    """Every weight trained."""
+
+    adapter = None
+
+    def __init__(self, mod, initial: list[np.ndarray], state: dict | None, keep_reference: bool):
+        from pcpc.runtime.generate import import_host_array
+
+        # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
+        # fresh start, the first policy share them.
+        ref = [import_host_array(mod, a) for a in initial] if mod.driver == "local-task" else mod.upload_all(initial)
+        self.P = list(ref) if state is None else mod.upload_all(state["params"])
+        self.ref = ref if keep_reference else None
+
+    def args(self) -> list:
+        return self.P
+
+    def ref_args(self) -> list | None:
+        return self.ref
+
+    def rollout_weights(self):
+        return self.P
+
+    def state(self) -> dict:
+        return {"params": self.P}
+
+    def save(self, out_dir: Path) -> Path | None:
+        return None
+
+
+class AdapterPolicy:
+    """An adapter trained on a frozen base (exporters/peft.py)."""
+
+    def __init__(self, mod, base: list[np.ndarray], qcfg, pcfg, seed: int, state: dict | None, base_model: str):
+        import torch
+
+        from pcpc.exporters import peft
+        from pcpc.runtime.generate import import_host_array
+        from pcpc.runtime.rl.update import ChunkedOptimizer
+
+        self.mod, self.qcfg, self.pcfg, self.base_model = mod, qcfg, pcfg, base_model
+        specs = base_specs(mod.meta)
+        names = [s.name for s in specs]
+        tensors = {n: torch.from_numpy(a) for n, a in zip(names, base)}
+        if state is None:
+            adapter0, shared, residual = peft.init(tensors, qcfg, pcfg, seed)
+        else:  # the initial adapter as the run drew it (a second SVD on another machine could differ)
+            adapter0 = {s.name: torch.from_numpy(np.asarray(a)) for s, a in zip(mod.meta.parameters, state["initial"])}
+            shared, residual = peft.shared_tensors(qcfg, pcfg), peft.residual_weights(tensors, adapter0, qcfg, pcfg)
+        self.adapter_names = [s.name for s in mod.meta.parameters]
+        assert list(adapter0) == self.adapter_names, "the module's adapter layout differs from exporters/peft.py's"
+        frozen = [residual[n].numpy() if n in residual else a for n, a in zip(names, base)]
+        self.F = [import_host_array(mod, a) if mod.driver == "local-task" else mod.upload(a) for a in frozen]
+        self.X = mod.upload_all([v.numpy() for v in shared.values()])
+        self.initial = [v.numpy() for v in adapter0.values()]
+        self.A0 = mod.upload_all(self.initial)
+        self.P = mod.upload_all(self.initial if state is None else state["params"])
+        self.names = names
+        self.chunks = ChunkedOptimizer(mod).chunks
+        self.adapter = pcfg
+
+    def args(self) -> list:
+        return [*self.P, *self.F, *self.X]
+
+    def ref_args(self) -> list:
+        return [*self.A0, *self.F, *self.X]
+
+    def rollout_weights(self):
+        """The merged weights in the base's order, one block's merge at a time."""
+        from pcpc.exporters.peft import module_of
+
+        index = {n: i for i, n in enumerate(self.names)}
+        merged = {}
+        for kind, idx in self.chunks:
+            modules = list(dict.fromkeys(module_of(self.adapter_names[i]) for i in idx))
+            out = self.mod(f"merge_{kind}", *[self.P[i] for i in idx],
+                           *[self.F[index[f"{m}.weight"]] for m in modules], *self.X)
+            merged.update({index[f"{m}.weight"]: w for m, w in zip(modules, out)})
+        return [merged.get(i, f) for i, f in enumerate(self.F)]
+
+    def state(self) -> dict:
+        return {"params": self.P, "initial": self.initial}
+
+    def tensors(self) -> tuple[dict, dict]:
+        """(the adapter's trainable tensors, its shared frozen ones) on the host."""
+        import torch
+
+        from pcpc.exporters.peft import shapes
+        from pcpc.runtime.module import to_host
+
+        adapter = {n: torch.from_numpy(to_host(a)) for n, a in zip(self.adapter_names, self.P)}
+        shared = {n: torch.from_numpy(to_host(a)) for n, a in zip(shapes(self.qcfg, self.pcfg)[1], self.X)}
+        return adapter, shared
+
+    def save(self, out_dir: Path) -> Path:
+        """adapter_model.safetensors + adapter_config.json (peft's format) in out_dir."""
+        import torch
+
+        from pcpc.exporters import peft
+
+        adapter, shared = self.tensors()
+        initial = {n: torch.from_numpy(a) for n, a in zip(self.adapter_names, self.initial)}
+        return peft.save(out_dir, adapter, shared, self.pcfg, self.base_model, initial=initial)
+
+
+def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool):
+    """The learner's policy for `cfg` (an RLConfig): full fine-tuning, or its `peft` adapter."""
+    from pcpc.runtime.rl import setup
+
+    base = setup.read_weights(weights_path, mod.meta)
+    if cfg.peft is None:
+        return FullPolicy(mod, base, state, keep_reference)
+    src = setup.model_source(cfg.model, cfg.model_overrides)
+    return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model)
