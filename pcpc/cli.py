@@ -60,6 +60,7 @@ def _register():
     __import__("pcpc.cmd_run", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_data", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_batch", fromlist=["register"]).register(cli, data)
+    __import__("pcpc.cmd_peft", fromlist=["register"]).register(cli, data)
 
 
 _register()

@@ -170,6 +170,37 @@ def export_model(model: str, weights, dtype: str, batch_sizes: list[int], prefil
     return record
 
 
+def adapted_weights(result, weights: Path, model_dir: str, adapter: str, say) -> Path:
+    """The module's flat weight file with the adapter merged in, written once next to the base's (named by
+    a hash of the adapter's files and the base file) and reused."""
+    import hashlib
+
+    import numpy as np
+
+    from pcpc.exporters import hf_weights, peft, qwen2
+    from pcpc.mlir.signature import load_meta
+
+    meta = load_meta(result.meta)
+    h = hashlib.sha256()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        p = Path(adapter) / f
+        h.update(p.read_bytes() if p.is_file() else b"")
+    st = weights.stat()
+    h.update(f"{weights.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    out = weights.with_name(f"{weights.name.removesuffix('.bin')}.adapter-{h.hexdigest()[:12]}.bin")
+    if out.is_file():
+        return out
+    qcfg = qwen2.config_from_hf(hf_weights.read_hf_config(Path(model_dir)), where=str(Path(model_dir) / "config.json"))
+    arrays = hf_weights.read_flat(weights, meta.parameters, meta.parameter_bytes)
+    f32 = {s.name: ((a.astype(np.uint32) << 16).view(np.float32) if s.dtype == "bfloat16" else a)
+           for s, a in zip(meta.parameters, arrays)}
+    merged, cfg = peft.merge_into(f32, qcfg, adapter)
+    dtype = meta.parameters[0].dtype
+    hf_weights.write_flat(out, [(s.name, merged[s.name]) for s in meta.parameters], dtype, meta.parameter_bytes)
+    say(f"{adapter}: {cfg.type} r {cfg.r} merged into {out.name}")
+    return out
+
+
 @click.command()
 @click.option("--model", required=True, help="A model exported with `pcpc export` (name or path).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
@@ -183,8 +214,11 @@ def export_model(model: str, weights, dtype: str, batch_sizes: list[int], prefil
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--resident", is_flag=True, help="Use the module exported with --resident.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime worker threads.")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False),
+              help="A peft adapter directory (pcpc's <run dir>/adapter, or one peft saved) to generate with.")
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
-def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, raw, dtype, resident, threads, out_dir):
+def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, raw, dtype, resident, threads, adapter,
+             out_dir):
     """Generate text from prompts; streams one prompt's reply as it is produced."""
     from pcpc.config import load_json
     from pcpc.errors import UserError
@@ -211,7 +245,11 @@ def generate(model, prompts, prompt_file, max_tokens, temperature, top_p, seed, 
     spec = record["target"]
     target = Target(**{**spec, "sources": tuple(spec["sources"]), "llvm_cpu_flags": tuple(spec.get("llvm_cpu_flags", ()))})
     result = build(target, out_dir, record.get("compile_target", "llvm-cpu"))
-    model_ = gen.QwenModel.load(result.vmfb, out_dir / record["weights"], threads=threads)
+    weights = out_dir / record["weights"]
+    if adapter:
+        weights = adapted_weights(result, weights, record["model_dir"], adapter,
+                                  say=lambda m: click.echo(m, err=True))
+    model_ = gen.QwenModel.load(result.vmfb, weights, threads=threads)
 
     streams = [TextStream(codec) for _ in ids]
     live = len(ids) == 1
