@@ -114,14 +114,20 @@ def test_validation_names_every_bad_experiment_and_field(ws, monkeypatch):
             load_batch(write_batch(ws, "doc", **doc))
 
 
-def test_the_shipped_batch_files_validate_and_list():
-    for name in ("ablations.yaml",):
-        b = load_batch(EXPERIMENTS / name)
-        assert len(b.experiments) == 24 and len({e.group for e in b.experiments}) == 8
-        from pcpc.kinds import load_config
+@pytest.mark.parametrize("name,runs,groups", [("ablations.yaml", 24, 8), ("peft_tiny.yaml", 14, 7)])
+def test_the_shipped_batch_files_validate_list_and_dry_run(tmp_path, name, runs, groups):
+    from pcpc.kinds import load_config
 
-        for e in b.experiments:
-            load_config(e.raw, where=e.name)
+    b = load_batch(EXPERIMENTS / name)
+    assert len(b.experiments) == runs and len({e.group for e in b.experiments}) == groups
+    for e in b.experiments:
+        load_config(e.raw, where=e.name)
+    listed = pcpc(tmp_path, "batch", "run", EXPERIMENTS / name, "--list")
+    assert listed.returncode == 0 and f"{runs} of {runs} experiments" in listed.stdout
+    if name == "peft_tiny.yaml":  # its inputs are made by the runs themselves: it validates anywhere
+        dry = pcpc(tmp_path, "batch", "run", EXPERIMENTS / name, "--dry-run", "--out", "runs/p")
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.count(": start") == runs and "--out runs/p/vera_s2" in dry.stdout
 
 
 # --- the runner and the reports
