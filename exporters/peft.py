@@ -364,15 +364,14 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
     """(config, trainable tensors, frozen tensors) of a peft adapter directory, pcpc's or peft's own."""
     from safetensors.torch import load_file
 
+    from pcpc.config import load_json
+
     d = Path(adapter_dir)
     cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     for f in (cfg_file, weights):
         if not f.is_file():
             raise UserError(f"{d}: not a peft adapter directory ({f.name} is missing)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = load_json(cfg_file)
     kind = raw.get("peft_type")
     targets_ = raw.get("target_modules") or []
     if isinstance(targets_, str):

@@ -6,6 +6,7 @@ Config keys (all JSON):
     seq_len                T, tokens per row (prompt + completion, right-padded)
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
+    peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
 
 Every function takes all weights first (qwen2.param_shapes order), then
 optimizer state, then scalars, then data. Rows are laid out
@@ -45,6 +46,13 @@ The recipe's "adamw" and "outer" name all the adamw_K / outer_K functions.
     ref sum), as TRL logs them, for every loss type.
 Loss types and hyperparameters are inputs, so one module per shape serves
 every GRPO / DPO configuration.
+
+With `peft`, *P is the adapter's trainable tensors (the module's parameters:
+gradients, AdamW and outer chunks are theirs) followed by the frozen inputs:
+the base model's weights (role "frozen", param_specs order) and the adapter's
+shared tensors (VeRA's projections). Also exported:
+    merge_K             (*adapter chunk, *its modules' base weights, *shared) -> the merged weights of those
+                        modules (the rollouts' weights), one function per chunk kind
 Gradients are derived by pcpc.autodiff.derive (torch.func), never written by hand.
 """
 

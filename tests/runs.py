@@ -39,3 +39,12 @@ def alive(pid: int) -> bool:
         return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
+
+
+def run_config_file(cfg: Path, **kw) -> dict:
+    """`pcpc run CFG --out CFG-without-suffix` in this process (quiet); its summary."""
+    import json
+
+    from pcpc.kinds import run_experiment
+
+    return run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True, **kw)

@@ -148,8 +148,12 @@ class WandbSink:
             say(f"W&B: wandb is not installed (pip install wandb); logging locally to {run_dir}")
             return None
         key = cfg.wandb_api_key or os.environ.get("WANDB_API_KEY")
+        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         if key:
             os.environ["WANDB_API_KEY"] = key  # this process only; wandb reads it, nothing writes it down
+        elif offline:
+            say(f"W&B: offline (WANDB_MODE={os.environ['WANDB_MODE']}); the run is kept in {run_dir}/wandb for "
+                f"`wandb sync`")
         elif not _wandb_logged_in(wandb):
             say(f"W&B: not logged in (run `wandb login`, set WANDB_API_KEY or wandb_api_key); logging locally "
                 f"to {run_dir}")

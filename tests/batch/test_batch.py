@@ -233,3 +233,24 @@ def test_the_slurm_executor_through_submitits_local_cluster(ws):
     bad = pcpc(ws, "batch", "run", path, "--out", "runs/x", "--partition", "gpu")
     assert bad.returncode == 2 and "--partition, --gpus-per-run and --cpus-per-run are for --executor slurm" \
         in bad.stderr
+
+
+def test_wandb_offline_runs_get_the_batchs_tags_and_group(ws):
+    """WANDB_MODE=offline: no login needed; each run keeps its W&B run in <run dir>/wandb with the automatic
+    tags and the {size}_{group} group."""
+    pytest.importorskip("wandb")
+    path = write_batch(ws, "wb", base=base(ws, wandb_project="pcpc-test"),
+                       experiments=[{"name": "swi", "model": {"mlp": "swiglu"}}],
+                       matrix=[{"key": "seed", "values": [1], "label": "s"}])
+    proc = pcpc(ws, "batch", "run", path, "--out", "runs/wb", "--no-progress",
+                env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr
+    log = (ws / "runs/wb/logs/swi_s1.log").read_text()
+    assert "W&B: offline" in log
+    cfg = json.loads((ws / "runs/wb/configs/swi_s1.json").read_text())
+    assert cfg["wandb_group"] == "nanogpt-small_swi" and cfg["wandb_tags"] == ["nanogpt-small", "swi", "s1"]
+    records = list((ws / "runs/wb/swi_s1/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()  # the run record (protobuf) holds its strings as they are
+    for s in ("nanogpt-small_swi", "swi_s1", "pcpc-test", "train_loss"):
+        assert s.encode() in data, s

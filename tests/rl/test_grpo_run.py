@@ -22,7 +22,7 @@ from pcpc.kinds import run_experiment
 from pcpc.runtime.prompts import write_prompts
 from pcpc.runtime.run import checkpoint
 from pcpc.runtime.run.status import read_status
-from runs import wait_for_lines
+from runs import run_config_file, wait_for_lines
 
 REWARD = "def target_token(completion_ids, **_):\n    return [sum(t == 7 for t in c) / max(len(c), 1) for c in completion_ids]\n"
 BAD_REWARD = "def broken(completions, **_):\n    return [len(c) / 0 for c in completions]\n"
@@ -59,8 +59,7 @@ def toy(tmp_path_factory):
     return root, config
 
 
-def run(cfg: Path, **kw) -> dict:
-    return run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True, **kw)
+run = run_config_file
 
 
 def records(cfg: Path) -> list[dict]:

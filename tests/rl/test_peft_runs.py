@@ -15,6 +15,7 @@ import pytest
 from pcpc.kinds import run_experiment
 from pcpc.runtime.prompts import write_prompts
 from pcpc.runtime.run import checkpoint
+from runs import run_config_file
 
 peft = pytest.importorskip("peft")
 
@@ -67,8 +68,7 @@ def grpo(tmp_path_factory):
     return root, config
 
 
-def run(cfg: Path, **kw) -> dict:
-    return run_experiment(str(cfg), json.loads(cfg.read_text()), out_dir=str(cfg.with_suffix("")), quiet=True, **kw)
+run = run_config_file
 
 
 def rewards(cfg: Path) -> list[float]:
