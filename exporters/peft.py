@@ -40,7 +40,7 @@ import torch
 
 from pcpc.errors import UserError
 
-METHODS = ("lora", "lora_plus", "dora", "pissa", "milora", "vera", "miss")
+METHODS = ("lora", "lora_plus", "dora", "pissa", "milora", "vera", "adalora", "miss")
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_R = {"vera": 256, "miss": 64}
 PREFIX = "base_model.model."
@@ -54,9 +54,9 @@ class PeftConfig:
     """The `peft` section of a run config (peft's field names and defaults)."""
 
     type: str = "lora"
-    """lora, lora_plus, dora, pissa, milora, vera or miss."""
+    """lora, lora_plus, dora, pissa, milora, vera, adalora or miss."""
     r: int | None = None
-    """Rank (None: peft's default, 8; vera 256; miss 64)."""
+    """Rank (None: peft's default, 8; vera 256; miss 64; adalora: init_r)."""
     lora_alpha: float = 8.0
     """LoRA scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora). Not used by vera / miss."""
     target_modules: tuple[str, ...] = QWEN2_TARGETS
@@ -73,11 +73,39 @@ class PeftConfig:
     """vera: initial lambda_d."""
     init_seed: int | None = None
     """Seed of the LoRA A matrices (None: the run's seed)."""
+    init_r: int = 12
+    """adalora: the initial rank of every layer (its triplets before pruning)."""
+    target_r: int = 8
+    """adalora: the average rank kept at the end."""
+    tinit: int = 0
+    """adalora: steps of warm-up before ranks are pruned."""
+    tfinal: int = 0
+    """adalora: steps at the end with the final ranks fixed."""
+    deltaT: int = 1
+    """adalora: steps between two budget allocations."""
+    beta1: float = 0.85
+    """adalora: EMA of the sensitivity |p * grad|."""
+    beta2: float = 0.85
+    """adalora: EMA of its uncertainty."""
+    orth_reg_weight: float = 0.5
+    """adalora: weight of the orthogonality penalty on A and B in the loss (0: none)."""
+    total_step: int | None = None
+    """adalora: optimizer steps of the schedule (None: the run's)."""
 
     def __post_init__(self):
         if self.type not in METHODS:
             raise UserError(f"peft.type must be one of {', '.join(METHODS)}; got {self.type!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.type == "adalora":
+            if self.r not in (None, self.init_r):
+                raise UserError(f"peft.r: adalora's rank is init_r ({self.init_r}); got r {self.r}")
+            object.__setattr__(self, "r", self.init_r)
+            if not 0 < self.target_r <= self.init_r:
+                raise UserError(f"peft.target_r must be in [1, init_r {self.init_r}]; got {self.target_r}")
+            if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
+                raise UserError("peft.beta1 and peft.beta2 must be in (0, 1)")
+            if self.orth_reg_weight < 0 or self.deltaT < 1 or self.tinit < 0 or self.tfinal < 0:
+                raise UserError("peft: orth_reg_weight, tinit and tfinal must be >= 0 and deltaT >= 1")
         if self.r is None:
             object.__setattr__(self, "r", DEFAULT_R.get(self.type, 8))
         if not isinstance(self.r, int) or self.r < 1:
@@ -93,7 +121,26 @@ class PeftConfig:
 
     @property
     def scaling(self) -> float:
+        if self.type == "adalora":  # peft: lora_alpha / (ranknum + 1e-5), ranknum the initial rank
+            return (self.lora_alpha if self.lora_alpha > 0 else float(self.r)) / (self.r + 1e-5)
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def with_schedule(self, total_step: int) -> "PeftConfig":
+        """adalora's total_step set from the run when the config leaves it open."""
+        if self.type != "adalora" or self.total_step is not None:
+            return self
+        return replace(self, total_step=total_step)
+
+
+MODULE_FIELDS = ("type", "r", "lora_alpha", "target_modules", "use_rslora", "loraplus_lr_ratio", "init_r",
+                 "orth_reg_weight")
+"""The fields a compiled module depends on (the others are initialisation and AdaLoRA's schedule)."""
+
+
+def module_section(cfg: PeftConfig) -> dict:
+    """The `peft` section of a training module's recipe."""
+    d = asdict(cfg)
+    return {k: list(d[k]) if k == "target_modules" else d[k] for k in MODULE_FIELDS}
 
 
 def from_config(raw: dict | PeftConfig | None, where: str = "peft") -> PeftConfig | None:
@@ -136,6 +183,10 @@ def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
         elif cfg.type == "vera":
             train[f"{name}.vera_lambda_b"] = (o,)
             train[f"{name}.vera_lambda_d"] = (r,)
+        elif cfg.type == "adalora":
+            train[f"{name}.lora_A"] = (r, i)
+            train[f"{name}.lora_B"] = (o, r)
+            train[f"{name}.lora_E"] = (r, 1)
         elif cfg.type == "miss":
             if i % r:
                 raise UserError(f"peft.r: miss needs r to divide every adapted layer's input width; {name} has "
@@ -149,7 +200,7 @@ def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
 
 
 SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector", ".vera_lambda_b", ".vera_lambda_d",
-            ".miss_block")
+            ".miss_block", ".lora_A", ".lora_B", ".lora_E")
 
 
 def module_of(name: str) -> str:
@@ -204,6 +255,10 @@ def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
         elif cfg.type == "vera":
             adapter[f"{name}.vera_lambda_b"] = torch.zeros(o)
             adapter[f"{name}.vera_lambda_d"] = torch.full((r,), float(cfg.d_initial))
+        elif cfg.type == "adalora":  # peft: A, B ~ N(0, 0.02), E = 0
+            adapter[f"{name}.lora_A"] = torch.randn((r, i), generator=g) * 0.02
+            adapter[f"{name}.lora_B"] = torch.randn((o, r), generator=g) * 0.02
+            adapter[f"{name}.lora_E"] = torch.zeros(r, 1)
         elif cfg.type == "miss":
             adapter[f"{name}.miss_block"] = torch.zeros(r, o)
     assert list(adapter) == list(train_shapes)
@@ -257,6 +312,9 @@ def _delta_rows(rows, name, t, cfg: PeftConfig, W):
         o, i = W.shape
         A, B = t["vera_A"][:, :i], t["vera_B"][:o]
         return t[f"{name}.vera_lambda_b"] * ((t[f"{name}.vera_lambda_d"] * (rows @ A.t())) @ B.t())
+    if cfg.type == "adalora":
+        AE = t[f"{name}.lora_A"] * t[f"{name}.lora_E"]
+        return (rows @ AE.t()) @ t[f"{name}.lora_B"].t() * s
     if cfg.type == "miss":
         M = t[f"{name}.miss_block"]
         r = M.shape[0]
@@ -294,6 +352,8 @@ def merged(W: torch.Tensor, name: str, tensors: dict[str, torch.Tensor], cfg: Pe
         o, i = W.shape
         A, B = tensors["vera_A"][:, :i], tensors["vera_B"][:o]
         out = Wf + (tensors[f"{name}.vera_lambda_b"][:, None] * B) @ (tensors[f"{name}.vera_lambda_d"][:, None] * A)
+    elif cfg.type == "adalora":
+        out = Wf + tensors[f"{name}.lora_B"] @ (tensors[f"{name}.lora_A"] * tensors[f"{name}.lora_E"]) * s
     elif cfg.type == "miss":
         M = tensors[f"{name}.miss_block"]  # (r, out); delta^T (in, out) = M stacked in/r times
         out = Wf + M.repeat(W.shape[1] // M.shape[0], 1).t()
@@ -302,19 +362,38 @@ def merged(W: torch.Tensor, name: str, tensors: dict[str, torch.Tensor], cfg: Pe
     return out.to(W.dtype)
 
 
+def orth_penalty(tensors: dict[str, torch.Tensor], cfg: PeftConfig) -> torch.Tensor:
+    """AdaLoRA's regulariser, as peft adds it to the loss: the mean over every A and B of |P P^T - I|_F
+    (A A^T for A, B^T B for B), times orth_reg_weight."""
+    terms = []
+    for k, p in tensors.items():
+        if k.endswith(".lora_A") or k.endswith(".lora_B"):
+            cov = p @ p.t() if k.endswith(".lora_A") else p.t() @ p
+            terms.append(torch.linalg.norm(cov - torch.eye(cov.shape[0], dtype=cov.dtype), "fro"))
+    return cfg.orth_reg_weight * torch.stack(terms).mean()
+
+
 # ---------------------------------------------------------------------------
 # peft's files
 
 
 def peft_type(cfg: PeftConfig) -> str:
-    return {"vera": "VERA", "miss": "MISS"}.get(cfg.type, "LORA")
+    return {"vera": "VERA", "miss": "MISS", "adalora": "ADALORA"}.get(cfg.type, "LORA")
 
 
-def saved_state(adapter: dict, frozen: dict, cfg: PeftConfig, initial: dict | None = None
-                ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+def saved_state(adapter: dict, frozen: dict, cfg: PeftConfig, initial: dict | None = None,
+                rank_pattern: dict | None = None) -> tuple[dict[str, torch.Tensor], PeftConfig]:
     """peft's state dict for the adapter (keys with the base_model.model. prefix), and the config it is saved
-    under: pissa / milora become the plain LoRA [A; A0], [B, -B0] of rank 2r on the untouched base."""
+    under: pissa / milora become the plain LoRA [A; A0], [B, -B0] of rank 2r on the untouched base; adalora's
+    triplets are cut to its rank pattern ({module: [kept?] * init_r}), as peft saves them."""
     out, saved_cfg = {}, cfg
+    if rank_pattern:
+        adapter = dict(adapter)
+        for module, keep in rank_pattern.items():
+            idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
+            adapter[f"{module}.lora_A"] = adapter[f"{module}.lora_A"][idx]
+            adapter[f"{module}.lora_E"] = adapter[f"{module}.lora_E"][idx]
+            adapter[f"{module}.lora_B"] = adapter[f"{module}.lora_B"][:, idx]
     if cfg.type in ("pissa", "milora"):
         assert initial is not None, "pissa / milora need the initial adapter to convert"
         for k, v in adapter.items():
@@ -329,7 +408,7 @@ def saved_state(adapter: dict, frozen: dict, cfg: PeftConfig, initial: dict | No
     return {k: v.detach().float().contiguous() for k, v in out.items()}, saved_cfg
 
 
-def adapter_config(cfg: PeftConfig, base_model: str | None) -> dict:
+def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict | None = None) -> dict:
     """adapter_config.json as peft writes it (the fields its loader reads)."""
     common = {"peft_type": peft_type(cfg), "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "inference_mode": True, "target_modules": sorted(cfg.target_modules), "revision": None,
@@ -340,13 +419,20 @@ def adapter_config(cfg: PeftConfig, base_model: str | None) -> dict:
                 "vera_dropout": 0.0, "d_initial": cfg.d_initial, "init_weights": True}
     if cfg.type == "miss":
         return {**common, "r": cfg.r, "miss_dropout": 0.0, "init_weights": True, "mini_r": 1}
+    if cfg.type == "adalora":
+        return {**common, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "init_lora_weights": True,
+                "init_r": cfg.init_r, "target_r": cfg.target_r, "tinit": cfg.tinit, "tfinal": cfg.tfinal,
+                "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
+                "total_step": cfg.total_step,
+                "rank_pattern": {f"{m}.lora_E": list(map(bool, k)) for m, k in rank_pattern.items()}
+                if rank_pattern else None}
     return {**common, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "use_rslora": cfg.use_rslora,
             "use_dora": cfg.type == "dora", "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
             "pcpc_method": cfg.type}
 
 
 def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base_model: str | None,
-         initial: dict | None = None) -> Path:
+         initial: dict | None = None, rank_pattern: dict | None = None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json into out_dir (each file atomically)."""
     from safetensors.torch import save as st_save
 
@@ -354,9 +440,10 @@ def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state, saved_cfg = saved_state(adapter, frozen, cfg, initial)
+    state, saved_cfg = saved_state(adapter, frozen, cfg, initial, rank_pattern)
     write_atomic(out_dir / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
-    write_atomic(out_dir / "adapter_config.json", json.dumps(adapter_config(saved_cfg, base_model), indent=2) + "\n")
+    write_atomic(out_dir / "adapter_config.json",
+                 json.dumps(adapter_config(saved_cfg, base_model, rank_pattern), indent=2) + "\n")
     return out_dir
 
 
@@ -388,6 +475,13 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
         cfg = PeftConfig(type="vera", r=int(raw["r"]), target_modules=targets_,
                          projection_prng_key=int(raw.get("projection_prng_key", 0)),
                          d_initial=float(raw.get("d_initial", 0.1)))
+    elif kind == "ADALORA":
+        cfg = PeftConfig(type="adalora", init_r=int(raw.get("init_r", 12)), target_r=int(raw.get("target_r", 8)),
+                         lora_alpha=float(raw.get("lora_alpha", 8)), target_modules=targets_,
+                         tinit=int(raw.get("tinit", 0)), tfinal=int(raw.get("tfinal", 0)),
+                         deltaT=int(raw.get("deltaT", 1)), beta1=float(raw.get("beta1", 0.85)),
+                         beta2=float(raw.get("beta2", 0.85)), orth_reg_weight=float(raw.get("orth_reg_weight", 0.5)),
+                         total_step=raw.get("total_step"))
     elif kind == "MISS":
         if raw.get("init_weights", True) is not True:
             raise UserError(f"{cfg_file}: MiSS init_weights {raw['init_weights']!r} is not supported (only True)")
@@ -403,6 +497,17 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
             frozen[k[len("base_model."):]] = v.float()
         else:
             raise UserError(f"{weights}: unexpected key {k!r}")
+    if cfg.type == "adalora":  # triplets cut to a rank pattern come back at init_r, the pruned ones zero
+        for key, keep in (raw.get("rank_pattern") or {}).items():
+            module = key.removesuffix(".lora_E")
+            idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
+            for part, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                small = adapter[f"{module}.{part}"]
+                shape = list(small.shape)
+                shape[dim] = len(keep)
+                full = torch.zeros(shape)
+                full.index_copy_(dim, idx, small)
+                adapter[f"{module}.{part}"] = full
     if cfg.type == "vera" and not frozen:
         raise UserError(f"{weights}: the VeRA projections vera_A / vera_B are not in the file (saved with "
                         f"save_projection=False); save the adapter with save_projection=True")

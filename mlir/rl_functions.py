@@ -160,9 +160,13 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
 
     def with_frozen(loss_fn):
-        """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient."""
+        """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
+        orthogonality penalty on the trained A and B to the loss."""
         def loss(params, *rest):
-            return loss_fn({**params, **dict(zip(all_names[n:], rest[:nf]))}, *rest[nf:])
+            out = loss_fn({**params, **dict(zip(all_names[n:], rest[:nf]))}, *rest[nf:])
+            if pcfg is not None and pcfg.type == "adalora" and pcfg.orth_reg_weight > 0:
+                out = (out[0] + peft.orth_penalty(params, pcfg), *out[1:])
+            return out
         return loss
 
     def scalar(name):

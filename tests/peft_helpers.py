@@ -15,6 +15,11 @@ def peft_config(cfg: pcpc_peft.PeftConfig, init=True):
                                d_initial=cfg.d_initial, save_projection=True)
     if cfg.type == "miss":
         return peft.MissConfig(r=cfg.r, target_modules=targets)
+    if cfg.type == "adalora":
+        return peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.lora_alpha,
+                                  target_modules=targets, tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.deltaT,
+                                  beta1=cfg.beta1, beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight,
+                                  total_step=cfg.total_step or 10, lora_dropout=0.0)
     return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets, use_rslora=cfg.use_rslora,
                            use_dora=cfg.type == "dora", init_lora_weights=init, lora_dropout=0.0)
 
@@ -26,6 +31,19 @@ def peft_name(k: str) -> str:
     if k.endswith("lora_magnitude_vector"):
         return pcpc_peft.PREFIX + k + ".default.weight"
     return pcpc_peft.PREFIX + k + ".default"
+
+
+def peft_orth_penalty(pm, cfg) -> "torch.Tensor":
+    """AdaLoRA's regulariser exactly as peft's AdaLoraModel.forward adds it to the loss."""
+    import torch
+
+    regu, num = 0, 0
+    for n, p in pm.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and "default" in n:
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            regu = regu + torch.norm(cov - torch.eye(*cov.size()), p="fro")
+            num += 1
+    return cfg.orth_reg_weight * regu / num
 
 
 def into_peft_model(pm, adapter: dict, frozen: dict):

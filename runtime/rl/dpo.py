@@ -189,7 +189,7 @@ class DPO(Loop):
                                 setup.vocab_size(mod.meta), d.max_length)
         self.sel = np.asarray(loss_type_weights(d.loss_type), np.float32)
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
-                                  keep_reference=True)
+                                  keep_reference=True, total_steps=self.run.spec.steps)
         t0 = time.perf_counter()
         self.ref_c, self.ref_r = self.pair_logps(self.policy.ref_args())  # the reference, once
         self.reference_s = time.perf_counter() - t0
@@ -236,7 +236,9 @@ class DPO(Loop):
         loss, c_rew, r_rew = (to_host(x) for x in out[:3])
         grads = list(out[3:])
         del out
+        kept = [to_host(x) for x in grads] if self.policy.wants_grads else None
         self.opt.step(self.P, self.M, self.V, grads, k + 1, d.learning_rate)
+        self.policy.after_step(k + 1, kept)
         return {"step": k + 1, "epoch": round((k + 1) * d.batch_size / n, 4), "loss": float(loss),
                 **_reward_metrics(c_rew, r_rew), "step_s": round(time.perf_counter() - t0, 4),
                 "elapsed_s": round(self.run.elapsed(), 3)}

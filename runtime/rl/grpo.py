@@ -170,7 +170,7 @@ class GRPO(Loop):
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
         state = resume.state if resume else {"m": zeros, "v": zeros, "momentum": None, "adam_step": 0}
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
-                                  keep_reference=g.beta > 0)
+                                  keep_reference=g.beta > 0, total_steps=g.num_iterations * g.updates_per_iteration)
         self.P = self.policy.P  # updated in place
         self.M, self.V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
         self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
@@ -275,8 +275,10 @@ class GRPO(Loop):
             stats.append([float(to_host(x)) for x in out[:5]])
             grads = list(out[5:])
             del out
+            kept = [to_host(x) for x in grads] if self.policy.wants_grads else None
             self.opt.step(self.P, self.M, self.V, grads, self.adam_step, g.learning_rate,
                           outer=outer if fused else None)
+            self.policy.after_step(self.adam_step, kept)
         if before is not None:
             self.opt.outer(before, self.Bm, self.P, cfg.learning_rate, cfg.nesterov_momentum)
         return np.mean(stats, axis=0)

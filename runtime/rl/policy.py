@@ -41,6 +41,7 @@ class FullPolicy:
     """Every weight trained."""
 
     adapter = None
+    wants_grads = False
 
     def __init__(self, mod, initial: list[np.ndarray], state: dict | None, keep_reference: bool):
         from pcpc.runtime.generate import import_host_array
@@ -66,11 +67,15 @@ class FullPolicy:
     def save(self, out_dir: Path) -> Path | None:
         return None
 
+    def after_step(self, step: int, grads: list) -> None:
+        pass
+
 
 class AdapterPolicy:
     """An adapter trained on a frozen base (exporters/peft.py)."""
 
-    def __init__(self, mod, base: list[np.ndarray], qcfg, pcfg, seed: int, state: dict | None, base_model: str):
+    def __init__(self, mod, base: list[np.ndarray], qcfg, pcfg, seed: int, state: dict | None, base_model: str,
+                 total_steps: int | None = None):
         import torch
 
         from pcpc.exporters import peft
@@ -96,6 +101,16 @@ class AdapterPolicy:
         self.P = mod.upload_all(self.initial if state is None else state["params"])
         self.names = names
         self.chunks = ChunkedOptimizer(mod).chunks
+        self.allocator = None
+        if pcfg.type == "adalora":  # AdaLoRA's rank allocation, after every optimizer step (runtime/rl/adalora.py)
+            from pcpc.runtime.rl.adalora import RankAllocator
+
+            pcfg = pcfg.with_schedule(total_steps or 1)
+            self.pcfg = pcfg
+            self.allocator = RankAllocator(self.adapter_names, pcfg)
+            if state is not None and state.get("adalora"):
+                self.allocator.load(state["adalora"])
+        self.wants_grads = self.allocator is not None
         self.adapter = pcfg
 
     def args(self) -> list:
@@ -118,7 +133,22 @@ class AdapterPolicy:
         return [merged.get(i, f) for i, f in enumerate(self.F)]
 
     def state(self) -> dict:
-        return {"params": self.P, "initial": self.initial}
+        out = {"params": self.P, "initial": self.initial}
+        if self.allocator is not None:
+            out["adalora"] = self.allocator.state()
+        return out
+
+    def after_step(self, step: int, grads: list[np.ndarray]) -> None:
+        """AdaLoRA: score the triplets on this step's weights and gradients (host copies) and prune as the
+        schedule says, zeroing E entries in P."""
+        if self.allocator is None:
+            return
+        from pcpc.runtime.module import to_host
+
+        params = [to_host(p) for p in self.P]
+        if self.allocator.step(step, params, grads):
+            for i in self.allocator.apply(params):
+                self.P[i] = self.mod.upload(params[i])
 
     def tensors(self) -> tuple[dict, dict]:
         """(the adapter's trainable tensors, its shared frozen ones) on the host."""
@@ -139,15 +169,17 @@ class AdapterPolicy:
 
         adapter, shared = self.tensors()
         initial = {n: torch.from_numpy(a) for n, a in zip(self.adapter_names, self.initial)}
-        return peft.save(out_dir, adapter, shared, self.pcfg, self.base_model, initial=initial)
+        pattern = self.allocator.pattern if self.allocator is not None else None
+        return peft.save(out_dir, adapter, shared, self.pcfg, self.base_model, initial=initial, rank_pattern=pattern)
 
 
-def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool):
-    """The learner's policy for `cfg` (an RLConfig): full fine-tuning, or its `peft` adapter."""
+def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool, total_steps: int | None = None):
+    """The learner's policy for `cfg` (an RLConfig): full fine-tuning, or its `peft` adapter (total_steps:
+    the run's optimizer steps, AdaLoRA's schedule)."""
     from pcpc.runtime.rl import setup
 
     base = setup.read_weights(weights_path, mod.meta)
     if cfg.peft is None:
         return FullPolicy(mod, base, state, keep_reference)
     src = setup.model_source(cfg.model, cfg.model_overrides)
-    return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model)
+    return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model, total_steps)

@@ -177,9 +177,9 @@ def adapter_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
     """The training module's `functions` and, with an adapter, its `peft` section and merge functions."""
     if cfg.peft is None:
         return {"functions": list(functions)}
-    from dataclasses import asdict
+    from pcpc.exporters.peft import module_section
 
-    return {"functions": [*functions, "merge"], "peft": asdict(cfg.peft)}
+    return {"functions": [*functions, "merge"], "peft": module_section(cfg.peft)}
 
 
 def describe_training(cfg: RLConfig, meta) -> str:

@@ -13,13 +13,14 @@ from rl_reference import B, L, OVERRIDES, T, TOL, grpo_loss, rel_err, token_logp
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_TYPES
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES
 from pcpc.exporters import peft as pcpc_peft, qwen2
-from peft_helpers import into_peft_model, peft_config, peft_name
+from peft_helpers import into_peft_model, peft_config, peft_name, peft_orth_penalty
 
 peft = pytest.importorskip("peft")
 
 METHODS = {"lora": dict(r=4, lora_alpha=8), "lora_plus": dict(r=4, lora_alpha=8, loraplus_lr_ratio=4.0),
            "dora": dict(r=4, lora_alpha=8, use_rslora=True), "pissa": dict(r=4, lora_alpha=8),
-           "vera": dict(r=16), "miss": dict(r=8)}
+           "vera": dict(r=16), "adalora": dict(init_r=4, target_r=2, lora_alpha=8, orth_reg_weight=0.3),
+           "miss": dict(r=8)}
 FUNCTIONS = ["token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "merge"]
 
@@ -76,6 +77,11 @@ def args_of(cfg, base, residual, adapter, frozen):
             + [v.numpy() for v in frozen.values()])
 
 
+def penalty(pm, pcfg):
+    """AdaLoRA's orthogonality term, which pcpc's compiled loss includes (as peft's model adds it); 0 otherwise."""
+    return peft_orth_penalty(pm, pcfg) if pcfg.type == "adalora" else 0.0
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
     mod = built(method)
@@ -96,7 +102,7 @@ def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
     with torch.no_grad():
         ref = token_logps(peft_model(cfg, base, pcfg, adapter0, frozen, residual), ids, 0.9)
     logp = token_logps(pm, ids, 0.9)
-    loss = grpo_loss(logp, logp.detach(), ref, adv, mask, 0.1, 0.2, 0.28, "grpo", max_len=L)
+    loss = grpo_loss(logp, logp.detach(), ref, adv, mask, 0.1, 0.2, 0.28, "grpo", max_len=L) + penalty(pm, pcfg)
     loss.backward()
     sel = np.array([t == "grpo" for t in GRPO_TYPES], np.float32)
     zeros = np.zeros((B, L), np.float32)
@@ -116,7 +122,7 @@ def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
     ref_seq = torch.tensor([-30.0, -28.0, -31.0, -29.5])
     n = B // 2
     margin = 0.1 * ((seq[:n] - ref_seq[:n]) - (seq[n:] - ref_seq[n:]))
-    dpo = -torch.nn.functional.logsigmoid(margin).mean()
+    dpo = -torch.nn.functional.logsigmoid(margin).mean() + penalty(pm, pcfg)
     dpo.backward()
     sel = np.array([t == "sigmoid" for t in DPO_TYPES], np.float32)
     out = mod.call_host("dpo_value_and_grad", *weights, ids.numpy(), mask.numpy(), ref_seq.numpy(), sel,

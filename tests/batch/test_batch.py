@@ -114,7 +114,7 @@ def test_validation_names_every_bad_experiment_and_field(ws, monkeypatch):
             load_batch(write_batch(ws, "doc", **doc))
 
 
-@pytest.mark.parametrize("name,runs,groups", [("ablations.yaml", 24, 8), ("peft_tiny.yaml", 14, 7)])
+@pytest.mark.parametrize("name,runs,groups", [("ablations.yaml", 24, 8), ("peft_tiny.yaml", 16, 8)])
 def test_the_shipped_batch_files_validate_list_and_dry_run(tmp_path, name, runs, groups):
     from pcpc.kinds import load_config
 

@@ -23,6 +23,7 @@ METHODS = {
     "pissa": dict(r=4, lora_alpha=8),
     "milora": dict(r=4, lora_alpha=8),
     "vera": dict(r=16),
+    "adalora": dict(init_r=6, target_r=3, lora_alpha=8, total_step=10),
     "miss": dict(r=8),
 }
 
@@ -175,3 +176,60 @@ def test_bad_configs_and_files_name_the_field(qcfg, tmp_path):
     adapter, frozen, _ = pcpc_peft.init(base, qcfg, cfg)
     with pytest.raises(UserError, match="does not fit this model"):
         pcpc_peft.check_against(cfg, {k: v for k, v in list(adapter.items())[1:]}, frozen, qcfg, "adapter")
+
+
+def test_adalora_rank_allocation_matches_peft(qcfg):
+    """The host rank allocator (runtime/rl/adalora.py) prunes exactly the triplets peft's RankAllocator does,
+    over a schedule with warm-up, cubic budget and a final phase, on the same weights and gradients."""
+    import numpy as np
+
+    from pcpc.runtime.rl.adalora import RankAllocator
+
+    cfg = pcpc_peft.PeftConfig(type="adalora", init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=2, total_step=12)
+    base = base_params(hf_model(CASE))
+    adapter, _, _ = pcpc_peft.init(base, qcfg, cfg)
+    names = list(adapter)
+    pm = peft.get_peft_model(hf_model(CASE), peft_config(cfg))
+    ours = RankAllocator(names, cfg)
+    params = {k: v.numpy().copy() for k, v in perturbed(adapter, 4).items()}
+    g = torch.Generator().manual_seed(8)
+    named = dict(pm.named_parameters())
+    for step in range(1, cfg.total_step + 1):
+        grads = {k: torch.randn(v.shape, generator=g).numpy() for k, v in params.items()}
+        params = {k: v - 0.01 * grads[k] for k, v in params.items()}  # "the optimizer step"
+        for k in names:
+            named[peft_name(k)].data.copy_(torch.from_numpy(params[k]))
+            named[peft_name(k)].grad = torch.from_numpy(grads[k]).clone()
+        pm.base_model.update_and_allocate(step)
+        flat = [params[k] for k in names]
+        if ours.step(step, flat, [grads[k] for k in names]):
+            ours.apply(flat)
+        params = dict(zip(names, flat))
+        for k in names:
+            if k.endswith(".lora_E"):
+                np.testing.assert_array_equal(params[k], named[peft_name(k)].detach().numpy(), err_msg=f"{step} {k}")
+    kept = [sum(k) for k in ours.pattern.values()]
+    assert ours.final and sum(kept) == cfg.target_r * len(kept) and len(set(kept)) > 1  # ranks moved between layers
+
+
+def test_a_pruned_adalora_adapter_saves_as_peft_does(qcfg, tmp_path):
+    """Saved with its rank pattern, the adapter is cut to the kept triplets (peft's format); peft and pcpc
+    load it with the same logits as the masked full-rank adapter."""
+    cfg = pcpc_peft.PeftConfig(type="adalora", init_r=6, target_r=3, total_step=10)
+    base = base_params(hf_model(CASE))
+    adapter, _, _ = pcpc_peft.init(base, qcfg, cfg)
+    trained = perturbed(adapter, 5)
+    g = torch.Generator().manual_seed(2)
+    pattern = {}
+    for name, _, _ in pcpc_peft.targets(qcfg, cfg):
+        keep = (torch.rand(6, generator=g) > 0.5).tolist()
+        keep[0] = True
+        pattern[name] = keep
+        trained[f"{name}.lora_E"] = trained[f"{name}.lora_E"] * torch.tensor(keep, dtype=torch.float32)[:, None]
+    ids = ids_batch()
+    mine = pcpc_logits(base, trained, cfg, qcfg, ids)
+    pcpc_peft.save(tmp_path / "a", trained, {}, cfg, "tiny", rank_pattern=pattern)
+    loaded = peft.PeftModel.from_pretrained(hf_model(CASE), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(loaded(ids).logits, mine, rtol=1e-4, atol=1e-4)
+    cfg2, adapter2, _ = pcpc_peft.load(tmp_path / "a")
+    torch.testing.assert_close(pcpc_logits(base, adapter2, cfg2, qcfg, ids), mine, rtol=1e-4, atol=1e-4)

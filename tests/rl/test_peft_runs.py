@@ -163,3 +163,47 @@ def test_dpo_adapters_learn_the_preferences(tmp_path, method):
     summary = run_experiment(str(path), raw, out_dir=str(tmp_path / method), quiet=True)
     assert summary["dataset_rewards_accuracies"] > 0.9, summary
     assert (tmp_path / method / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_adalora_dpo_run_prunes_its_ranks_and_saves_them_as_peft_does(tmp_path):
+    """AdaLoRA in a run: the rank allocator prunes to target_r per layer on average by total_step - tfinal,
+    pruned triplets stay zero, and the saved adapter (cut to its rank pattern) loads in peft with the run's
+    logits."""
+    import torch
+
+    from pcpc.exporters import peft as pcpc_peft, qwen2
+    from pcpc.runtime.run import checkpoint as ckpt
+
+    raw = json.loads((EXPERIMENTS / "dpo_tiny.json").read_text())
+    raw.update(training_model_path=str(tmp_path / "models" / "dpo_adalora.vmfb"),
+               weights_path=str(tmp_path / "dpo_flat.bin"),
+               peft={"type": "adalora", "init_r": 8, "target_r": 4, "lora_alpha": 16, "tinit": 4, "tfinal": 6,
+                     "deltaT": 2})
+    raw["dpo_config"].update(data_path=str(EXPERIMENTS / "dpo_tiny_prefs.jsonl"), learning_rate=0.003)
+    write_base(tmp_path / "dpo_flat.bin", raw["model"], {})
+    path = tmp_path / "adalora.json"
+    path.write_text(json.dumps(raw))
+    summary = run_experiment(str(path), raw, out_dir=str(tmp_path / "run"), quiet=True)
+    adapter_dir = Path(summary["adapter"])
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and saved["total_step"] == summary["steps"] == 30
+    kept = [sum(v) for v in saved["rank_pattern"].values()]
+    assert sum(kept) == 4 * len(kept)
+    state = ckpt.load(ckpt.path_in(tmp_path / "run"), "dpo").state
+    qcfg = qwen2.make_config(raw["model"])
+    names = list(pcpc_peft.shapes(qcfg, pcpc_peft.from_config(raw["peft"]))[0])
+    adapter = {n: torch.from_numpy(np.array(a)) for n, a in zip(names, state["params"])}
+    for key, keep in saved["rank_pattern"].items():  # pruned triplets are zero in the run's own weights
+        assert all(float(e) == 0.0 for e, k in zip(adapter[key].reshape(-1), keep) if not k)
+    model = peft.PeftModel.from_pretrained(hf_base({**raw, "model_overrides": {}}), str(adapter_dir)).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    cfg = pcpc_peft.PeftConfig(type="adalora", init_r=8, target_r=4, lora_alpha=16)
+    from pcpc.exporters.hf_weights import read_flat
+    from pcpc.mlir.qwen_functions import param_specs
+
+    specs = param_specs(qcfg)
+    base = {s.name: torch.from_numpy(np.array(a)) for s, a in
+            zip(specs, read_flat(Path(raw["weights_path"]), specs, sum(s.nbytes for s in specs)))}
+    mine = qwen2.forward(base, ids, None, qcfg, linear=pcpc_peft.linear_fn(adapter, cfg))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, mine, rtol=1e-4, atol=1e-4)
