@@ -33,6 +33,15 @@ def base_specs(meta: ModuleMeta) -> list:
     return list(meta.parameters)
 
 
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A 64-byte aligned copy (what import_host_array takes) of an array computed on the host."""
+    from pcpc.exporters.hf_weights import aligned_empty
+
+    out = aligned_empty(max(a.nbytes, 1))[:a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def base_bytes(meta: ModuleMeta) -> int:
     return sum(s.nbytes for s in base_specs(meta))
 
@@ -93,7 +102,7 @@ class AdapterPolicy:
             shared, residual = peft.shared_tensors(qcfg, pcfg), peft.residual_weights(tensors, adapter0, qcfg, pcfg)
         self.adapter_names = [s.name for s in mod.meta.parameters]
         assert list(adapter0) == self.adapter_names, "the module's adapter layout differs from exporters/peft.py's"
-        frozen = [residual[n].numpy() if n in residual else a for n, a in zip(names, base)]
+        frozen = [_aligned(residual[n].numpy()) if n in residual else a for n, a in zip(names, base)]
         self.F = [import_host_array(mod, a) if mod.driver == "local-task" else mod.upload(a) for a in frozen]
         self.X = mod.upload_all([v.numpy() for v in shared.values()])
         self.initial = [v.numpy() for v in adapter0.values()]
@@ -120,17 +129,23 @@ class AdapterPolicy:
         return [*self.A0, *self.F, *self.X]
 
     def rollout_weights(self):
-        """The merged weights in the base's order, one block's merge at a time."""
+        """The full weights in the base's order, the adapted ones merged (merge_K): a generator that merges
+        a block when its first weight is due, so one block's merged weights exist at a time."""
         from pcpc.exporters.peft import module_of
 
         index = {n: i for i, n in enumerate(self.names)}
-        merged = {}
+        chunk_of, pending = {}, {}
         for kind, idx in self.chunks:
             modules = list(dict.fromkeys(module_of(self.adapter_names[i]) for i in idx))
-            out = self.mod(f"merge_{kind}", *[self.P[i] for i in idx],
-                           *[self.F[index[f"{m}.weight"]] for m in modules], *self.X)
-            merged.update({index[f"{m}.weight"]: w for m, w in zip(modules, out)})
-        return [merged.get(i, f) for i, f in enumerate(self.F)]
+            for m in modules:
+                chunk_of[index[f"{m}.weight"]] = (kind, idx, modules)
+        for i, f in enumerate(self.F):
+            if i in chunk_of and i not in pending:
+                kind, idx, modules = chunk_of[i]
+                out = self.mod(f"merge_{kind}", *[self.P[j] for j in idx],
+                               *[self.F[index[f"{m}.weight"]] for m in modules], *self.X)
+                pending.update({index[f"{m}.weight"]: w for m, w in zip(modules, out)})
+            yield pending.pop(i) if i in chunk_of else f
 
     def state(self) -> dict:
         out = {"params": self.P, "initial": self.initial}

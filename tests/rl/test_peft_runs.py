@@ -106,10 +106,24 @@ def hf_base(raw: dict):
     return hf_model(qcfg, {s.name: torch.from_numpy(np.array(a)) for s, a in zip(specs, arrays)})
 
 
-@pytest.mark.parametrize("method,lr", [("lora", 0.01), ("vera", 0.1)])
-def test_an_adapter_learns_the_toy_reward_and_loads_in_peft(grpo, method, lr):
+def check_loads_in_peft(cfg: Path, summary: dict) -> None:
+    """The run's saved adapter, loaded by peft on the untouched base, gives the compiled policy's log-probs."""
     import torch
 
+    adapter = Path(summary["adapter"])
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    raw = json.loads(cfg.read_text())
+    model = peft.PeftModel.from_pretrained(hf_base(raw), str(adapter)).eval()
+    ids = np.array([[1, 2, 3, 7, 7, 5, 7, 0, 7, 7, 3, 7, 1, 7, 2, 7]] * 16, np.int64)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(ids)).logits[:, :-1]
+        want = torch.gather(torch.log_softmax(logits, -1), 2, torch.from_numpy(ids)[:, 1:, None]).squeeze(-1)
+    got = compiled_policy_logps(cfg, ids)
+    assert float(np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy())) < 1e-4
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 0.01), ("vera", 0.1)])
+def test_an_adapter_learns_the_toy_reward_and_loads_in_peft(grpo, method, lr):
     root, config = grpo
     peft_cfg = {"type": method, "r": 4, "lora_alpha": 8} if method == "lora" else {"type": method, "r": 16}
     cfg = config(method, peft_cfg, lr)
@@ -120,17 +134,22 @@ def test_an_adapter_learns_the_toy_reward_and_loads_in_peft(grpo, method, lr):
     first, last = np.mean(r[:5]), np.mean(r[-5:])
     assert first < 0.2 and last > 0.5, (method, first, last)
     assert sha(weights) == before  # the base weights file is untouched
-    adapter = Path(summary["adapter"])
-    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
-    raw = json.loads(cfg.read_text())
-    model = peft.PeftModel.from_pretrained(hf_base(raw), str(adapter)).eval()
-    ids = np.array([[1, 2, 3, 7, 7, 5, 7, 0, 7, 7, 3, 7, 1, 7, 2, 7]] * 16, np.int64)
-    ids = ids[:, : json.loads((cfg.with_suffix("") / "config.json").read_text()).get("seq_len", 16)]
-    with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(ids)).logits[:, :-1]
-        want = torch.gather(torch.log_softmax(logits, -1), 2, torch.from_numpy(ids)[:, 1:, None]).squeeze(-1)
-    got = compiled_policy_logps(cfg, ids)
-    assert float(np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy())) < 1e-4
+    check_loads_in_peft(cfg, summary)
+
+
+@pytest.mark.parametrize("peft_cfg", [
+    {"type": "lora_plus", "r": 4, "lora_alpha": 8}, {"type": "dora", "r": 4, "lora_alpha": 8},
+    {"type": "pissa", "r": 4, "lora_alpha": 8}, {"type": "milora", "r": 4, "lora_alpha": 8},
+    {"type": "adalora", "init_r": 4, "target_r": 2, "lora_alpha": 8, "tfinal": 2}, {"type": "miss", "r": 16}],
+    ids=lambda c: c["type"])
+def test_every_method_trains_in_grpo_and_its_adapter_loads_in_peft(grpo, peft_cfg):
+    """PiSSA / MiLoRA (a residual base in the run) load in peft as the LoRA they convert to, on the untouched
+    base; AdaLoRA cut to its rank pattern."""
+    root, config = grpo
+    cfg = config(f"all_{peft_cfg['type']}", peft_cfg, 0.01, iterations=6)
+    summary = run(cfg)
+    assert summary["iterations"] == 6
+    check_loads_in_peft(cfg, summary)
 
 
 def test_a_resumed_adapter_run_ends_bit_identical(grpo):
