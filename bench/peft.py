@@ -6,9 +6,10 @@
 Random weights (no download); the shapes, rows and loss of bench/grpo.py. Each contender runs in its own
 subprocess, so its peak memory is its own:
 
-  pcpc-lora   rollout: merge_K (the adapter folded into the base, block by block) + the generation module,
-              against the same generation with the base weights alone; learner: reference log-probs (the base
-              with the initial adapter) + grpo_value_and_grad (adapter gradients only) + AdamW on the adapter
+  pcpc-lora   the learner alone: reference log-probs (the base with the initial adapter) + grpo_value_and_grad
+              (adapter gradients only) + AdamW on the adapter
+  pcpc-lora-rollout   merge_K (the adapter folded into the base, block by block) + the generation module,
+              against the same generation with the base weights alone
   pcpc-full   bench/grpo.py's pcpc contender: full fine-tuning (every weight, both moments)
   eager-peft  peft.get_peft_model(LoraConfig(r, alpha 2r, q/k/v/o/gate/up/down)) on HF Qwen2: reference forward
               with the adapter disabled, policy forward, TRL's loss, backward, clip, torch AdamW on the adapter
@@ -54,18 +55,9 @@ def peft_section(r: int) -> dict:
     return {"type": "lora", "r": r, "lora_alpha": 2 * r, "target_modules": TARGETS}
 
 
-def run_pcpc_lora(a) -> dict:
-    from pcpc.autodiff.grpo import loss_type_weights
-    from pcpc.exporters import peft
-    from pcpc.exporters.hf_weights import aligned_empty
+def _lora_modules(a):
     from pcpc.mlir.build import build
     from pcpc.mlir.targets import GRPO_FUNCTIONS, rl_target
-    from pcpc.runtime.generate import QwenModel
-    from pcpc.runtime.module import CompiledModule, host_view, to_host
-    from pcpc.runtime.rl.policy import AdapterPolicy
-    from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
-    from pcpc.runtime.rl.rows import pack_rows
-    from pcpc.runtime.rl.update import ChunkedOptimizer
 
     preset = base_bench.PRESETS[a.shape]
     T = a.prompt_len + a.max_tokens
@@ -74,21 +66,45 @@ def run_pcpc_lora(a) -> dict:
                         functions=[*GRPO_FUNCTIONS, "merge"], peft=peft_section(a.r))
     t0 = time.perf_counter()
     gen_b, train_b = build(gen_t, Path(a.artifacts)), build(train_t, Path(a.artifacts))
-    build_s = time.perf_counter() - t0
-    cfg, params, prompt = base_bench.inputs(preset, a.group, a.prompt_len)
+    return gen_b, train_b, time.perf_counter() - t0
+
+
+def _aligned_host(params) -> list[np.ndarray]:
+    from pcpc.exporters.hf_weights import aligned_empty
+
     host = []
-    for p in params.values():
+    for p in params.values():  # aligned host copies the devices use in place, as the run does
         buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
         buf[...] = p.numpy()
         host.append(buf)
-    del params, p
-    threads = os.cpu_count()
-    mod = CompiledModule(train_b.vmfb, threads=threads)
-    pcfg = peft.from_config(peft_section(a.r))
-    policy = AdapterPolicy(mod, host, cfg, pcfg, seed=0, state=None, base_model=preset)
+    return host
+
+
+def _trained_policy(mod, host, cfg, a):
+    from pcpc.exporters import peft
+    from pcpc.runtime.rl.policy import AdapterPolicy
+
+    policy = AdapterPolicy(mod, host, cfg, peft.from_config(peft_section(a.r)), seed=0, state=None,
+                           base_model=base_bench.PRESETS[a.shape])
     # a trained adapter (B = 0 would make the merge a no-op in value, not in cost)
     policy.P[:] = mod.upload_all([np.full(s.shape, 0.01, np.float32) for s in mod.meta.parameters])
+    return policy
 
+
+def run_pcpc_lora_rollout(a) -> dict:
+    """Rollout tokens/s: the generation module with the base weights, and with the adapter merged in (merge_K
+    + the weights a rollout worker receives, uploaded: the same on both sides)."""
+    from pcpc.runtime.generate import QwenModel
+    from pcpc.runtime.module import CompiledModule, host_view
+    from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
+
+    gen_b, train_b, _ = _lora_modules(a)
+    cfg, params, prompt = base_bench.inputs(base_bench.PRESETS[a.shape], a.group, a.prompt_len)
+    host = _aligned_host(params)
+    del params
+    threads = os.cpu_count()
+    mod = CompiledModule(train_b.vmfb, threads=threads)
+    policy = _trained_policy(mod, host, cfg, a)
     gen = CompiledModule(gen_b.vmfb, threads=threads)
     plan = SamplingPlan(str(gen_b.vmfb), a.max_tokens, TEMPERATURE, TOP_P, (), threads)
     rows = [prompt] * a.group
@@ -97,21 +113,37 @@ def run_pcpc_lora(a) -> dict:
         times, comps = [], None
         for r in range(a.reps + 1):  # the first is a warm-up
             t0 = time.perf_counter()
-            # the weights a rollout worker gets, uploaded (the same on both sides)
             model = QwenModel.from_module(gen, [gen.upload(host_view(w)) for w in weights_fn()])
             comps = generate_completions(model, rows, plan, seed=r)
             times.append(time.perf_counter() - t0)
             del model
         tokens = sum(len(c) for c in comps)
-        return {"tokens": tokens, "best_s": min(times[1:]), "tok_s": tokens / min(times[1:])}, comps
+        return {"tokens": tokens, "best_s": min(times[1:]), "tok_s": tokens / min(times[1:])}
 
-    base_roll, _ = rollout(lambda: host)
-    adapted_roll, comps = rollout(policy.rollout_weights)
+    return {"rollout_base": rollout(lambda: host), "rollout_adapter": rollout(policy.rollout_weights)}
 
+
+def run_pcpc_lora(a) -> dict:
+    """The learner alone (its own process, so the peak RSS is the learner's, as in a run where the rollouts
+    live in the worker processes): reference log-probs + grpo_value_and_grad + AdamW on the adapter."""
+    from pcpc.autodiff.grpo import loss_type_weights
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    _, train_b, build_s = _lora_modules(a)
+    cfg, params, prompt = base_bench.inputs(base_bench.PRESETS[a.shape], a.group, a.prompt_len)
+    host = _aligned_host(params)
+    del params
+    mod = CompiledModule(train_b.vmfb, threads=os.cpu_count())
+    policy = _trained_policy(mod, host, cfg, a)
+    del host  # the policy holds the base (imported without a copy)
+    T = a.prompt_len + a.max_tokens
+    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    mask = np.zeros((a.group, T - 1), np.float32)
+    mask[:, a.prompt_len - 1:] = 1.0
     opt = ChunkedOptimizer(mod)
     zeros_p = [np.zeros(s.shape, np.float32) for s in mod.meta.parameters]
     M, V = mod.upload_all(zeros_p), mod.upload_all(zeros_p)
-    ids, mask = pack_rows(rows, comps, T, 0)
     adv = np.linspace(-1.0, 1.5, a.group, dtype=np.float32)
     zeros = np.zeros((a.group, T - 1), np.float32)
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
@@ -133,9 +165,8 @@ def run_pcpc_lora(a) -> dict:
         t0 = time.perf_counter()
         loss = step(k + 2)
         times.append(time.perf_counter() - t0)
-    trained = mod.meta.parameter_bytes // 4
-    return {"rollout_base": base_roll, "rollout_adapter": adapted_roll, "learner": {"best_s": min(times), "loss": loss},
-            "build_s": build_s, "peak_rss_gb": base_bench.peak_rss_gb(), "trained_params": trained}
+    return {"learner": {"best_s": min(times), "loss": loss}, "build_s": build_s,
+            "peak_rss_gb": base_bench.peak_rss_gb(), "trained_params": mod.meta.parameter_bytes // 4}
 
 
 def run_eager_peft(a) -> dict:
@@ -206,11 +237,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
-    ap.add_argument("--contender", choices=("pcpc-lora", "pcpc-full", "eager-peft"), help=argparse.SUPPRESS)
+    ap.add_argument("--contender", choices=("pcpc-lora", "pcpc-lora-rollout", "pcpc-full", "eager-peft"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.contender:
-        fn = {"pcpc-lora": run_pcpc_lora, "pcpc-full": base_bench.run_pcpc, "eager-peft": run_eager_peft}[a.contender]
+        fn = {"pcpc-lora": run_pcpc_lora, "pcpc-lora-rollout": run_pcpc_lora_rollout, "pcpc-full": base_bench.run_pcpc,
+              "eager-peft": run_eager_peft}[a.contender]
         print(json.dumps(fn(a)))
         return
     import platform
@@ -220,7 +253,7 @@ def main() -> None:
           f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}")
     for shape in a.shapes.split(","):
         res = {}
-        for who in ("pcpc-lora", "eager-peft", "pcpc-full"):
+        for who in ("pcpc-lora", "eager-peft", "pcpc-full", "pcpc-lora-rollout"):
             cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--r", str(a.r), "--group",
                    str(a.group), "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps",
                    str(a.reps), "--artifacts", a.artifacts]
@@ -228,15 +261,15 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
             res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
-        lo, ea, fu = res["pcpc-lora"], res["eager-peft"], res["pcpc-full"]
+        lo, ea, fu, ro = res["pcpc-lora"], res["eager-peft"], res["pcpc-full"], res["pcpc-lora-rollout"]
         print(f"\n[{shape}] ({base_bench.PRESETS[shape]}; {lo['trained_params']:,} adapter params; modules built/"
               f"checked in {lo['build_s']:.1f}s; load average {os.getloadavg()[0]:.1f})")
         print(f"  learner step s        pcpc LoRA {lo['learner']['best_s']:.3f}   peft eager {ea['learner']['best_s']:.3f}"
               f"   {ea['learner']['best_s'] / lo['learner']['best_s']:.2f}x   (pcpc full fine-tuning "
               f"{fu['learner']['best_s']:.3f})")
-        print(f"  rollout tok/s         with the adapter (merge + generate) {lo['rollout_adapter']['tok_s']:.1f}   "
-              f"base {lo['rollout_base']['tok_s']:.1f}   "
-              f"{lo['rollout_adapter']['tok_s'] / lo['rollout_base']['tok_s']:.2f}x")
+        print(f"  rollout tok/s         with the adapter (merge + generate) {ro['rollout_adapter']['tok_s']:.1f}   "
+              f"base {ro['rollout_base']['tok_s']:.1f}   "
+              f"{ro['rollout_adapter']['tok_s'] / ro['rollout_base']['tok_s']:.2f}x")
         print(f"  peak RSS GB           pcpc LoRA {lo['peak_rss_gb']:.2f}   pcpc full {fu['peak_rss_gb']:.2f}   "
               f"{lo['peak_rss_gb'] / fu['peak_rss_gb']:.2f}x   peft eager {ea['peak_rss_gb']:.2f}")
 

@@ -133,8 +133,9 @@ class PeftConfig:
 
 
 MODULE_FIELDS = ("type", "r", "lora_alpha", "target_modules", "use_rslora", "loraplus_lr_ratio", "init_r",
-                 "orth_reg_weight")
-"""The fields a compiled module depends on (the others are initialisation and AdaLoRA's schedule)."""
+                 "target_r", "orth_reg_weight")
+"""The fields a compiled module depends on, and target_r, which must stay valid against init_r (the others
+are initialisation and AdaLoRA's schedule)."""
 
 
 def module_section(cfg: PeftConfig) -> dict:
