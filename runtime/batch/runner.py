@@ -11,8 +11,8 @@ A run is completed only when its own status.json says so (runtime/run/status.py)
 With --skip-completed the runner skips those, resumes (--resume) the ones that
 stopped or failed after a checkpoint, and starts the others over; that is also
 how a batch continues after the runner itself was killed (its local runs die with
-it: PR_SET_PDEATHSIG; Slurm jobs go on, and are found still running). Without it, an output tree that already holds runs is refused
-unless --overwrite. One runner per output tree (a lock file). Ctrl+C stops the
+it: PR_SET_PDEATHSIG; Slurm jobs go on, and are found still running). Without it,
+an output tree that already holds runs is refused unless --overwrite. One runner per output tree (a lock file). Ctrl+C stops the
 running runs after their current step (they checkpoint) and records them as
 stopped; a second Ctrl+C kills them. A failed run does not stop the batch; the
 end says which failed and the command that retries them.

@@ -158,8 +158,9 @@ class DPO(Loop):
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(built.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
         ctx.write_config(training_vmfb=str(built.vmfb), seq_len=T, pairs=n_pairs)
-        ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} ({setup.describe_training(cfg, load_meta(built.meta))}"
-                f"), {n_pairs} pairs{f' ({pairs.truncated} completions cut to max_length)' if pairs.truncated else ''}"
+        cut = f" ({pairs.truncated} completions cut to max_length)" if pairs.truncated else ""
+        ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} "
+                f"({setup.describe_training(cfg, load_meta(built.meta))}), {n_pairs} pairs{cut}"
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
         return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T)
 

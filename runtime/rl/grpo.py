@@ -113,7 +113,8 @@ class GRPO(Loop):
                                cfg.target, ctx.say)
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
-        ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + {ctx.world - 1} rollout worker(s); "
+        ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "
+                f"{ctx.world - 1} rollout worker(s); "
                 f"{cfg.rollouts_per_iteration} rollouts/iteration ({g.num_prompts} prompts x {g.group_size}), "
                 f"{g.num_iterations} iterations, rows of {seq_len} tokens; run dir {ctx.dir.path}")
         if cfg.outer_step_active:
