@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,13 +107,16 @@ def test_max_restarts_relaunches_a_killed_dpo_process_and_finishes_exactly(toy):
     root, raw = toy
     raw = copy.deepcopy(raw)
     raw.update(checkpoint_interval=4)
+    raw["dpo_config"]["num_epochs"] = 40  # 240 steps: the run cannot end before the kill lands
     run(root, raw, "sigmoid_ckpt4")  # the uninterrupted reference with the same schedule
     proc = cli(root, raw, "restart", "--max-restarts", "1")
     wait_for_lines(root / "restart" / "metrics.jsonl", 6, proc)
     os.kill(workers_of(proc.pid)[0], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "was killed by SIGKILL; restarting (1 of 1) from the checkpoint after step 4" in out
+    # the kill lands a few fast steps after the 6th line: at the checkpoint after step 4 or a later one
+    m = re.search(r"was killed by SIGKILL; restarting \(1 of 1\) from the checkpoint after step (\d+)", out)
+    assert m and int(m.group(1)) % 4 == 0, out
     got = [json.loads(x) for x in (root / "restart" / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (root / "sigmoid_ckpt4" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in got] == [(r["step"], r["loss"]) for r in want]
