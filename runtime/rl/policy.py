@@ -89,7 +89,7 @@ class AdapterPolicy:
 
         from pcpc.exporters import peft
         from pcpc.runtime.generate import import_host_array
-        from pcpc.runtime.rl.update import ChunkedOptimizer
+        from pcpc.autodiff.optim import update_groups
 
         self.mod, self.qcfg, self.pcfg, self.base_model = mod, qcfg, pcfg, base_model
         specs = base_specs(mod.meta)
@@ -109,7 +109,7 @@ class AdapterPolicy:
         self.A0 = mod.upload_all(self.initial)
         self.P = mod.upload_all(self.initial if state is None else state["params"])
         self.names = names
-        self.chunks = ChunkedOptimizer(mod).chunks
+        self.chunks = update_groups(self.adapter_names, [s.shape for s in mod.meta.parameters])  # merge_K's
         self.allocator = None
         if pcfg.type == "adalora":  # AdaLoRA's rank allocation, after every optimizer step (runtime/rl/adalora.py)
             from pcpc.runtime.rl.adalora import RankAllocator
