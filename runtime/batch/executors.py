@@ -126,7 +126,7 @@ def threads_per_run(kind: str, slurm: SlurmOptions | None, parallel: int, world_
 class Executor:
     """Starts runs: `start(argv, log, env, slot)` -> a handle."""
 
-    def __init__(self, kind: str, out: Path, parallel: int, slurm: SlurmOptions | None = None):
+    def __init__(self, kind: str, out: Path, slurm: SlurmOptions | None = None):
         if kind not in EXECUTORS:
             raise UserError(f"--executor: expected one of {', '.join(EXECUTORS)}; got {kind!r}")
         self.kind, self.slurm = kind, slurm or SlurmOptions()

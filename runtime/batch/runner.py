@@ -215,7 +215,7 @@ def run_batch(batch: Batch, selected: list[Experiment], opts: Options) -> dict:
         lock.close()
         raise
     try:
-        executor = Executor(opts.executor, opts.out, opts.parallel, opts.slurm)
+        executor = Executor(opts.executor, opts.out, opts.slurm)
     except BaseException:
         lock.close()
         raise

@@ -108,8 +108,14 @@ class AdapterPolicy:
         self.initial = [v.numpy() for v in adapter0.values()]
         self.A0 = mod.upload_all(self.initial)
         self.P = mod.upload_all(self.initial if state is None else state["params"])
-        self.names = names
-        self.chunks = update_groups(self.adapter_names, [s.shape for s in mod.meta.parameters])  # merge_K's
+        # which merge_K call makes each adapted base weight: {base index: (kind, adapter indices, modules)}
+        index = {n: i for i, n in enumerate(names)}
+        self.merge_plan = {}
+        for kind, idx in update_groups(self.adapter_names, [s.shape for s in mod.meta.parameters]):
+            modules = list(dict.fromkeys(peft.module_of(self.adapter_names[i]) for i in idx))
+            targets = [index[f"{m}.weight"] for m in modules]
+            for t in targets:
+                self.merge_plan[t] = (kind, idx, targets)
         self.allocator = None
         if pcfg.type == "adalora":  # AdaLoRA's rank allocation, after every optimizer step (runtime/rl/adalora.py)
             from pcpc.runtime.rl.adalora import RankAllocator
@@ -131,21 +137,13 @@ class AdapterPolicy:
     def rollout_weights(self):
         """The full weights in the base's order, the adapted ones merged (merge_K): a generator that merges
         a block when its first weight is due, so one block's merged weights exist at a time."""
-        from pcpc.exporters.peft import module_of
-
-        index = {n: i for i, n in enumerate(self.names)}
-        chunk_of, pending = {}, {}
-        for kind, idx in self.chunks:
-            modules = list(dict.fromkeys(module_of(self.adapter_names[i]) for i in idx))
-            for m in modules:
-                chunk_of[index[f"{m}.weight"]] = (kind, idx, modules)
+        pending = {}
         for i, f in enumerate(self.F):
-            if i in chunk_of and i not in pending:
-                kind, idx, modules = chunk_of[i]
-                out = self.mod(f"merge_{kind}", *[self.P[j] for j in idx],
-                               *[self.F[index[f"{m}.weight"]] for m in modules], *self.X)
-                pending.update({index[f"{m}.weight"]: w for m, w in zip(modules, out)})
-            yield pending.pop(i) if i in chunk_of else f
+            if i in self.merge_plan and i not in pending:
+                kind, idx, targets = self.merge_plan[i]
+                out = self.mod(f"merge_{kind}", *[self.P[j] for j in idx], *[self.F[t] for t in targets], *self.X)
+                pending.update(zip(targets, out))
+            yield pending.pop(i) if i in self.merge_plan else f
 
     def state(self) -> dict:
         out = {"params": self.P, "initial": self.initial}
