@@ -528,3 +528,18 @@ def check_against(cfg: PeftConfig, adapter: dict, frozen: dict, qcfg, where: str
     for k, shape in want_frozen.items():
         if k not in frozen or tuple(frozen[k].shape) != shape:
             raise UserError(f"{where}: {k} must be {shape}")
+
+
+def merge_into(weights: dict, qcfg, adapter_dir: str | Path) -> tuple[dict, PeftConfig]:
+    """{name: fp32 array} of a Qwen2 model's weights with the adapter of adapter_dir folded in (only the
+    adapted linear weights change; the others are passed through), and the adapter's config."""
+    import numpy as np
+
+    cfg, adapter, shared = load(adapter_dir)
+    check_against(cfg, adapter, shared, qcfg, str(adapter_dir))
+    tensors = {**adapter, **shared}
+    out = dict(weights)
+    for name, _, _ in targets(qcfg, cfg):
+        W = torch.from_numpy(np.asarray(weights[f"{name}.weight"], np.float32))
+        out[f"{name}.weight"] = merged(W, name, tensors, cfg).numpy()
+    return out, cfg

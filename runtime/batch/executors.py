@@ -62,15 +62,23 @@ class LocalHandle:
 
 
 def run_logged(argv: list[str], log: str, env: dict) -> int:
-    """The function a Slurm (submitit) job runs: `pcpc run` with its output appended to the log; SIGINT and
-    SIGTERM (scancel, the runner's stop) are passed on to it, so it stops after its step and checkpoints.
+    """The function a Slurm (submitit) job runs: `pcpc run` with its output appended to the log; the first SIGINT
+    or SIGTERM (scancel, the runner's stop) is passed on to it, so it stops after its step and checkpoints.
     It runs in a session of its own, so it can finish that step when the job's own process is killed
     early (submitit's local controller kills it a second after a Ctrl+C; Slurm kills the whole job)."""
     with open(log, "a") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, **env}, start_new_session=True)
 
+    forwarded = []
+
     def forward(signum, frame):
+        # one stop request, however many ways it arrives (the terminal's Ctrl+C, the controller passing it on,
+        # the runner's own stop): a second SIGINT would tell the run to kill its workers. Killing is the
+        # runner's second Ctrl+C, which kills the run's owner directly.
+        if forwarded:
+            return
+        forwarded.append(signum)
         try:
             proc.send_signal(signal.SIGINT)
         except ProcessLookupError:

@@ -223,7 +223,8 @@ def test_the_slurm_executor_through_submitits_local_cluster(ws):
     # later; the run still stops after its step, and the runner waits for that
     os.killpg(runner.pid, signal.SIGINT)
     out, err = runner.communicate(timeout=120)
-    assert runner.returncode == 130, err
+    log = (ws / "runs/sublong/logs/long.log").read_text()
+    assert runner.returncode == 130, (out, err, log, (ws / "runs/sublong/batch_status.json").read_text())
     status = read_status(ws / "runs/sublong/long")
     assert status["state"] == "stopped", status
     assert json.loads((ws / "runs/sublong/batch_status.json").read_text())["runs"]["long"]["state"] == "stopped"
