@@ -73,12 +73,13 @@ def value_and_grad_fn(loss_fn: LossFn, names: Sequence[str], has_aux: bool = Fal
 
 
 def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], opt: AdamWConfig,
-                  has_aux: bool = False):
+                  has_aux: bool = False, lr_scale: Sequence[float] | None = None):
     """(*params, *m, *v, step, lr, *data) -> (loss, *params', *m', *v').
 
     Forward, backward and one AdamW update in one function; `step` is the
     1-based index of this update and `lr` its learning rate (f32 scalars).
     With has_aux (see value_and_grad_fn) the result is (loss, *aux, *params', *m', *v').
+    lr_scale: each parameter's constant lr multiplier (LoRA+), 1 when None.
     """
     n = len(names)
     vg = value_and_grad_fn(loss_fn, names, has_aux)
@@ -88,7 +89,8 @@ def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], 
         step, lr, data = flat[3 * n], flat[3 * n + 1], flat[3 * n + 2 :]
         loss, *rest = vg(*params, *data)
         aux, grads = rest[: len(rest) - n], rest[len(rest) - n :]
-        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay))
+        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay),
+                                    lr_scale=None if lr_scale is None else list(lr_scale))
         return (loss, *aux, *new_p, *new_m, *new_v)
 
     return train_step

@@ -15,7 +15,8 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
                   by chunk (runtime/rl/update.py), as the learner runs it
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
 
-Prints both, the ratios (eager time / pcpc time) and peak RSS. Build time of
+Prints both, the ratios (eager time / pcpc time) and the learner's peak RSS (from when its weights are
+loaded: the set-up's garbage is returned first and the peak reset, see start_peak_rss). Build time of
 the modules is reported separately (built once, cached). On a shared, busy
 machine use --repeat N: the contenders then alternate N times and the medians
 of their per-round bests are compared (the load average is printed too).
@@ -64,6 +65,19 @@ def peak_rss_gb() -> float:
     return peak_rss_bytes() / 1e9
 
 
+def start_peak_rss() -> None:
+    """Measure the peak RSS from here on: the harness's set-up garbage (torch's random init, then the aligned
+    copies made from it) goes back to the OS (malloc_trim) and VmHWM is reset (/proc/self/clear_refs 5), so
+    the peak is the learner's, with its weights loaded, as in a run that reads them from a file."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux/glibc: the peak then includes the set-up
+
+
 def run_pcpc(a) -> dict:
     from pcpc.autodiff.grpo import loss_type_weights
     from pcpc.exporters.hf_weights import aligned_empty
@@ -110,6 +124,7 @@ def run_pcpc(a) -> dict:
     M = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     V = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     del host
+    start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids, mask = pack_rows(rows, comps, T, 0)
     adv = np.linspace(-1.0, 1.5, a.group, dtype=np.float32)
@@ -173,6 +188,7 @@ def run_eager(a) -> dict:
 
     ref = model_with(params).eval()
     del params
+    start_peak_rss()
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0)
     ids = seqs

@@ -14,8 +14,8 @@ subprocess, so its peak memory is its own:
   eager-peft  peft.get_peft_model(LoraConfig(r, alpha 2r, q/k/v/o/gate/up/down)) on HF Qwen2: reference forward
               with the adapter disabled, policy forward, TRL's loss, backward, clip, torch AdamW on the adapter
 
-Prints the learner step (eager / pcpc), rollout tokens/s with the adapter against the base, and peak RSS
-(pcpc-lora against pcpc-full).
+Prints the learner step (eager / pcpc), rollout tokens/s with the adapter against the base, and the learners'
+peak RSS (pcpc-lora against pcpc-full; each from when its weights are loaded, bench/grpo.py start_peak_rss).
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def run_pcpc_lora(a) -> dict:
     mod = CompiledModule(train_b.vmfb, threads=os.cpu_count())
     policy = _trained_policy(mod, host, cfg, a)
     del host  # the policy holds the base (imported without a copy)
+    base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
     mask = np.zeros((a.group, T - 1), np.float32)
@@ -192,6 +193,7 @@ def run_eager_peft(a) -> dict:
         for _, p in pm.named_parameters():
             if p.requires_grad:
                 p.fill_(0.01)
+    base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids = torch.randint(1, cfg.vocab_size, (a.group, T), generator=torch.Generator().manual_seed(1))
     mask = torch.zeros(a.group, T - 1)

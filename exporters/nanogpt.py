@@ -299,10 +299,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def _attention(params, name, x, cfg):
+def _attention(params, name, x, cfg, lin):
     B, T, C = x.shape
     nh, hs = cfg.n_head, C // cfg.n_head
-    q, k, v = _linear(params, f"{name}.c_attn", x, cfg).split(C, dim=2)
+    q, k, v = lin(params, f"{name}.c_attn", x).split(C, dim=2)
     q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
     k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
     v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -316,19 +316,19 @@ def _attention(params, name, x, cfg):
     causal = pos[:, None] >= pos[None, :]  # (T, T)
     att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
     y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-    return _linear(params, f"{name}.c_proj", y, cfg)
+    return lin(params, f"{name}.c_proj", y)
 
 
 def _act(h, cfg):
     return F.gelu(h) if cfg.mlp == "gelu" else F.relu(h)
 
 
-def _mlp(params, name, x, cfg):
+def _mlp(params, name, x, cfg, lin):
     if cfg.mlp == "swiglu":
-        gate, up = _linear(params, f"{name}.w1", x, cfg), _linear(params, f"{name}.w3", x, cfg)  # (B, T, H)
-        return _linear(params, f"{name}.w2", F.silu(gate) * up, cfg)
-    h = _act(_linear(params, f"{name}.c_fc", x, cfg), cfg)  # (B, T, 4C)
-    return _linear(params, f"{name}.c_proj", h, cfg)
+        gate, up = lin(params, f"{name}.w1", x), lin(params, f"{name}.w3", x)  # (B, T, H)
+        return lin(params, f"{name}.w2", F.silu(gate) * up)
+    h = _act(lin(params, f"{name}.c_fc", x), cfg)  # (B, T, 4C)
+    return lin(params, f"{name}.c_proj", h)
 
 
 def _experts_linear(params, name, x, cfg):
@@ -432,8 +432,27 @@ def _moe(params, name, x, cfg):
     return y.reshape(B, T, C), aux, z, load
 
 
-def _trunk(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig):
-    """(logits (B, T, vocab), [(aux, z, load) of each MoE block])."""
+def linear_layers(cfg: NanoGPTConfig) -> list[tuple[str, str, int, int]]:
+    """(module name, its last name, out, in) of every dense Linear in the blocks, in parameter order: the ones
+    an adapter can target (exporters/peft.py); the experts of MoE blocks and the head are not among them."""
+    C, H = cfg.n_embd, cfg.hidden
+    out = []
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}"
+        out += [(f"{p}.attn.c_attn", "c_attn", 3 * C, C), (f"{p}.attn.c_proj", "c_proj", C, C)]
+        if cfg.is_moe(i):
+            continue
+        if cfg.mlp == "swiglu":
+            out += [(f"{p}.mlp.w1", "w1", H, C), (f"{p}.mlp.w2", "w2", C, H), (f"{p}.mlp.w3", "w3", H, C)]
+        else:
+            out += [(f"{p}.mlp.c_fc", "c_fc", H, C), (f"{p}.mlp.c_proj", "c_proj", C, H)]
+    return out
+
+
+def _trunk(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig, linear=None):
+    """(logits (B, T, vocab), [(aux, z, load) of each MoE block]). `linear(params, name, x)`: the blocks'
+    Linear layers (default: the plain one; exporters/peft.py's linear_fn adds an adapter)."""
+    lin = linear or (lambda p, name, x: _linear(p, name, x, cfg))
     B, T = idx.shape
     x = F.embedding(idx, params["transformer.wte.weight"])  # (B, T, C)
     if cfg.positions == "learned":
@@ -441,28 +460,28 @@ def _trunk(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfi
     moe = []
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}"
-        x = x + _attention(params, f"{p}.attn", _norm(params, f"{p}.ln_1", x, cfg), cfg)  # (B, T, C)
+        x = x + _attention(params, f"{p}.attn", _norm(params, f"{p}.ln_1", x, cfg), cfg, lin)  # (B, T, C)
         h = _norm(params, f"{p}.ln_2", x, cfg)
         if cfg.is_moe(i):
             h, *stats = _moe(params, f"{p}.mlp", h, cfg)
             moe.append(stats)
         else:
-            h = _mlp(params, f"{p}.mlp", h, cfg)
+            h = _mlp(params, f"{p}.mlp", h, cfg, lin)
         x = x + h  # (B, T, C)
     x = _norm(params, "transformer.ln_f", x, cfg)
     head = params["transformer.wte.weight"] if cfg.tie_embeddings else params["lm_head.weight"]
     return _matmul_weight(x, head, cfg), moe  # (B, T, vocab)
 
 
-def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig) -> torch.Tensor:
+def forward(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig, linear=None) -> torch.Tensor:
     """Logits (B, T, vocab) for token ids idx (B, T), T <= block_size."""
-    return _trunk(params, idx, cfg)[0]
+    return _trunk(params, idx, cfg, linear)[0]
 
 
-def forward_with_aux(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig):
+def forward_with_aux(params: dict[str, torch.Tensor], idx: torch.Tensor, cfg: NanoGPTConfig, linear=None):
     """(logits (B, T, vocab), aux loss, z loss, loads (MoE blocks, E)): the losses are the mean over the
     MoE blocks; a model without experts has no MoE blocks (use `forward`)."""
-    logits, moe = _trunk(params, idx, cfg)
+    logits, moe = _trunk(params, idx, cfg, linear)
     assert moe, "forward_with_aux: the model has no MoE blocks"
     aux, z, loads = zip(*moe)
     return logits, torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(loads)

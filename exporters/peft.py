@@ -21,8 +21,9 @@ and one adapted linear layer is (x rows (N, in), W (out, in), s the scaling):
     lora_plus lora; the optimizer steps the B matrices at lr * loraplus_lr_ratio
 
 The base weights are function inputs, never trained; only the adapter's trainable tensors get gradients.
-`linear_fn(adapter, cfg)` is the linear layer exporters/qwen2.py's forward takes (`linear=`), so the same
-function traces into the compiled modules and runs eagerly in the tests against peft.
+`linear_fn(adapter, cfg)` is the linear layer the exporters' forward takes (`linear=`; Qwen2's, and nanoGPT's
+with `base=`), so the same function traces into the compiled modules and runs eagerly in the tests against
+peft. A nanoGPT adapter's keys are its module names, `transformer.h.{i}.attn.c_attn.lora_A.weight`, ...
 
 Files (save / load): `adapter_model.safetensors` + `adapter_config.json` in peft's format, keys with the
 `base_model.model.` prefix. PiSSA / MiLoRA adapters are saved as the plain LoRA that applies to the untouched
@@ -42,6 +43,10 @@ from pcpc.errors import UserError
 
 METHODS = ("lora", "lora_plus", "dora", "pissa", "milora", "vera", "adalora", "miss")
 QWEN2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NANOGPT_TARGETS = ("c_attn", "c_proj", "c_fc", "w1", "w2", "w3")
+"""nanoGPT's block Linears (exporters/nanogpt.py linear_layers): c_proj names both the attention's output and
+the GELU MLP's, as a suffix matches both in peft; w1 / w2 / w3 are the SwiGLU MLP's."""
+ALL_TARGETS = QWEN2_TARGETS + NANOGPT_TARGETS
 DEFAULT_R = {"vera": 256, "miss": 64}
 PREFIX = "base_model.model."
 SHARED = ("vera_A", "vera_B")
@@ -60,7 +65,8 @@ class PeftConfig:
     lora_alpha: float = 8.0
     """LoRA scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora). Not used by vera / miss."""
     target_modules: tuple[str, ...] = QWEN2_TARGETS
-    """Linear layers to adapt, by their last name (q_proj ... down_proj), in every decoder layer."""
+    """Linear layers to adapt, by their last name, in every decoder layer: Qwen2's q_proj ... down_proj, or
+    nanoGPT's c_attn, c_proj, c_fc (w1, w2, w3 with SwiGLU); a DiLoCo run defaults to all of its model's."""
     use_rslora: bool = False
     """Rank-stabilised scaling lora_alpha / sqrt(r)."""
     lora_dropout: float = 0.0
@@ -110,10 +116,10 @@ class PeftConfig:
             object.__setattr__(self, "r", DEFAULT_R.get(self.type, 8))
         if not isinstance(self.r, int) or self.r < 1:
             raise UserError(f"peft.r must be a positive integer; got {self.r!r}")
-        bad = [t for t in self.target_modules if t not in QWEN2_TARGETS]
+        bad = [t for t in self.target_modules if t not in ALL_TARGETS]
         if bad or not self.target_modules:
-            raise UserError(f"peft.target_modules: expected some of {', '.join(QWEN2_TARGETS)}; got "
-                            f"{list(self.target_modules)}")
+            raise UserError(f"peft.target_modules: expected some of {', '.join(QWEN2_TARGETS)} (Qwen2) or "
+                            f"{', '.join(NANOGPT_TARGETS)} (nanoGPT); got {list(self.target_modules)}")
         if self.lora_dropout != 0.0:
             raise UserError("peft.lora_dropout: only 0.0 is supported (the compiled training step is deterministic)")
         if self.loraplus_lr_ratio <= 0:
@@ -156,26 +162,46 @@ def from_config(raw: dict | PeftConfig | None, where: str = "peft") -> PeftConfi
 # layout
 
 
-def targets(qcfg, cfg: PeftConfig) -> list[tuple[str, int, int]]:
-    """(module name, out, in) of every adapted linear layer, in parameter order."""
-    C, I, hd = qcfg.hidden_size, qcfg.intermediate_size, qcfg.dim_head
-    dims = {"q_proj": (qcfg.num_attention_heads * hd, C), "k_proj": (qcfg.num_key_value_heads * hd, C),
-            "v_proj": (qcfg.num_key_value_heads * hd, C), "o_proj": (C, qcfg.num_attention_heads * hd),
+def linear_layers(mcfg) -> list[tuple[str, str, int, int]]:
+    """(module name, last name, out, in) of every Linear an adapter can target in a Qwen2 or nanoGPT model
+    (its config), in parameter order."""
+    from pcpc.exporters import nanogpt
+
+    if isinstance(mcfg, nanogpt.NanoGPTConfig):
+        return nanogpt.linear_layers(mcfg)
+    C, I, hd = mcfg.hidden_size, mcfg.intermediate_size, mcfg.dim_head
+    dims = {"q_proj": (mcfg.num_attention_heads * hd, C), "k_proj": (mcfg.num_key_value_heads * hd, C),
+            "v_proj": (mcfg.num_key_value_heads * hd, C), "o_proj": (C, mcfg.num_attention_heads * hd),
             "gate_proj": (I, C), "up_proj": (I, C), "down_proj": (C, I)}
     out = []
-    for i in range(qcfg.num_hidden_layers):
+    for i in range(mcfg.num_hidden_layers):
         for t in QWEN2_TARGETS:
-            if t in cfg.target_modules:
-                part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                out.append((f"model.layers.{i}.{part}.{t}", *dims[t]))
+            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out.append((f"model.layers.{i}.{part}.{t}", t, *dims[t]))
     return out
 
 
-def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def default_targets(mcfg) -> tuple[str, ...]:
+    """Every Linear kind of the model (its last names, in order)."""
+    return tuple(dict.fromkeys(short for _, short, _, _ in linear_layers(mcfg)))
+
+
+def targets(mcfg, cfg: PeftConfig) -> list[tuple[str, int, int]]:
+    """(module name, out, in) of every adapted linear layer, in parameter order."""
+    layers = linear_layers(mcfg)
+    out = [(name, o, i) for name, short, o, i in layers if short in cfg.target_modules]
+    missing = [t for t in cfg.target_modules if t not in {short for _, short, _, _ in layers}]
+    if missing:
+        raise UserError(f"peft.target_modules: {missing} are not Linear layers of this model; it has "
+                        f"{', '.join(default_targets(mcfg))}")
+    return out
+
+
+def shapes(mcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """({trainable name: shape}, {frozen adapter name: shape}) in order (the frozen ones: vera's projections)."""
     train, frozen = {}, {}
     r = cfg.r
-    for name, o, i in targets(qcfg, cfg):
+    for name, o, i in targets(mcfg, cfg):
         if cfg.type in LORA_FAMILY:
             train[f"{name}.lora_A.weight"] = (r, i)
             train[f"{name}.lora_B.weight"] = (o, r)
@@ -194,7 +220,7 @@ def shapes(qcfg, cfg: PeftConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
                                 f"{i} inputs, r is {r}")
             train[f"{name}.miss_block"] = (r, o)
     if cfg.type == "vera":
-        ts = targets(qcfg, cfg)
+        ts = targets(mcfg, cfg)
         frozen["vera_A"] = (r, max(i for _, _, i in ts))
         frozen["vera_B"] = (max(o for _, o, _ in ts), r)
     return train, frozen
@@ -229,15 +255,15 @@ def _kaiming_uniform(shape, generator, a=math.sqrt(5)) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
+def init(base: dict[str, torch.Tensor], mcfg, cfg: PeftConfig, seed: int = 0
          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(adapter: the trainable tensors, frozen: vera's projections, residual: {base weight name: the weight
     the adapter applies to}, which differs from the base only for pissa / milora)."""
-    train_shapes, _ = shapes(qcfg, cfg)
+    train_shapes, _ = shapes(mcfg, cfg)
     g = torch.Generator().manual_seed(seed if cfg.init_seed is None else cfg.init_seed)
     adapter = {}
     s, r = cfg.scaling, cfg.r
-    for name, o, i in targets(qcfg, cfg):
+    for name, o, i in targets(mcfg, cfg):
         W = base[f"{name}.weight"].float()
         if cfg.type in ("lora", "lora_plus", "dora"):
             adapter[f"{name}.lora_A.weight"] = _kaiming_uniform((r, i), g)
@@ -263,24 +289,24 @@ def init(base: dict[str, torch.Tensor], qcfg, cfg: PeftConfig, seed: int = 0
         elif cfg.type == "miss":
             adapter[f"{name}.miss_block"] = torch.zeros(r, o)
     assert list(adapter) == list(train_shapes)
-    return adapter, shared_tensors(qcfg, cfg), residual_weights(base, adapter, qcfg, cfg)
+    return adapter, shared_tensors(mcfg, cfg), residual_weights(base, adapter, mcfg, cfg)
 
 
-def shared_tensors(qcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
+def shared_tensors(mcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
     """The adapter's frozen tensors shared by every layer: VeRA's projections, or none."""
     if cfg.type != "vera":
         return {}
-    _, frozen_shapes = shapes(qcfg, cfg)
+    _, frozen_shapes = shapes(mcfg, cfg)
     return vera_projections(cfg, frozen_shapes["vera_A"][1], frozen_shapes["vera_B"][0])
 
 
-def residual_weights(base: dict, adapter0: dict, qcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
+def residual_weights(base: dict, adapter0: dict, mcfg, cfg: PeftConfig) -> dict[str, torch.Tensor]:
     """{weight name: the base weight the adapter applies to} where that is not the base weight itself:
     PiSSA / MiLoRA take their initial adapter out of the base, W - s B0 A0."""
     if cfg.type not in ("pissa", "milora"):
         return {}
     out = {}
-    for name, _, _ in targets(qcfg, cfg):
+    for name, _, _ in targets(mcfg, cfg):
         W = base[f"{name}.weight"]
         B0, A0 = adapter0[f"{name}.lora_B.weight"], adapter0[f"{name}.lora_A.weight"]
         out[f"{name}.weight"] = (W.float() - cfg.scaling * (B0 @ A0)).to(W.dtype)
@@ -323,16 +349,28 @@ def _delta_rows(rows, name, t, cfg: PeftConfig, W):
     raise AssertionError(cfg.type)
 
 
-def linear_fn(tensors: dict[str, torch.Tensor], cfg: PeftConfig):
-    """A linear layer for exporters/qwen2.py's forward(linear=...): the base layer plus the adapter on the
-    targets. `tensors` holds the adapter's trainable and frozen tensors."""
-    from pcpc.exporters import qwen2
+def adapted_modules(tensors) -> set[str]:
+    """The module names the adapter tensors among `tensors` belong to."""
+    out = set()
+    for k in tensors:
+        if any(k.endswith(sfx) for sfx in SUFFIXES):
+            out.add(module_of(k))
+    return out
 
-    wanted = set(cfg.target_modules)
+
+def linear_fn(tensors: dict[str, torch.Tensor], cfg: PeftConfig, base=None):
+    """A linear layer for the exporters' forward(linear=...): the base layer plus the adapter on the modules
+    it has tensors for. `tensors` holds the adapter's trainable and frozen tensors; `base(params, name, x,
+    bias=True)` is the model's own linear (default: exporters/qwen2.py's)."""
+    if base is None:
+        from pcpc.exporters import qwen2
+
+        base = qwen2._linear
+    adapted = adapted_modules(tensors)
 
     def linear(params, name, x, bias=True):
-        y = qwen2._linear(params, name, x, bias)
-        if name.rsplit(".", 1)[-1] not in wanted or not name.startswith("model.layers."):
+        y = base(params, name, x, bias)
+        if name not in adapted:
             return y
         W = params[f"{name}.weight"]
         rows = x.reshape(-1, x.shape[-1]).float()
@@ -464,7 +502,7 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
     targets_ = raw.get("target_modules") or []
     if isinstance(targets_, str):
         raise UserError(f"{cfg_file}: target_modules as a regex is not supported; list the module names")
-    targets_ = tuple(t for t in QWEN2_TARGETS if t in targets_)
+    targets_ = tuple(t for t in ALL_TARGETS if t in targets_)
     if kind == "LORA":
         for key in ("rank_pattern", "alpha_pattern"):
             if raw.get(key):
@@ -515,9 +553,9 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
     return cfg, adapter, frozen
 
 
-def check_against(cfg: PeftConfig, adapter: dict, frozen: dict, qcfg, where: str) -> None:
+def check_against(cfg: PeftConfig, adapter: dict, frozen: dict, mcfg, where: str) -> None:
     """The adapter's tensors are exactly the ones this model and config call for."""
-    want, want_frozen = shapes(qcfg, cfg)
+    want, want_frozen = shapes(mcfg, cfg)
     got = {k: tuple(v.shape) for k, v in adapter.items()}
     if got != want:
         missing = sorted(set(want) - set(got))[:3]
@@ -530,16 +568,16 @@ def check_against(cfg: PeftConfig, adapter: dict, frozen: dict, qcfg, where: str
             raise UserError(f"{where}: {k} must be {shape}")
 
 
-def merge_into(weights: dict, qcfg, adapter_dir: str | Path) -> tuple[dict, PeftConfig]:
+def merge_into(weights: dict, mcfg, adapter_dir: str | Path) -> tuple[dict, PeftConfig]:
     """{name: fp32 array} of a Qwen2 model's weights with the adapter of adapter_dir folded in (only the
     adapted linear weights change; the others are passed through), and the adapter's config."""
     import numpy as np
 
     cfg, adapter, shared = load(adapter_dir)
-    check_against(cfg, adapter, shared, qcfg, str(adapter_dir))
+    check_against(cfg, adapter, shared, mcfg, str(adapter_dir))
     tensors = {**adapter, **shared}
     out = dict(weights)
-    for name, _, _ in targets(qcfg, cfg):
+    for name, _, _ in targets(mcfg, cfg):
         W = torch.from_numpy(np.asarray(weights[f"{name}.weight"], np.float32))
         out[f"{name}.weight"] = merged(W, name, tensors, cfg).numpy()
     return out, cfg

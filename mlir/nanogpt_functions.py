@@ -13,6 +13,15 @@ of FUNCTIONS). Every function takes all weights first, in
     logits         (*params, idx) -> logits                (1 row of block_size, for sampling)
 x, y, idx are int64 (B, block_size); step, lr, mu are f32 scalars.
 
+With a `peft` section (exporters/peft.py's module section; every method but adalora) the parameters are
+the adapter's trainable tensors, and the base model's weights (then VeRA's shared projections) are frozen
+inputs after the scalars, before the data: no gradient, no optimizer state, never returned. outer_step then
+steps the adapter alone, so DiLoCo all-reduces only the adapter's pseudo-gradient:
+
+    train_step     (*adapter, *m, *v, step, lr, *frozen, x, y) -> loss, *adapter', *m', *v'
+    eval_loss      (*adapter, *frozen, x, y) -> loss
+    logits         (*adapter, *frozen, idx) -> logits
+
 A model with Mixture-of-Experts blocks trains on loss = ce + aux_loss_coef * aux
 + z_loss_coef * z (exporters/nanogpt.py), and value_and_grad / train_step
 return the parts right after the loss, in the same forward:
@@ -29,7 +38,7 @@ from pcpc.autodiff import derive
 from pcpc.autodiff.losses import cross_entropy
 from pcpc.autodiff.optim import AdamWConfig
 from pcpc.config import from_dict
-from pcpc.exporters import nanogpt
+from pcpc.exporters import nanogpt, peft
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.signature import TensorSpec
 
@@ -40,10 +49,17 @@ def model_config(config: dict) -> nanogpt.NanoGPTConfig:
     return nanogpt.make_config(config["model"], **config.get("model_overrides", {}))
 
 
-def make_loss(cfg: nanogpt.NanoGPTConfig):
+def adapted_linear(weights: dict, cfg: nanogpt.NanoGPTConfig, pcfg):
+    """The blocks' Linear with the adapter of `weights` added (None: the plain one)."""
+    if pcfg is None:
+        return None
+    return peft.linear_fn(weights, pcfg, base=lambda p, name, x, bias=True: nanogpt._linear(p, name, x, cfg))
+
+
+def make_loss(cfg: nanogpt.NanoGPTConfig, pcfg=None):
     """loss_fn(params, x, y) -> cross-entropy."""
     def loss_fn(params, x, y):
-        return cross_entropy(nanogpt.forward(params, x, cfg), y)
+        return cross_entropy(nanogpt.forward(params, x, cfg, adapted_linear(params, cfg, pcfg)), y)
 
     return loss_fn
 
@@ -52,12 +68,12 @@ MOE_STATS = ("ce", "aux", "z", "expert_load")
 """What a MoE model's value_and_grad and train_step return right after the loss."""
 
 
-def make_moe_loss(cfg: nanogpt.NanoGPTConfig):
+def make_moe_loss(cfg: nanogpt.NanoGPTConfig, pcfg=None):
     """loss_fn(params, x, y) -> (loss, ce, aux, z, expert_load): the training loss of a model with experts."""
     m = cfg.moe
 
     def loss_fn(params, x, y):
-        logits, aux, z, load = nanogpt.forward_with_aux(params, x, cfg)
+        logits, aux, z, load = nanogpt.forward_with_aux(params, x, cfg, adapted_linear(params, cfg, pcfg))
         ce = cross_entropy(logits, y)
         return ce + m.aux_loss_coef * aux + m.z_loss_coef * z, ce.detach(), aux.detach(), z.detach(), load.detach()
 
@@ -76,27 +92,49 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     bad = [f for f in wanted if f not in FUNCTIONS]
     if bad:
         raise ValueError(f"unknown nanogpt functions {bad}; valid: {', '.join(FUNCTIONS)}")
-    shapes = nanogpt.param_shapes(cfg)
-    names = list(shapes)
+    pcfg = peft.from_config(config.get("peft"), where="peft")
+    if pcfg is not None and pcfg.type == "adalora":
+        raise ValueError("peft.type adalora: its rank allocator needs every step's gradients, which a fused "
+                         "nanoGPT train_step does not return; use another method")
+    base_shapes = nanogpt.param_shapes(cfg)
+    frozen = []
+    if pcfg is None:
+        shapes = base_shapes
+    else:
+        shapes, shared = peft.shapes(cfg, pcfg)
+        frozen = _specs("", "frozen", base_shapes) + _specs("", "frozen", shared)
+    names, nf = list(shapes), len(frozen)
     # nanoGPT's rule: decay the matrices and embeddings, not biases and norms; a stack of experts'
     # biases (E, out) is still biases
     decay = [len(s) >= 2 and not n.endswith(".bias") for n, s in shapes.items()]
-    loss_fn = make_loss(cfg)
+    lr_scale = peft.lr_scales(names, pcfg) if pcfg is not None else None
+
+    def with_frozen(loss_fn):
+        """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient."""
+        if not frozen:
+            return loss_fn
+        return lambda params, *rest: loss_fn({**params, **dict(zip((f.name for f in frozen), rest[:nf]))},
+                                             *rest[nf:])
+
+    loss_fn = with_frozen(make_loss(cfg, pcfg))
     moe = bool(cfg.moe_layers)
-    train_loss = make_moe_loss(cfg) if moe else loss_fn
+    train_loss = with_frozen(make_moe_loss(cfg, pcfg)) if moe else loss_fn
     stats = [("ce", "loss"), ("aux", "loss"), ("z", "loss"), ("expert_load", "output")] if moe else []
     P = _specs("", "param", shapes)
     M, V = _specs("m.", "optimizer_state", shapes), _specs("v.", "optimizer_state", shapes)
     T = cfg.block_size
 
     def batch(rows):
-        return [TensorSpec("x", "data", (rows, T), "int64"), TensorSpec("y", "data", (rows, T), "int64")]
+        return frozen + [TensorSpec("x", "data", (rows, T), "int64"), TensorSpec("y", "data", (rows, T), "int64")]
 
     def scalar(name):
         return TensorSpec(name, "scalar", (), "float32")
 
     def out(specs, role=None):
         return [(s.name, role or s.role) for s in specs]
+
+    def logits_of(weights, idx):
+        return nanogpt.forward(weights, idx, cfg, adapted_linear(weights, cfg, pcfg))
 
     B, EB = config["batch_size"], config.get("eval_batch_size", config["batch_size"])
     fns = {
@@ -111,7 +149,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         ),
         "train_step": lambda: ExportFunction(
             "train_step",
-            derive.train_step_fn(train_loss, names, decay, opt, has_aux=moe),
+            derive.train_step_fn(train_loss, names, decay, opt, has_aux=moe, lr_scale=lr_scale),
             P + M + V + [scalar("step"), scalar("lr")] + batch(B),
             [("loss", "loss")] + stats + out(P) + out(M) + out(V),
         ),
@@ -127,8 +165,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         ),
         "logits": lambda: ExportFunction(
             "logits",
-            lambda *flat: nanogpt.forward(dict(zip(names, flat[: len(names)])), flat[-1], cfg),
-            P + [TensorSpec("idx", "data", (1, T), "int64")],
+            lambda *flat: logits_of(dict(zip(names + [f.name for f in frozen], flat[:-1])), flat[-1]),
+            P + frozen + [TensorSpec("idx", "data", (1, T), "int64")],
             [("logits", "output")],
         ),
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pcpc.errors import UserError
 from pcpc.mlir.build import Target
-from pcpc.mlir.compile import DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS
+from pcpc.mlir.compile import ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS
 
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
@@ -30,8 +30,11 @@ def nanogpt_target(
     model_overrides: dict | None = None,
     optimizer: dict | None = None,
     functions: list[str] | None = None,
+    peft: dict | None = None,
 ) -> Target:
-    """A nanoGPT training module: train_step, eval, outer step and sampling functions."""
+    """A nanoGPT training module: train_step, eval, outer step and sampling functions; with `peft` (an
+    exporters/peft.py module section) an adapter's, on a frozen base (ADAPTER_TRAINING_CPU_FLAGS, as
+    rl_target)."""
     config = {
         "model": model,
         "model_overrides": dict(model_overrides or {}),
@@ -41,8 +44,12 @@ def nanogpt_target(
     }
     if functions is not None:
         config["functions"] = list(functions)
-    return Target(name, NANOGPT_RECIPE, config, NANOGPT_SOURCES, f"{model} training module (batch {batch_size})",
-                  TRAINING_CPU_FLAGS)
+    if peft is not None:
+        config["peft"] = dict(peft)
+    what = f"{model} {peft['type']} adapter" if peft else model
+    sources = NANOGPT_SOURCES + (("pcpc.exporters.peft",) if peft else ())
+    return Target(name, NANOGPT_RECIPE, config, sources, f"{what} training module (batch {batch_size})",
+                  ADAPTER_TRAINING_CPU_FLAGS if peft else TRAINING_CPU_FLAGS)
 
 
 QWEN_RECIPE = "pcpc.mlir.qwen_functions:build"
@@ -103,6 +110,7 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
 
     Compiled with TRAINING_CPU_FLAGS: at the 0.5B shape the GRPO step (forward, backward, AdamW) ran
     1.25-1.4x faster with data tiling than without, at the same peak memory (bench/grpo.py, learner step).
+    An adapter module (a `peft` recipe) is compiled without data tiling: ADAPTER_TRAINING_CPU_FLAGS.
     """
     config = {"model": model} if hf_config is None else {"hf_config": dict(hf_config)}
     config.update(recipe)
@@ -110,7 +118,7 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
     fns = ", ".join(config.get("functions", ["all RL functions"]))
     return Target(name, RL_RECIPE, config, RL_SOURCES,
                   f"{what} {fns}, batch {config.get('batch_size')} x {config.get('seq_len')} tokens",
-                  TRAINING_CPU_FLAGS)
+                  ADAPTER_TRAINING_CPU_FLAGS if config.get("peft") else TRAINING_CPU_FLAGS)
 
 
 def _registry() -> dict[str, Target]:

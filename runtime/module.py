@@ -98,6 +98,23 @@ def flat_layout(meta: ModuleMeta) -> list[tuple[str, int, int]]:
     return out
 
 
+def base_specs(meta: ModuleMeta) -> list:
+    """The specs of the base model's weights (a flat weight file's layout, a checkpoint's params): a module's
+    parameters, or the frozen weights of a training module that trains an adapter (exporters/peft.py)."""
+    from pcpc.exporters.peft import SHARED
+
+    for name in ("token_logprobs", "sequence_logps", "eval_loss"):
+        if name in meta.functions:
+            frozen = [a for a in meta.functions[name].args if a.role == "frozen" and a.name not in SHARED]
+            if frozen:
+                return frozen
+    return list(meta.parameters)
+
+
+def base_bytes(meta: ModuleMeta) -> int:
+    return sum(s.nbytes for s in base_specs(meta))
+
+
 def _map_readonly(path: Path):
     import mmap
 

@@ -17,20 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcpc.mlir.signature import ModuleMeta
-
-
-def base_specs(meta: ModuleMeta) -> list:
-    """The specs of the base model's weights (the flat weight file's layout): a module's parameters, or the
-    frozen weights of a training module that trains an adapter."""
-    from pcpc.exporters.peft import SHARED
-
-    for name in ("token_logprobs", "sequence_logps"):
-        if name in meta.functions:
-            frozen = [a for a in meta.functions[name].args if a.role == "frozen" and a.name not in SHARED]
-            if frozen:
-                return frozen
-    return list(meta.parameters)
+from pcpc.runtime.module import base_specs
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -40,10 +27,6 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     out = aligned_empty(max(a.nbytes, 1))[:a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
-
-
-def base_bytes(meta: ModuleMeta) -> int:
-    return sum(s.nbytes for s in base_specs(meta))
 
 
 class FullPolicy:

@@ -149,7 +149,7 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
     """Make the flat weight file if it is missing; always check its size against meta.json (the base model's
     weights of a training module that trains an adapter)."""
     from pcpc.exporters import hf_weights, qwen2
-    from pcpc.runtime.rl.policy import base_bytes
+    from pcpc.runtime.module import base_bytes
 
     path = Path(path)
     if not path.exists():
@@ -184,7 +184,7 @@ def adapter_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
 
 def describe_training(cfg: RLConfig, meta) -> str:
     """`494,032,768 params` or `494,032,768 params frozen, lora r 16: 8,798,208 trained (1.78%)`."""
-    from pcpc.runtime.rl.policy import base_bytes
+    from pcpc.runtime.module import base_bytes
 
     base = base_bytes(meta) // 4
     if cfg.peft is None:
@@ -196,7 +196,7 @@ def describe_training(cfg: RLConfig, meta) -> str:
 
 def vocab_size(meta) -> int:
     """Rows of the embedding, the first base weight of a training module."""
-    from pcpc.runtime.rl.policy import base_specs
+    from pcpc.runtime.module import base_specs
 
     return base_specs(meta)[0].shape[0]
 
@@ -204,7 +204,7 @@ def vocab_size(meta) -> int:
 def read_weights(path: str | Path, meta) -> list[np.ndarray]:
     """The flat weight file as one fp32 array per base-model weight, in meta.json order."""
     from pcpc.exporters.hf_weights import read_flat
-    from pcpc.runtime.rl.policy import base_specs
+    from pcpc.runtime.module import base_specs
 
     specs = base_specs(meta)
     return read_flat(Path(path), specs, sum(s.nbytes for s in specs))

@@ -16,10 +16,11 @@ learning rate and `outer_learning_rate` (default 0.7) the outer Nesterov rate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pcpc.config import check_at_least, check_choice, check_positive, from_dict, load_json
+from pcpc.exporters.peft import QWEN2_TARGETS, PeftConfig
 from pcpc.runtime.run.config import RunConfig
 
 TOKENIZERS = ("auto", "char", "byte")
@@ -92,6 +93,14 @@ class DiLoCoConfig(RunConfig):
     name (nanogpt-small, gpt2-124m, ...), or an object {"preset": ..., <NanoGPTConfig fields>} (preset
     default nanogpt-small): n_layer, n_head, n_embd, block_size, bias, tie_embeddings, mlp, norm, positions,
     moe, ... (README: model config reference). vocab_size comes from the tokenizer unless given."""
+    init_from: str | None = None
+    """A DiLoCo run directory (or its checkpoints/latest.pt) whose global weights this run starts from, instead
+    of a random initialisation: the same architecture and tokenizer. With `peft`, the frozen base."""
+    peft: PeftConfig | None = None
+    """Train an adapter on the init_from weights, frozen, instead of every weight (exporters/peft.py: lora,
+    lora_plus, dora, pissa, milora, vera or miss, HF peft's fields; target_modules default to every block
+    Linear: c_attn, c_proj, c_fc, or w1, w2, w3 with SwiGLU). Only the adapter's pseudo-gradients are
+    all-reduced; the run saves it in <run dir>/adapter as adapter_model.safetensors + adapter_config.json."""
 
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + (
         "outer_loop_steps", "max_epochs", "num_workers", "backend", "eval_interval", "eval_batches",
@@ -125,7 +134,24 @@ class DiLoCoConfig(RunConfig):
             raise ValueError(f"lr_decay_steps ({self.lr_decay_steps}) must be > warmup_steps ({self.warmup_steps})")
         if self.lr_schedule == "constant" and (self.lr_decay_steps is not None or self.min_learning_rate is not None):
             raise ValueError("lr_decay_steps and min_learning_rate need lr_schedule \"cosine\"")
-        self.model_config()  # strict: unknown fields and bad combinations are errors naming the field
+        mcfg = self.model_config()  # strict: unknown fields and bad combinations are errors naming the field
+        if self.init_from is not None and not self.init_from:
+            raise ValueError("init_from must not be empty (a DiLoCo run directory, or null)")
+        if self.peft is not None:
+            from pcpc.exporters.peft import default_targets, targets
+
+            if self.init_from is None:
+                raise ValueError("peft needs init_from: the run directory of the base model the adapter trains on "
+                                 "(an adapter on random weights learns nothing a full run would not)")
+            if self.peft.type == "adalora":
+                raise ValueError("peft.type adalora is for GRPO / DPO runs: its rank allocator needs every inner "
+                                 "step's gradients, which DiLoCo's fused train_step keeps on the device")
+            if self.peft.target_modules == QWEN2_TARGETS:  # the dataclass default: this model's Linears
+                object.__setattr__(self, "peft", replace(self.peft, target_modules=default_targets(mcfg)))
+            try:
+                targets(mcfg, self.peft)  # names this model has
+            except ValueError as e:
+                raise ValueError(str(e)) from None  # named with the file by from_dict
 
     @property
     def preset(self) -> str:

@@ -14,6 +14,11 @@ parameters stay identical everywhere without a broadcast. Only the
 pseudo-gradient crosses the network: once per tau inner steps, 1/tau of
 what per-step data-parallel training would all-reduce.
 
+With a `peft` section the run trains an adapter (exporters/peft.py) on the
+frozen weights of the `init_from` run: θ above is the adapter alone, the base
+weights are uploaded once and passed to every call, and Δ (the all-reduce) is
+the adapter's pseudo-gradient, its size instead of the model's.
+
 This file is the loop only (plan, setup, one round, state, finish); the run
 directory, checkpoints, metrics, signals and launch are the skeleton's
 (runtime/run/).
@@ -38,6 +43,8 @@ FUNCTIONS = ["train_step", "eval_loss", "outer_step", "logits"]
 KNOWN_DATASETS = {"tiny_shakespeare.txt": "tiny_shakespeare", "enwik8.txt": "enwik8"}
 COLUMNS = ("round", "inner_step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s",
            "allreduce_bytes_per_worker", "data_parallel_bytes_per_worker")
+PEFT_COLUMNS = ("full_diloco_bytes_per_worker",)
+"""With an adapter: what full DiLoCo of the same model would all-reduce per round."""
 WHY_NOT_FOREIGN = ("pcpc does not differentiate MLIR: it derives train_step and outer_step from an exporter's "
                    "functional PyTorch model (torch.func + make_fx) before lowering, and an arbitrary MLIR file has "
                    "no such source.")
@@ -72,12 +79,14 @@ def check_data(cfg: DiLoCoConfig) -> None:
 def model_target(cfg: DiLoCoConfig, vocab_size: int):
     """The build target of the experiment's modules, and the artifact path they are built at.
 
-    Without a `model` object the artifact is model_path itself (its stem names the preset). With one,
-    it is <model_path folder>/<stem>-<hash of the target's config>.mlir: every architecture (and batch
-    shape) gets its own build, and experiments that share one share the build.
+    Without a `model` object or an adapter the artifact is model_path itself (its stem names the preset).
+    With one, it is <model_path folder>/<stem>-<hash of the target's config>.mlir: every architecture (and
+    batch shape, and adapter) gets its own build, and experiments that share one share the build.
     """
     from pcpc.mlir.build import sha256_bytes
     from pcpc.mlir.targets import nanogpt_target
+
+    from pcpc.exporters.peft import module_section
 
     fields = dict(cfg.model_fields)
     fields.setdefault("vocab_size", vocab_size)
@@ -86,9 +95,9 @@ def model_target(cfg: DiLoCoConfig, vocab_size: int):
         path.stem, cfg.preset, cfg.batch_size, eval_batch_size=cfg.eval_batch_size, model_overrides=fields,
         optimizer={"beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": cfg.weight_decay,
                    "grad_clip": cfg.grad_clip},
-        functions=FUNCTIONS,
+        functions=FUNCTIONS, peft=module_section(cfg.peft) if cfg.peft else None,
     )
-    if cfg.model is not None:
+    if cfg.model is not None or cfg.peft is not None:
         key = sha256_bytes(json.dumps(target.config, sort_keys=True).encode())[:10]
         path = path.with_name(f"{path.stem}-{key}{path.suffix}")
     return target, path
@@ -140,6 +149,11 @@ class DiLoCo(Loop):
             derived["resolved.lr_decay_steps"] = cfg.decay_steps(rounds)
         ctx.claim(rounds, derived)  # before the build: fail fast
         built = resolve_model(cfg, vocab, ctx.say)
+        if cfg.init_from is not None:  # the architecture and tokenizer it was trained with: this run's
+            from pcpc.mlir.signature import load_meta
+            from pcpc.runtime.module import base_specs
+
+            load_init(cfg, base_specs(load_meta(built.meta)), data.tokenizer.to_json())
         ctx.write_text("vocab.json", data.tokenizer.to_json())
         ctx.write_config(tokenizer=kind, vocab_size=vocab, vmfb=str(built.vmfb))
         _announce(cfg, ctx, built, rounds, block)
@@ -148,6 +162,8 @@ class DiLoCo(Loop):
     @classmethod
     def check_inputs(cls, cfg: DiLoCoConfig, config_dir: Path) -> None:
         check_data(cfg)
+        if cfg.init_from is not None:
+            init_checkpoint(cfg)
 
     @classmethod
     def explain_change(cls, key, now, then):
@@ -176,13 +192,15 @@ class DiLoCo(Loop):
 
         cfg = self.cfg
         self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
-        self.specs = mod.meta.parameters
+        self.specs = mod.meta.parameters  # every weight, or the adapter's trainable tensors
         self.block = model_config(mod).block_size
         data = load_dataset(cfg.data_path, self.plan.tokenizer)
         self.tokenizer = data.tokenizer
         self.sampler = WorkerSampler(data.train, self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
         self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches)[self.rank::self.world]
         state = self._initial_state(resume)
+        self.F = mod.upload_all(state["frozen"])  # the frozen base (and VeRA's projections), once; [] without
+        self.initial = state["initial"]  # the adapter as drawn (PiSSA's saved form needs it)
         self.G_host = state["params"]
         self.G, self.Bm = mod.upload_all(self.G_host), mod.upload_all(state["momentum"])  # global θ, outer momentum
         self.M, self.V, self.adam_step = mod.upload_all(state["m"]), mod.upload_all(state["v"]), state["adam_step"]
@@ -199,6 +217,10 @@ class DiLoCo(Loop):
         self.flat = np.zeros(sum(self.sizes) + 2 + len(self.stat_cols), np.float32)
         self.traffic = {"allreduce_bytes_per_worker": self.flat.nbytes,
                         "data_parallel_bytes_per_worker": sum(self.sizes) * 4 * cfg.tau}
+        if cfg.peft is not None:  # full DiLoCo of this model: every weight's Δ and the same tail
+            from pcpc.runtime.module import base_bytes
+
+            self.traffic["full_diloco_bytes_per_worker"] = base_bytes(mod.meta) + self.flat.nbytes - 4 * sum(self.sizes)
         self.tokens_per_step = self.world * cfg.batch_size * self.block
         self.tokens, self.stop_agreed, self.val, self.done = state["tokens"], False, None, state["round"]
         return self.done
@@ -210,7 +232,8 @@ class DiLoCo(Loop):
         if moe:
             panels += [("router losses", ["aux_loss", "z_loss"]), ("expert load", self.stat_cols[2:])]
             postfix += [("aux_loss", "aux"), ("expert_load_max", "load max")]
-        return dict(columns=[*COLUMNS, *self.stat_cols, *moe], panels=panels, png="loss.png", x="inner_step",
+        extra = list(PEFT_COLUMNS) if self.cfg.peft is not None else []
+        return dict(columns=[*COLUMNS, *extra, *self.stat_cols, *moe], panels=panels, png="loss.png", x="inner_step",
                     title=f"DiLoCo {Path(self.cfg.model_path).stem}", postfix=postfix, ticks_per_step=self.cfg.tau)
 
     def step(self, r: int) -> dict:
@@ -227,7 +250,7 @@ class DiLoCo(Loop):
             step = r * tau + k  # the same on every worker: data position and schedule index
             self.adam_step += 1
             loss, *rest = mod("train_step", *P, *M, *V, np.float32(self.adam_step),
-                              np.float32(cfg.lr_at(step, rounds)), *self.sampler.batch(step))
+                              np.float32(cfg.lr_at(step, rounds)), *self.F, *self.sampler.batch(step))
             if self.n_stats:  # train_loss is the cross-entropy; the router's losses and loads are their own
                 ce, aux, z, load = (to_host(x) for x in rest[:self.n_stats])
                 loss, rest = ce, rest[self.n_stats:]
@@ -278,8 +301,11 @@ class DiLoCo(Loop):
         dist.gather_object(inner, gathered, dst=0)
         if self.rank != 0:
             return None
-        return {"params": self.G_host, "momentum": [to_host(b) for b in self.Bm], "workers": gathered,
-                "rng_state": self.rng.bit_generator.state, "tokens": self.tokens}
+        out = {"params": self.G_host, "momentum": [to_host(b) for b in self.Bm], "workers": gathered,
+               "rng_state": self.rng.bit_generator.state, "tokens": self.tokens}
+        if self.cfg.peft is not None:  # params are the adapter; the base stays in the init_from run
+            out["initial"] = self.initial
+        return out
 
     def finish(self, done: int, stopped: bool) -> dict | None:
         """Rank 0: sample text, say how it went; the summary."""
@@ -289,7 +315,7 @@ class DiLoCo(Loop):
         if self.rank != 0:
             return None
         log, elapsed = self.run.log, self.run.elapsed()
-        sample = "" if stopped or not cfg.sample_tokens else _sample_text(self.mod, self.G, self.tokenizer,
+        sample = "" if stopped or not cfg.sample_tokens else _sample_text(self.mod, [*self.G, *self.F], self.tokenizer,
                                                                           self.block, cfg.sample_tokens, self.rng)
         summary = {
             "rounds": done, "rounds_planned": self.run.spec.steps, "inner_steps_per_worker": done * cfg.tau,
@@ -299,6 +325,9 @@ class DiLoCo(Loop):
             "allreduce_bytes_per_worker_per_round": self.traffic["allreduce_bytes_per_worker"],
             "data_parallel_bytes_per_worker_per_round": self.traffic["data_parallel_bytes_per_worker"],
         }
+        if cfg.peft is not None:
+            summary["adapter"] = str(self._save_adapter())
+            summary["full_diloco_bytes_per_worker_per_round"] = self.traffic["full_diloco_bytes_per_worker"]
         if sample:
             self.run.dir.write_text("sample.txt", sample)
             self.run.say("sample:\n" + sample)
@@ -313,28 +342,118 @@ class DiLoCo(Loop):
 
         from pcpc.exporters.nanogpt import init_params
 
-        box = [None]
+        from pcpc.runtime.module import base_specs
+
+        cfg, box = self.cfg, [None]
         if self.rank == 0:
             if resume is not None:
                 box[0] = {**resume.state, "round": resume.step}
+            elif cfg.init_from is not None:
+                box[0] = {"round": 0, "params": load_init(cfg, base_specs(self.mod.meta))}
             else:
-                params = [p.numpy() for p in init_params(model_config(self.mod), self.cfg.seed).values()]
-                box[0] = {"round": 0, "params": params, "momentum": [np.zeros_like(p) for p in params],
-                          "workers": None, "rng_state": None, "tokens": 0}
+                box[0] = {"round": 0, "params": [p.numpy() for p in init_params(model_config(self.mod), cfg.seed).values()]}
+            if cfg.peft is not None:
+                box[0].update(self._adapter_state(box[0]))
+            if resume is None:
+                box[0].update(momentum=[np.zeros_like(p) for p in box[0]["params"]], workers=None, rng_state=None,
+                              tokens=0)
+            box[0].setdefault("frozen", [])
+            box[0].setdefault("initial", None)
         dist.broadcast_object_list(box, src=0)
         state = box[0]
         zeros = [np.zeros_like(p) for p in state["params"]]
         mine = state["workers"][self.rank] if state["workers"] else {"m": zeros, "v": zeros, "adam_step": 0}
         return {**state, "m": mine["m"], "v": mine["v"], "adam_step": mine["adam_step"]}
 
+    def _adapter_state(self, state: dict) -> dict:
+        """Rank 0, with an adapter: the frozen inputs (the init_from weights, PiSSA / MiLoRA's residual in
+        place of the adapted ones, then VeRA's projections), the initial adapter, and (a new run) the
+        adapter as the trained params. state["params"] is the base (a new run) or the adapter (a resume)."""
+        import torch
+
+        from pcpc.exporters import peft
+        from pcpc.runtime.module import base_specs
+
+        cfg, specs = self.cfg, base_specs(self.mod.meta)
+        mcfg = model_config(self.mod)
+        resumed = "initial" in state
+        base = load_init(cfg, specs) if resumed else state["params"]
+        tensors = {s.name: torch.from_numpy(np.asarray(a)) for s, a in zip(specs, base)}
+        if resumed:  # the adapter as the run drew it (a second SVD on another machine could differ)
+            adapter0 = {s.name: torch.from_numpy(np.asarray(a)) for s, a in zip(self.specs, state["initial"])}
+            shared, residual = peft.shared_tensors(mcfg, cfg.peft), peft.residual_weights(tensors, adapter0, mcfg,
+                                                                                         cfg.peft)
+        else:
+            adapter0, shared, residual = peft.init(tensors, mcfg, cfg.peft, cfg.seed)
+        assert list(adapter0) == [s.name for s in self.specs], "the module's adapter layout differs from peft.py's"
+        frozen = [residual[s.name].numpy() if s.name in residual else np.asarray(a) for s, a in zip(specs, base)]
+        initial = [v.numpy() for v in adapter0.values()]
+        out = {"frozen": frozen + [v.numpy() for v in shared.values()], "initial": initial}
+        if not resumed:
+            out["params"] = [a.copy() for a in initial]
+        return out
+
+    def _save_adapter(self) -> Path:
+        """<run dir>/adapter: adapter_model.safetensors + adapter_config.json in HF peft's format."""
+        import torch
+
+        from pcpc.exporters import peft
+
+        names = [s.name for s in self.specs]
+        adapter = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.G_host)}
+        _, shared_shapes = peft.shapes(model_config(self.mod), self.cfg.peft)
+        n_base = len(self.F) - len(shared_shapes)
+        from pcpc.runtime.module import to_host
+
+        shared = {k: torch.from_numpy(to_host(x)) for k, x in zip(shared_shapes, self.F[n_base:])}
+        initial = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.initial)}
+        return peft.save(self.run.dir.path / "adapter", adapter, shared, self.cfg.peft, str(self.cfg.init_from),
+                         initial=initial)
+
     def _evaluate(self) -> float:
         """Mean validation loss over all workers' shares of the fixed validation batches."""
         from pcpc.runtime.module import to_host
 
-        total = sum(float(to_host(self.mod("eval_loss", *self.G, x, y)[0])) for x, y in self.my_val)
+        total = sum(float(to_host(self.mod("eval_loss", *self.G, *self.F, x, y)[0])) for x, y in self.my_val)
         sums = np.array([total, len(self.my_val)], np.float64)
         _all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
         return float(sums[0] / sums[1])
+
+
+def init_checkpoint(cfg: DiLoCoConfig) -> Path:
+    """The checkpoint file init_from names (a run directory, or the file itself)."""
+    from pcpc.runtime.run import checkpoint
+
+    given = Path(cfg.init_from)
+    path = given if given.is_file() else checkpoint.path_in(given)
+    if not path.is_file():
+        raise UserError(f"init_from: no checkpoint at {path} (relative to {Path.cwd()}); name a DiLoCo run "
+                        f"directory, or its checkpoints/latest.pt")
+    return path
+
+
+def load_init(cfg: DiLoCoConfig, specs, tokenizer_json: str | None = None) -> list[np.ndarray]:
+    """The init_from run's global weights, checked against this model's weight specs and, given this run's
+    tokenizer (its vocab.json text), against the tokenizer the init_from run trained with."""
+    from pcpc.runtime.run import checkpoint
+
+    path = init_checkpoint(cfg)
+    try:
+        params = checkpoint.load(path, DiLoCo.kind).state["params"]
+    except UserError as e:
+        raise UserError(f"init_from: {e}") from None
+    got, want = [tuple(p.shape) for p in params], [tuple(s.shape) for s in specs]
+    if got != want:
+        diff = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), min(len(got), len(want)))
+        where = (f"weight {diff} ({specs[diff].name}) is {got[diff]}, this model's is {want[diff]}"
+                 if diff < min(len(got), len(want)) else f"it has {len(got)} weights, this model {len(want)}")
+        raise UserError(f"init_from: {path} holds another architecture: {where}; give this run the same model "
+                        f"(and tokenizer) as the init_from run")
+    vocab = path.parent.parent / "vocab.json"
+    if tokenizer_json is not None and vocab.is_file() and vocab.read_text().strip() != tokenizer_json.strip():
+        raise UserError(f"init_from: {vocab} is another tokenizer than this run's (data_path {cfg.data_path}, "
+                        f"tokenizer {cfg.tokenizer}): the base's token ids would mean other characters")
+    return [np.asarray(p) for p in params]
 
 
 def model_config(mod):
@@ -391,16 +510,25 @@ def _sample_text(mod, G, tokenizer, block: int, n_tokens: int, rng, temperature:
 def _announce(cfg: DiLoCoConfig, ctx, built, rounds: int, block: int) -> None:
     from pcpc.mlir.signature import load_meta
 
-    n_params = load_meta(built.meta).parameter_bytes // 4
+    from pcpc.runtime.module import base_bytes
+
+    meta = load_meta(built.meta)
+    n_params, n_base = meta.parameter_bytes // 4, base_bytes(meta) // 4
     payload = 4 * (n_params + 2)
     dp = 4 * n_params * cfg.tau
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
-    ctx.say(f"DiLoCo: {Path(cfg.model_path).stem} ({n_params:,} params), {ctx.world} workers ({backend}), "
+    what = f"{n_params:,} params" if cfg.peft is None else (
+        f"{n_base:,} params frozen from {cfg.init_from}, {cfg.peft.type} r {cfg.peft.r}: {n_params:,} trained "
+        f"({100 * n_params / n_base:.2f}%)")
+    ctx.say(f"DiLoCo: {Path(cfg.model_path).stem} ({what}), {ctx.world} workers ({backend}), "
             f"tau {cfg.tau}, {rounds} rounds; run dir {ctx.dir.path}")
     if rounds < cfg.outer_loop_steps:
         ctx.say(f"  max_epochs {cfg.max_epochs} limits the run to {rounds} rounds")
     ctx.say(f"  each worker all-reduces {_bytes(payload)} per round; per-step data parallel would all-reduce "
             f"{_bytes(dp)} over the same {cfg.tau} steps ({dp / payload:.1f}x more)")
+    if cfg.peft is not None:
+        full = 4 * (n_base + 2)
+        ctx.say(f"  full DiLoCo of this model would all-reduce {_bytes(full)} per round ({full / payload:.1f}x more)")
     if ctx.resume:
         ctx.say(f"  resuming from {ctx.dir.checkpoint}")
 
