@@ -447,9 +447,11 @@ def saved_state(adapter: dict, frozen: dict, cfg: PeftConfig, initial: dict | No
     return {k: v.detach().float().contiguous() for k, v in out.items()}, saved_cfg
 
 
-def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict | None = None) -> dict:
-    """adapter_config.json as peft writes it (the fields its loader reads)."""
-    common = {"peft_type": peft_type(cfg), "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict | None = None,
+                   task_type: str | None = "CAUSAL_LM") -> dict:
+    """adapter_config.json as peft writes it (the fields its loader reads). task_type None: a custom model
+    (nanoGPT), which peft wraps in its plain PeftModel."""
+    common = {"peft_type": peft_type(cfg), "task_type": task_type, "base_model_name_or_path": base_model,
               "inference_mode": True, "target_modules": sorted(cfg.target_modules), "revision": None,
               "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
               "fan_in_fan_out": False}
@@ -471,7 +473,7 @@ def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict |
 
 
 def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base_model: str | None,
-         initial: dict | None = None, rank_pattern: dict | None = None) -> Path:
+         initial: dict | None = None, rank_pattern: dict | None = None, task_type: str | None = "CAUSAL_LM") -> Path:
     """Write adapter_model.safetensors + adapter_config.json into out_dir (each file atomically)."""
     from safetensors.torch import save as st_save
 
@@ -482,7 +484,7 @@ def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base
     state, saved_cfg = saved_state(adapter, frozen, cfg, initial, rank_pattern)
     write_atomic(out_dir / "adapter_model.safetensors", st_save(state, metadata={"format": "pt"}))
     write_atomic(out_dir / "adapter_config.json",
-                 json.dumps(adapter_config(saved_cfg, base_model, rank_pattern), indent=2) + "\n")
+                 json.dumps(adapter_config(saved_cfg, base_model, rank_pattern, task_type), indent=2) + "\n")
     return out_dir
 
 

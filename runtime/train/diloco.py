@@ -398,17 +398,16 @@ class DiLoCo(Loop):
         import torch
 
         from pcpc.exporters import peft
+        from pcpc.runtime.module import to_host
 
         names = [s.name for s in self.specs]
         adapter = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.G_host)}
         _, shared_shapes = peft.shapes(model_config(self.mod), self.cfg.peft)
         n_base = len(self.F) - len(shared_shapes)
-        from pcpc.runtime.module import to_host
-
         shared = {k: torch.from_numpy(to_host(x)) for k, x in zip(shared_shapes, self.F[n_base:])}
         initial = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.initial)}
         return peft.save(self.run.dir.path / "adapter", adapter, shared, self.cfg.peft, str(self.cfg.init_from),
-                         initial=initial)
+                         initial=initial, task_type=None)
 
     def _evaluate(self) -> float:
         """Mean validation loss over all workers' shares of the fixed validation batches."""
