@@ -61,6 +61,8 @@ def _register():
     __import__("pcpc.cmd_data", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_batch", fromlist=["register"]).register(cli, data)
     __import__("pcpc.cmd_peft", fromlist=["register"]).register(cli, data)
+    __import__("pcpc.cmd_deltas", fromlist=["register"]).register(cli, data)
+    __import__("pcpc.cmd_masks", fromlist=["register"]).register(cli, data)
 
 
 _register()

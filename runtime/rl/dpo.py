@@ -247,6 +247,11 @@ class DPO(Loop):
     def state(self) -> dict:
         return {**self.policy.state(), "m": self.M, "v": self.V}
 
+    def weights(self) -> tuple[list[str], list]:
+        from pcpc.runtime.module import to_host
+
+        return [s.name for s in self.mod.meta.parameters], [to_host(p) for p in self.policy.P]
+
     def finish(self, done: int, stopped: bool) -> dict:
         """The whole data set with the final weights; the summary."""
         d, n = self.cfg.dpo_config, len(self.pairs.prompts)

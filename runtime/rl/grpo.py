@@ -309,6 +309,11 @@ class GRPO(Loop):
     def state(self) -> dict:
         return {**self.policy.state(), "m": self.M, "v": self.V, "momentum": self.Bm, "adam_step": self.adam_step}
 
+    def weights(self) -> tuple[list[str], list]:
+        from pcpc.runtime.module import to_host
+
+        return [s.name for s in self.mod.meta.parameters], [to_host(p) for p in self.policy.P]
+
     def finish(self, done: int, stopped: bool) -> dict:
         self.client.stop()
         self.samples.close()

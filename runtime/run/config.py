@@ -24,6 +24,7 @@ from typing import ClassVar
 
 from pcpc.config import check_at_least, check_choice, redacted_dict
 from pcpc.mlir.compile import TARGETS
+from pcpc.runtime.run.deltas import DeltaLogConfig
 
 SECRET_FIELDS = ("wandb_api_key",)
 
@@ -54,6 +55,10 @@ class RunConfig:
     """W&B tags of the run (pcpc batch sets them from the experiment's name: method, seed, size, ...)."""
     wandb_group: str | None = None
     """W&B group of the run (pcpc batch: {size}_{group})."""
+    delta_log: DeltaLogConfig | None = None
+    """Log the trained weights at scheduled steps, exactly, against the first ones, in <run dir>/deltas
+    (runtime/run/deltas.py): {"steps": [10, 20]}, {"interval": N}, or {} for steps 10, 20, 30, 40, 100, 150,
+    200; read back by `pcpc deltas` and `pcpc masks find`."""
 
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = (
         "threads", "checkpoint_interval", "timeout_s", "wandb_project", "wandb_entity", "wandb_run_name",

@@ -39,6 +39,7 @@ from pcpc.errors import UserError
 from pcpc.runtime.run import checkpoint
 from pcpc.runtime.run.checkpoint import Checkpoint
 from pcpc.runtime.run.config import RunConfig
+from pcpc.runtime.run.deltas import DeltaLog
 from pcpc.runtime.run.launch import (Report, WorkerFailure, env_rank, init_process_group, launch_local,
                                      under_torchrun)
 from pcpc.runtime.run.metrics import MetricsLog
@@ -150,6 +151,11 @@ class Loop:
     def finish(self, done: int, stopped: bool) -> dict | None:
         """After the last step: rank 0 returns the summary (and says how it went)."""
         raise NotImplementedError
+
+    def weights(self) -> tuple[list[str], list]:
+        """Rank 0: (names, host arrays) of the trained weights now (every weight, or an adapter's): what a
+        delta log records (runtime/run/deltas.py)."""
+        raise UserError(f"delta_log: {self.title} runs cannot log their weights")
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +282,7 @@ class Run:
         self.dir = RunDir(spec.run_dir)
         self.stop = StopRequest()
         self.log: MetricsLog | None = None
+        self.deltas: DeltaLog | None = None
         self.status: StatusFile | None = None
         self._t0, self._elapsed0 = time.perf_counter(), 0.0
 
@@ -300,6 +307,8 @@ class Run:
                        else StatusFile.start(self.dir.path, loop.kind, self.spec.config_path, self.spec.steps,
                                              loop.unit, step=start))
         self.status.update(state="running", step=start)
+        if self.spec.cfg.delta_log is not None:
+            self.deltas = DeltaLog(self.dir.path, *loop.weights(), start=start)
 
     def save(self, loop: Loop, done: int, record: dict | None) -> None:
         """A checkpoint after `done` steps (loop.state() may be collective: every driving rank calls this)."""
@@ -370,6 +379,8 @@ def _drive(loop: Loop, run: Run):
         stopped = loop.agree_stop(run.stop.requested)
         if run.log is not None:
             record = run.log.record(record)
+        if run.deltas is not None and spec.cfg.delta_log.due(done):
+            run.deltas.log(done, loop.weights()[1])
         if done == spec.steps or stopped or every(spec.cfg.checkpoint_interval, done):
             run.save(loop, done, record)
         if stopped:

@@ -307,6 +307,9 @@ class DiLoCo(Loop):
             out["initial"] = self.initial
         return out
 
+    def weights(self) -> tuple[list[str], list]:
+        return [s.name for s in self.specs], self.G_host  # the global θ (or adapter), after the outer step
+
     def finish(self, done: int, stopped: bool) -> dict | None:
         """Rank 0: sample text, say how it went; the summary."""
         cfg = self.cfg
