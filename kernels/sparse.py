@@ -7,13 +7,15 @@ compact: m and v have nnz entries, never the parameter's size.
     gather(x, idx)                                  x[idx]           (the masked gradient, compact)
     apply_delta(base, idx, delta)                   base with base[idx] + delta at idx (a new tensor)
 
-The reference is the update autodiff/optim.py's dense `adamw` makes, restricted to the mask, bit for bit in
-fp32 (tested): the same operations in the same order, its scalars (bias corrections, step size, decay factor)
-computed the same way in fp32 (`adamw_scalars`). The kernel does the same operations with IEEE
-round-to-nearest sqrt and division (sqrt_rn, div_rn) and no FMA contraction (enable_fp_fusion=False); torch's
-vectorised CPU sqrt / division can differ from those by an ulp, so kernel and CPU reference agree to an ulp
-(m and v exactly). Weight decay touches only the masked entries: dense AdamW given a masked gradient would
-still decay every frozen weight. Learning rate and step are runtime values, so no step recompiles a kernel.
+Every implementation does the update autodiff/optim.py's dense `adamw` makes, restricted to the mask: the
+same fp32 operations in the same order, its scalars (bias corrections, step size, decay factor) computed the
+same way (`adamw_scalars`), with IEEE round-to-nearest sqrt and division and no FMA contraction. That is what
+the compiled modules compute (IREE's llvm-cpu sqrt and division are IEEE), so the Triton kernel (sqrt_rn,
+div_rn, enable_fp_fusion=False), the compiled sparse step (mlir/sparse_functions.py) and the reference agree
+bit for bit. The reference takes its sqrt in float64 and rounds it (exact: sqrt is correctly rounded through
+a double); torch's own vectorised CPU sqrt is not correctly rounded (it differs in ~20% of fp32 inputs).
+Weight decay touches only the masked entries: dense AdamW given a masked gradient would still decay every
+frozen weight. Learning rate and step are runtime values, so no step recompiles a kernel.
 
 Which implementation runs: the Triton kernel for CUDA tensors, the same kernel under Triton's interpreter for
 CPU tensors when TRITON_INTERPRET=1 (how the tests check the kernels without a GPU), else the reference.
@@ -64,6 +66,11 @@ def adamw_scalars(step: int, lr: float, beta1: float, beta2: float, weight_decay
     return {"step_size": float(lr_t / bc1), "bc2_sqrt": float(bc2_sqrt), "keep": float(keep)}
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 sqrt (IEEE's, IREE's, Triton's sqrt_rn): taken in float64, then rounded."""
+    return torch.sqrt(x.double()).to(x.dtype)
+
+
 def sparse_adamw_reference(p, g, idx, m, v, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
                            eps: float = 1e-8, weight_decay: float = 0.0, decay: bool = True) -> None:
     """In place: p (flat, its size) at idx, and the compact m, v (nnz), after one AdamW step."""
@@ -73,7 +80,7 @@ def sparse_adamw_reference(p, g, idx, m, v, step: int, lr: float, beta1: float =
         pi = pi * s["keep"]
     m.copy_(beta1 * m + (1.0 - beta1) * gi)
     v.copy_(beta2 * v + (1.0 - beta2) * gi * gi)
-    denom = torch.sqrt(v) / s["bc2_sqrt"] + eps
+    denom = sqrt_rn(v) / s["bc2_sqrt"] + eps
     p[idx] = pi - s["step_size"] * m / denom
 
 

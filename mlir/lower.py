@@ -41,6 +41,10 @@ class ExportFunction:
     """The first `globals` args become module globals backed by named parameters (scope
     PARAMETER_SCOPE, key = the spec's name, loaded once when the module is loaded, e.g. from
     the flat weight file) instead of call arguments; the signature lists only the rest."""
+    inplace: bool = False
+    """fn writes into some of its arguments (their specs' role "inplace") and the module updates those
+    buffers in place, O(what it writes) instead of a copy of each: fn is exported as it is (torch.export
+    records the mutations; IREE aliases the results onto the argument buffers)."""
 
 
 PARAMETER_SCOPE = "model"
@@ -104,8 +108,9 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
         ex = [_example(s) for s in f.args]
-        gm = _trace(f.fn, ex)
-        root.add_module(f.name, gm)
+        gm = _trace(f.fn, ex)  # an in-place function: the functionalised graph, for its result specs
+        if not f.inplace:
+            root.add_module(f.name, gm)
         for spec, t in zip(f.args[: f.globals], ex):
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)
@@ -115,11 +120,20 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
 
     from iree.turbine.aot.decompositions import extend_aot_decompositions
 
+    import contextlib
+
     fxb = aot.FxProgramsBuilder(root)
-    with extend_aot_decompositions(from_current=False):  # already decomposed by _trace
+    # already decomposed by _trace; a module with in-place functions runs turbine's decompositions, which
+    # functionalise them with their mutations recorded (its functions are small)
+    skip = not any(f.inplace for f in functions)
+    with extend_aot_decompositions(from_current=False) if skip else contextlib.nullcontext():
         for f in functions:
-            def call(module, *args, _name=f.name, _g=tuple(global_attrs[a.name] for a in f.args[: f.globals])):
-                return getattr(module, _name)(*(getattr(module, g) for g in _g), *args)
+            if f.inplace:
+                def call(module, *args, _fn=f.fn):
+                    return _fn(*args)
+            else:
+                def call(module, *args, _name=f.name, _g=tuple(global_attrs[a.name] for a in f.args[: f.globals])):
+                    return getattr(module, _name)(*(getattr(module, g) for g in _g), *args)
 
             fxb.export_program(name=f.name, args=tuple(examples[f.name]), strict=False)(call)
     exported = aot.export(fxb)

@@ -18,9 +18,10 @@ from pcpc.errors import UserError
 
 SCHEMA_VERSION = 1
 
-ROLES = ("param", "frozen", "optimizer_state", "state", "data", "scalar", "loss", "grad", "output")
+ROLES = ("param", "frozen", "optimizer_state", "state", "data", "scalar", "loss", "grad", "output", "inplace")
 """param: model weight (trained); frozen: a weight that is an input but never trained (a PEFT run's base
-model and VeRA's projections); optimizer_state: AdamW moments / outer momentum; state: KV cache and
+model and VeRA's projections); inplace: an argument the function writes into (the sparse step's weights and
+compact moments, mlir/sparse_functions.py); optimizer_state: AdamW moments / outer momentum; state: KV cache and
 similar carried values; data: batch inputs; scalar: lr, step and other 0-d controls;
 loss / grad / output: results."""
 

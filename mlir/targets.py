@@ -121,6 +121,18 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
                   ADAPTER_TRAINING_CPU_FLAGS if config.get("peft") else TRAINING_CPU_FLAGS)
 
 
+SPARSE_RECIPE = "pcpc.mlir.sparse_functions:build"
+SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.mlir.lower", "pcpc.mlir.sparse_functions")
+
+
+def sparse_target(name: str, groups: list, optimizer: dict | None = None) -> Target:
+    """The sparse AdamW step of a mask's layout (mlir/sparse_functions.py): in place, O(nnz)."""
+    config = {"groups": [[list(shape), int(k), bool(decay)] for shape, k, decay in groups],
+              "optimizer": dict(optimizer or {})}
+    return Target(name, SPARSE_RECIPE, config, SPARSE_SOURCES,
+                  f"sparse AdamW step, {len(groups)} tensor kinds", tuple(QWEN_CPU_FLAGS))
+
+
 def _registry() -> dict[str, Target]:
     targets = [
         nanogpt_target("nanogpt-small", "nanogpt-small", batch_size=64),

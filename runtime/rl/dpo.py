@@ -27,6 +27,7 @@ import numpy as np
 
 from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
+from pcpc.runtime.rl.sparse import plan_sparse
 from pcpc.runtime.rl.dpo_config import DPOConfig
 from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.run.skeleton import Loop
@@ -41,6 +42,8 @@ class Plan:
     data_path: str
     eos_token_ids: tuple[int, ...]
     seq_len: int
+    sparse_vmfb: str | None = None
+    """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
 
 
 @dataclass
@@ -143,6 +146,7 @@ class DPO(Loop):
         d = cfg.dpo_config
         src = setup.model_source(cfg.model, cfg.model_overrides)
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)
+        setup.check_mask(cfg)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
         data_path = data_path_of(cfg, ctx.config_dir)
         pairs = load_pairs(data_path, tok, tok.eos_token_ids[0], src.config.vocab_size, d.max_length)
@@ -157,12 +161,13 @@ class DPO(Loop):
         built = build_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(built.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
+        sparse_vmfb = plan_sparse(cfg, load_meta(built.meta), target.config["optimizer"], ctx.say)
         ctx.write_config(training_vmfb=str(built.vmfb), seq_len=T, pairs=n_pairs)
         cut = f" ({pairs.truncated} completions cut to max_length)" if pairs.truncated else ""
         ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} "
                 f"({setup.describe_training(cfg, load_meta(built.meta))}), {n_pairs} pairs{cut}"
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
-        return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T)
+        return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T, sparse_vmfb)
 
     @classmethod
     def check_inputs(cls, cfg: DPOConfig, config_dir: Path) -> None:
@@ -173,6 +178,7 @@ class DPO(Loop):
         setup.check_weights_source(cfg.weights_path, setup.model_source(cfg.model, cfg.model_overrides),
                                    cfg.init_weights)
         setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
+        setup.check_mask(cfg)
 
     # --- the process
 
@@ -180,11 +186,11 @@ class DPO(Loop):
         from pcpc.autodiff.dpo import loss_type_weights
         from pcpc.runtime.module import CompiledModule
         from pcpc.runtime.rl.policy import make_policy
-        from pcpc.runtime.rl.update import ChunkedOptimizer
+        from pcpc.runtime.rl.sparse import make_optimizer
 
         cfg, d = self.cfg, self.cfg.dpo_config
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
-        self.opt = ChunkedOptimizer(mod)
+        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
         self.pairs = load_pairs(self.plan.data_path, tok, self.plan.eos_token_ids[0],
                                 setup.vocab_size(mod.meta), d.max_length)
@@ -197,10 +203,9 @@ class DPO(Loop):
         self.run.say(f"  reference log-probs of {len(self.pairs.prompts)} pairs in {self.reference_s:.2f}s")
         if self.policy.adapter is None:
             self.policy.ref = None  # full fine-tuning: the initial weights are not needed again
-        zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
-        state = resume.state if resume else {"m": zeros, "v": zeros}
+        state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros()}
         self.P = self.policy.P
-        self.M, self.V = (mod.upload_all(state[k]) for k in ("m", "v"))
+        self.M, self.V = (self.opt.upload_state(state[k]) for k in ("m", "v"))
         return resume.step if resume else 0
 
     def layout(self) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.grpo_config import GRPOConfig
+from pcpc.runtime.rl.sparse import plan_sparse
 from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.run.skeleton import Loop
 
@@ -47,6 +48,8 @@ class Plan:
     seq_len: int
     reward_dir: str
     """Where file.py reward functions are found (the config file's folder)."""
+    sparse_vmfb: str | None = None
+    """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
 
 
 def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
@@ -97,6 +100,7 @@ class GRPO(Loop):
         RewardSet.from_config(g.reward_funcs, g.reward_weights, ctx.config_dir)  # fail fast on a bad function
         src = setup.model_source(cfg.model, cfg.model_overrides)
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)  # before any slow build
+        setup.check_mask(cfg)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
         prompts = setup.ensure_prompts(g.prompt_file, tok, src.config.vocab_size, ctx.say)
         prefill_len, seq_len = _seq_len(prompts, r.max_tokens)
@@ -109,8 +113,12 @@ class GRPO(Loop):
                              cfg.target, ctx.say)
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(gen.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
-        train = build_artifact("training_model_path", cfg.training_model_path, training_target(cfg, src, seq_len),
-                               cfg.target, ctx.say)
+        if cfg.mask is not None and cfg.outer_step_active:
+            raise UserError("mask: a sparse run takes no outer Nesterov step; set learning_rate 1.0 and "
+                            "nesterov_momentum 0.0")
+        train_t = training_target(cfg, src, seq_len)
+        train = build_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
+        sparse_vmfb = plan_sparse(cfg, load_meta(train.meta), train_t.config["optimizer"], ctx.say)
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
         ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "
@@ -123,7 +131,7 @@ class GRPO(Loop):
         if cfg.outer_step_note():
             ctx.say("  " + cfg.outer_step_note())
         return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
-                    str(ctx.config_dir))
+                    str(ctx.config_dir), sparse_vmfb)
 
     @classmethod
     def check_inputs(cls, cfg: GRPOConfig, config_dir: Path) -> None:
@@ -134,6 +142,7 @@ class GRPO(Loop):
         src = setup.model_source(cfg.model, cfg.model_overrides)
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)
         setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)  # a missing prompt file is written
+        setup.check_mask(cfg)
 
     # --- every process: rank 0 learns, the others serve rollouts
 
@@ -157,23 +166,24 @@ class GRPO(Loop):
         from pcpc.runtime.rl.policy import make_policy
         from pcpc.runtime.rl.rewards import RewardSet
         from pcpc.runtime.rl.rollout import RolloutClient
-        from pcpc.runtime.rl.update import ChunkedOptimizer
+        from pcpc.runtime.rl.sparse import make_optimizer
         from pcpc.runtime.run.metrics import truncate_jsonl
 
         cfg, g, r = self.cfg, self.cfg.grpo_config, self.cfg.rollout_config
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
-        self.opt = ChunkedOptimizer(mod)
+        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
         self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
         self.prompts = setup.ensure_prompts(g.prompt_file, self.tok, setup.vocab_size(mod.meta), lambda m: None)
         self.rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(self.plan.reward_dir))
         self.client = RolloutClient(self.world)
 
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
-        state = resume.state if resume else {"m": zeros, "v": zeros, "momentum": None, "adam_step": 0}
+        state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros(), "momentum": None,
+                                             "adam_step": 0}
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
                                   keep_reference=g.beta > 0, total_steps=g.num_iterations * g.updates_per_iteration)
         self.P = self.policy.P  # updated in place
-        self.M, self.V = mod.upload_all(state["m"]), mod.upload_all(state["v"])
+        self.M, self.V = self.opt.upload_state(state["m"]), self.opt.upload_state(state["v"])
         self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
         self.ref = self.policy.ref_args() if g.beta > 0 else None
         self.adam_step = state["adam_step"]

@@ -35,13 +35,18 @@ class FullPolicy:
     adapter = None
     wants_grads = False
 
-    def __init__(self, mod, initial: list[np.ndarray], state: dict | None, keep_reference: bool):
+    def __init__(self, mod, initial: list[np.ndarray], state: dict | None, keep_reference: bool,
+                 private: bool = False):
         from pcpc.runtime.generate import import_host_array
 
         # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
-        # fresh start, the first policy share them.
+        # fresh start, the first policy share them; `private`: the policy gets its own copy (the sparse step
+        # writes into its weights in place).
         ref = [import_host_array(mod, a) for a in initial] if mod.driver == "local-task" else mod.upload_all(initial)
-        self.P = list(ref) if state is None else mod.upload_all(state["params"])
+        if state is not None:
+            self.P = mod.upload_all(state["params"])
+        else:
+            self.P = mod.upload_all(initial) if private else list(ref)
         self.ref = ref if keep_reference else None
 
     def args(self) -> list:
@@ -176,6 +181,6 @@ def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool
 
     base = setup.read_weights(weights_path, mod.meta)
     if cfg.peft is None:
-        return FullPolicy(mod, base, state, keep_reference)
+        return FullPolicy(mod, base, state, keep_reference, private=cfg.mask is not None)
     src = setup.model_source(cfg.model, cfg.model_overrides)
     return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model, total_steps)

@@ -64,6 +64,10 @@ class RLConfig(RunConfig):
     dora, pissa, milora, vera or miss; r, lora_alpha, target_modules, ... as HF peft names them). The run
     saves it as adapter_model.safetensors + adapter_config.json in <run dir>/adapter, which peft loads."""
 
+    mask: str | None = None
+    """Sparse fine-tuning: a mask file (`pcpc masks find`); only its weights are trained, by the compiled
+    sparse AdamW step with compact moments (runtime/rl/sparse.py), every other weight stays bit-identical."""
+
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + ("training_model_path", "init_weights")
     """Where the module is built and how a missing weight file would be made do not change a resumed run."""
 
@@ -76,6 +80,10 @@ class RLConfig(RunConfig):
             raise ValueError(f"training_model_path must name a .vmfb build artifact (e.g. "
                              f"models/qwen_grpo_training.vmfb), got {self.training_model_path!r}")
         check_choice(self, "init_weights", INIT_WEIGHTS)
+        if self.mask is not None and self.peft is not None:
+            raise ValueError("mask and peft: a run trains either the masked weights or an adapter, not both")
+        if self.mask is not None and not self.mask:
+            raise ValueError("mask must not be empty (a mask file, or null)")
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,11 @@ def model_source(model: str, overrides: dict | None = None, where: str = "model"
 
 # ---------------------------------------------------------------------------
 # weights
+
+
+def check_mask(cfg: RLConfig) -> None:
+    if cfg.mask is not None and not Path(cfg.mask).is_file():
+        raise UserError(f"mask: {cfg.mask} not found (relative to {Path.cwd()}); make one with `pcpc masks find`")
 
 
 def check_weights_source(path: str | Path, src: ModelSource, init_weights: str) -> None:

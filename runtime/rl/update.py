@@ -26,6 +26,13 @@ class ChunkedOptimizer:
         self.mod = mod
         self.chunks = update_groups([s.name for s in specs], [s.shape for s in specs])
 
+    def zeros(self) -> list[np.ndarray]:
+        """Initial moments: one zero array per parameter."""
+        return [np.zeros(s.shape, np.float32) for s in self.mod.meta.parameters]
+
+    def upload_state(self, arrays: list) -> list:
+        return self.mod.upload_all(arrays)
+
     def step(self, P: list, M: list, V: list, grads: list, step: int, lr: float, outer=None) -> None:
         """One AdamW update of P, M, V (replaced in place); `grads` is emptied as it is consumed.
 

@@ -1,0 +1,169 @@
+"""Sparse fine-tuning: a GRPO / DPO learner that trains only the weights of a mask (`mask` in the config).
+
+The gradient module is the dense one; the optimizer step is the sparse module's (mlir/sparse_functions.py):
+per trained tensor one compiled call that reads the masked entries of the weight and its gradient, steps
+compact AdamW moments of nnz entries (never the weight's size) and writes the new values into the weight in
+place. Every weight outside the mask stays bit-identical to the start. The clip factor is the masked
+gradient's global norm (the gradient the step applies), as dense AdamW given the masked gradient would clip.
+
+Layout: each tensor's mask is a sorted list of flat indices, padded to K (4, 5, 6 or 7 x 2^e, the next
+such size up: at most 25% padding) with an index outside the mask, so tensors of one shape share few compiled
+functions (groups), and shapes stay static.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pcpc.errors import UserError
+
+
+def padded(n: int, numel: int) -> int:
+    """The smallest m * 2^e >= n with m in 4..7 (and n <= 4 as it is), at most numel."""
+    if n <= 4:
+        return min(max(n, 1), numel)
+    e = max(0, math.floor(math.log2(n)) - 2)
+    while True:
+        for m in (4, 5, 6, 7):
+            if m << e >= n:
+                return min(m << e, numel)
+        e += 1
+
+
+@dataclass
+class TensorMask:
+    name: str
+    shape: tuple[int, ...]
+    decay: bool
+    idx: np.ndarray
+    """The flat indices (int64, sorted), padded to K."""
+    n: int
+    """The masked entries (the first n of idx)."""
+    group: int = -1
+
+
+def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorMask], list]:
+    """Each trained tensor's padded indices, and the groups [(shape, K, decay)] of the sparse module."""
+    names = [s.name for s in specs]
+    missing, extra = [n for n in names if n not in mask], sorted(set(mask) - set(names))
+    if missing or extra:
+        raise UserError(f"{where}: the mask does not fit the training module's weights: missing {missing[:3]}, "
+                        f"unexpected {extra[:3]} (a mask found from another model's delta log?)")
+    tensors, groups = [], {}
+    for spec in specs:
+        m = np.asarray(mask[spec.name], bool)
+        if m.shape != tuple(spec.shape):
+            raise UserError(f"{where}: {spec.name} is {list(m.shape)} in the mask, {list(spec.shape)} in the model")
+        flat = np.flatnonzero(m.reshape(-1)).astype(np.int64)
+        numel = m.size
+        decay = len(spec.shape) >= 2 and not spec.name.endswith(".bias")  # the dense module's rule
+        if flat.size == 0:
+            tensors.append(TensorMask(spec.name, tuple(spec.shape), decay, flat, 0))
+            continue
+        K = padded(flat.size, numel)
+        if K > flat.size:  # pad with an index outside the mask: the padded entries write back what they read
+            outside = np.flatnonzero(~m.reshape(-1))[0]
+            flat = np.concatenate([flat, np.full(K - flat.size, outside, np.int64)])
+        t = TensorMask(spec.name, tuple(spec.shape), decay, flat, int(np.count_nonzero(m)))
+        t.group = groups.setdefault((t.shape, K, decay), len(groups))
+        tensors.append(t)
+    return tensors, list(groups)
+
+
+def load_mask(path: str | Path, specs) -> tuple[list[TensorMask], list]:
+    from pcpc.runtime import masks
+
+    return layout(masks.load(path), specs, f"mask {path}")
+
+
+def sparse_target(cfg, training_meta, optimizer: dict):
+    """The sparse module's build target for the run's mask, and where it is built (beside the training
+    module, named by the layout's hash: runs with masks of one layout share it)."""
+    import json
+
+    from pcpc.mlir.build import sha256_bytes
+    from pcpc.mlir.targets import sparse_target as target
+
+    _, groups = load_mask(cfg.mask, training_meta.parameters)
+    t = target("sparse", groups, optimizer)
+    key = sha256_bytes(json.dumps(t.config, sort_keys=True).encode())[:10]
+    train = Path(cfg.training_model_path)
+    name = f"{train.stem}-sparse-{key}"
+    return target(name, groups, optimizer), train.with_name(f"{name}.vmfb")
+
+
+def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
+    """Launcher side: build (or find) the run's sparse module; its .vmfb, or None without a mask."""
+    if cfg.mask is None:
+        return None
+    from pcpc.runtime.run.artifacts import build_artifact
+
+    target, path = sparse_target(cfg, train_meta, optimizer)
+    built = build_artifact("mask", path, target, cfg.target, say)
+    say("  " + describe(load_mask(cfg.mask, train_meta.parameters)[0]) + f" ({cfg.mask}); AdamW on those alone")
+    return str(built.vmfb)
+
+
+def make_optimizer(mod, sparse_vmfb: str | None, cfg, threads: int):
+    """The learner's optimizer: the chunked dense AdamW, or (a mask) the sparse one."""
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    if sparse_vmfb is None:
+        return ChunkedOptimizer(mod)
+    from pcpc.runtime.module import CompiledModule
+
+    return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads), load_mask(cfg.mask, mod.meta.parameters)[0])
+
+
+def describe(tensors: list[TensorMask]) -> str:
+    nnz = sum(t.n for t in tensors)
+    total = sum(math.prod(t.shape) for t in tensors)
+    return f"mask: {nnz:,} of {total:,} weights trained ({100 * nnz / total:.3f}%)"
+
+
+class SparseOptimizer:
+    """AdamW on the masked entries, in place; M and V are the compact moments (nnz entries per tensor)."""
+
+    def __init__(self, sparse_mod, tensors: list[TensorMask]):
+        from pcpc.autodiff.optim import AdamWConfig
+        from pcpc.config import from_dict
+
+        opt = from_dict(AdamWConfig, sparse_mod.meta.provenance.config.get("optimizer", {}), where="optimizer")
+        self.mod, self.tensors, self.grad_clip = sparse_mod, tensors, opt.grad_clip
+        self.idx = [sparse_mod.upload(t.idx) if t.n else None for t in tensors]
+        self.n = [np.int64(t.n) for t in tensors]
+
+    def zeros(self) -> list[np.ndarray]:
+        """Initial compact moments, one per tensor (padded length; empty for a tensor the mask leaves out)."""
+        return [np.zeros(t.idx.size if t.n else 0, np.float32) for t in self.tensors]
+
+    def upload_state(self, arrays: list[np.ndarray]) -> list:
+        """Moments (the initial zeros, or a checkpoint's) as the step takes them."""
+        want = [t.idx.size if t.n else 0 for t in self.tensors]
+        got = [int(np.size(a)) for a in arrays]
+        if got != want:
+            raise UserError(f"--resume: the checkpoint's optimizer state does not fit the mask's layout "
+                            f"(moments of {sum(got):,} entries, the mask needs {sum(want):,})")
+        return [self.mod.upload(np.asarray(a, np.float32)) if a.size else np.asarray(a, np.float32) for a in arrays]
+
+    def step(self, P: list, M: list, V: list, grads: list, step: int, lr: float, outer=None) -> None:
+        """One AdamW update of the masked entries of P (written in place) and of M, V; `grads` is emptied."""
+        from pcpc.runtime.module import to_host
+
+        if outer is not None:
+            raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
+                            "nesterov_momentum 0.0)")
+        coef = 1.0
+        if self.grad_clip > 0:
+            total = sum(float(to_host(self.mod(f"sq_{t.group}", grads[i], self.idx[i], self.n[i])[0]))
+                        for i, t in enumerate(self.tensors) if t.n)
+            coef = min(1.0, self.grad_clip / (math.sqrt(total) + 1e-6))
+        step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
+        for i, t in enumerate(self.tensors):
+            if t.n:
+                self.mod(f"adamw_{t.group}", P[i], grads[i], self.idx[i], M[i], V[i], self.n[i], step_, lr_, coef_)
+            grads[i] = None

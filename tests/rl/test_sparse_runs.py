@@ -1,0 +1,171 @@
+"""Sparse fine-tuning end to end on the toy DPO set: a dense run logs its deltas, a mask is found from them,
+and a sparse run trains only the masked weights through the compiled in-place AdamW step.
+
+Also the compiled sparse step itself: it equals the dense compiled AdamW restricted to the mask, bit for bit,
+and never writes outside the mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pcpc.errors import UserError
+from pcpc.kinds import run_experiment
+from pcpc.runtime import masks
+from pcpc.runtime.run import checkpoint, deltas
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse_toy")
+    raw = json.loads((EXPERIMENTS / "dpo_tiny.json").read_text())
+    raw.update(training_model_path=str(root / "models" / "dpo_toy.vmfb"), weights_path=str(root / "dpo_flat.bin"))
+    raw["dpo_config"]["data_path"] = str(EXPERIMENTS / "dpo_tiny_prefs.jsonl")
+    dense = copy.deepcopy(raw)
+    dense["delta_log"] = {"steps": [5, 10, 20, 30]}
+    run(root, dense, "dense")
+    return root, raw
+
+
+def run(root: Path, raw: dict, name: str, **kw) -> dict:
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return run_experiment(str(path), raw, out_dir=str(root / name), quiet=True, **kw)
+
+
+def mask_file(root: Path, sparsity: float, step: int) -> Path:
+    found, record = masks.find(root / "dense", "magnitude", sparsity, step)
+    return masks.save(root / "masks" / masks.mask_name("magnitude", sparsity, step), found, record)
+
+
+def initial_weights(root: Path) -> list[np.ndarray]:
+    return deltas.weights_at(root / "dense", 0)
+
+
+def test_a_sparse_run_trains_only_the_mask_and_learns(toy):
+    root, raw = toy
+    path = mask_file(root, 90.0, 10)
+    sparse = copy.deepcopy(raw)
+    sparse["mask"] = str(path)
+    summary = run(root, sparse, "sparse90")
+    state = checkpoint.load(checkpoint.path_in(root / "sparse90"), "dpo").state
+    mask = masks.load(path)
+    index = deltas.read_index(root / "dense")
+    changed = 0
+    for name, w0, w in zip(index["names"], initial_weights(root), state["params"]):
+        m = mask[name]
+        assert np.array_equal(np.asarray(w)[~m].view(np.uint32), w0[~m].view(np.uint32)), name  # untouched
+        changed += int(np.count_nonzero(np.asarray(w)[m] != w0[m]))
+    assert 0 < changed <= sum(int(v.sum()) for v in mask.values())
+    # compact moments: nnz entries (padded by at most 25%), not the weights' size
+    nnz = sum(int(v.sum()) for v in mask.values())
+    moments = sum(np.size(a) for a in state["m"])
+    assert nnz <= moments <= 1.25 * nnz + 4 * len(mask)
+    dense = json.loads((root / "dense" / "summary.json").read_text())
+    assert summary["dataset_rewards_accuracies"] > 0.9 and dense["dataset_rewards_accuracies"] > 0.9
+
+
+def test_a_sparse_run_resumes_exactly(toy):
+    root, raw = toy
+    path = mask_file(root, 95.0, 20)
+    a = copy.deepcopy(raw)
+    a["mask"] = str(path)
+    a["dpo_config"]["max_steps"] = 12
+    run(root, a, "full12")
+    a["dpo_config"]["max_steps"] = 6
+    run(root, a, "half")
+    a["dpo_config"]["max_steps"] = 12
+    run(root, a, "half", resume=True)
+    x = checkpoint.load(checkpoint.path_in(root / "full12"), "dpo").state
+    y = checkpoint.load(checkpoint.path_in(root / "half"), "dpo").state
+    for k in ("params", "m", "v"):
+        for p, q in zip(x[k], y[k]):
+            assert np.array_equal(p, q), k
+
+
+def test_a_mask_of_another_model_is_refused(toy, tmp_path):
+    root, raw = toy
+    bad = {"model.embed_tokens.weight": np.ones((3, 3), np.uint8)}
+    path = masks.save(tmp_path / "other", bad, {})
+    sparse = copy.deepcopy(raw)
+    sparse["mask"] = str(path)
+    with pytest.raises(UserError, match="the mask does not fit the training module's weights"):
+        run(root, sparse, "bad")
+    sparse["mask"] = str(tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match="mask: .*missing.safetensors not found"):
+        run(root, sparse, "bad2")
+    sparse["peft"] = {"type": "lora"}
+    with pytest.raises(UserError, match="mask and peft"):
+        run(root, sparse, "bad3")
+
+
+def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path):
+    import torch
+
+    import iree.runtime as rt
+
+    from pcpc.autodiff.optim import AdamWConfig, adamw
+    from pcpc.mlir.build import build
+    from pcpc.mlir.compile import TRAINING_CPU_FLAGS, compile_flags, compile_mlir
+    from pcpc.mlir.lower import ExportFunction, lower
+    from pcpc.mlir.signature import TensorSpec
+    from pcpc.mlir.targets import sparse_target
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rl.sparse import SparseOptimizer, layout
+
+    rng = np.random.default_rng(0)
+    specs = [TensorSpec("a.weight", "param", (64, 48), "float32"), TensorSpec("a.bias", "param", (64,), "float32"),
+             TensorSpec("b.weight", "param", (64, 48), "float32")]
+    mask = {s.name: rng.random(s.shape) < 0.1 for s in specs}
+    mask["b.weight"][:] = False  # a tensor the mask leaves out entirely
+    tensors, groups = layout(mask, specs, "test")
+    opt_cfg = {"beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 0.0}
+    mod = CompiledModule(build(sparse_target("sparse-test", groups, opt_cfg), tmp_path).vmfb)
+    opt = SparseOptimizer(mod, tensors)
+    cfg = AdamWConfig(**opt_cfg)
+
+    def dense_fn(decay):
+        def f(p, g, m, v, step, lr):
+            (a,), (b,), (c,) = adamw([p], [g], [m], [v], step, lr, cfg, [decay], coef=torch.ones(()))
+            return a, b, c
+        return f
+
+    fns = [ExportFunction(f"d{i}", dense_fn(t.decay),
+                          [TensorSpec(n, "data", s.shape, "float32") for n in "pgmv"]
+                          + [TensorSpec(n, "scalar", (), "float32") for n in ("step", "lr")],
+                          [("p", "param"), ("m", "optimizer_state"), ("v", "optimizer_state")])
+           for i, (s, t) in enumerate(zip(specs, tensors))]
+    text, _ = lower(fns)
+    (tmp_path / "dense.mlir").write_text(text)
+    compile_mlir(tmp_path / "dense.mlir", tmp_path / "dense.vmfb", compile_flags("llvm-cpu") + TRAINING_CPU_FLAGS)
+    config = rt.Config("local-task")
+    ctx = rt.SystemContext(config=config)
+    ctx.add_vm_module(rt.VmModule.copy_buffer(config.vm_instance, (tmp_path / "dense.vmfb").read_bytes()))
+    dense = ctx.modules.module
+
+    P0 = [rng.standard_normal(s.shape).astype(np.float32) for s in specs]
+    P, M, V = mod.upload_all(P0), opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())
+    DP, DM, DV = [p.copy() for p in P0], [np.zeros(s.shape, np.float32) for s in specs], \
+        [np.zeros(s.shape, np.float32) for s in specs]
+    for step in range(1, 5):
+        G = [rng.standard_normal(s.shape).astype(np.float32) for s in specs]
+        opt.step(P, M, V, mod.upload_all(G), step, 1e-2)
+        for i, s in enumerate(specs):
+            out = dense[f"d{i}"](DP[i], G[i] * mask[s.name], DM[i], DV[i], np.float32(step), np.float32(1e-2))
+            new_p, DM[i], DV[i] = (np.asarray(o.to_host()) for o in out)
+            DP[i] = np.where(mask[s.name], new_p, DP[i])  # dense AdamW, kept only on the mask
+    for i, t in enumerate(tensors):
+        got = to_host(P[i])
+        assert np.array_equal(got.view(np.uint32), DP[i].view(np.uint32)), t.name  # inside and outside the mask
+        sel = t.idx[:t.n]
+        if t.n:
+            assert np.array_equal(to_host(M[i])[:t.n], DM[i].reshape(-1)[sel])
+            assert np.array_equal(to_host(V[i])[:t.n], DV[i].reshape(-1)[sel])
+    assert np.array_equal(to_host(P[2]), P0[2])
