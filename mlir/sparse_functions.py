@@ -1,15 +1,22 @@
 """The sparse optimizer step as a compiled module: AdamW on a mask's entries, in place, O(nnz).
 
-Config keys (JSON): groups ([[shape, K, decay], ...]: one entry per distinct tensor shape, padded mask
-length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (AdamWConfig fields). For each
-group j:
+Config keys (JSON): groups ([[shape, K, decay, count], ...]: the trained tensors grouped by shape, padded
+mask length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (AdamWConfig fields). Group
+j's `count` tensors go through one call of each function (a call per tensor cost ~0.25 ms each, which at
+0.5B was most of a 99%-sparse step):
 
-    sq_j     (g (shape), idx (K,), n) -> sum of g.flat[idx[:n]]^2        the masked gradient's part of the norm
-    adamw_j  (p (shape), g (shape), idx (K,), m (K,), v (K,), n, step, lr, coef) -> coef
-             p.flat[idx[:n]], m[:n], v[:n] <- one AdamW step, written in place (role "inplace")
+    sq_j      (*g, idx (c, K), n (c,)) -> sum of the masked g^2           the masked gradient's part of the norm
+    gather_j  (*p, idx) -> vals (c, K)                                    row r: p_r.flat[idx[r]]
+    adamw_j   (vals, *g, idx, m (c, K), v (c, K), n, step, lr, coef) -> vals'   one AdamW step of the masked
+              entries; m, v written in place (role "inplace")
+    scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
-idx (flat indices) is int64, sorted, padded from n to K with an index outside the mask (the padded entries write back the
-value they read); n is an int64 0-d count; step, lr, coef are f32 scalars (coef: the clip factor, 1 for
+The weight is read by one call and written by another, each O(K): a function that read and wrote the same
+argument buffer made IREE copy the whole buffer first (a 0.5B step took as long as dense AdamW), one that
+only writes it updates it in place.
+
+idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded entries write back the
+value they read); n holds the counts (int64); step, lr, coef are f32 scalars (coef: the clip factor, 1 for
 none). The update is autodiff/optim.py's `adamw` itself, on the gathered entries, so it compiles to the
 dense module's AdamW arithmetic: the two agree bit for bit on the masked entries (tested). IREE's llvm-cpu
 code contracts a * b + c into a fused multiply-add and folds the Python constants at double precision, so
@@ -29,27 +36,49 @@ from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.signature import TensorSpec
 
 
-def _sq(K: int):
-    def sq(g, idx, n):
-        gi = g.reshape(-1)[idx]
-        live = torch.arange(K) < n
+def _gathered(ts, idx):
+    """(c, K): row r is tensor r's entries at its indices idx[r]."""
+    return torch.stack([t.reshape(-1)[idx[r]] for r, t in enumerate(ts)])
+
+
+def _sq(c: int, K: int):
+    def sq(*flat):
+        gs, idx, n = flat[:c], flat[c], flat[c + 1]
+        gi = _gathered(gs, idx)
+        live = torch.arange(K)[None, :] < n[:, None]
         return torch.where(live, gi * gi, torch.zeros_like(gi)).sum()
 
     return sq
 
 
-def _adamw(K: int, decay: bool, opt: AdamWConfig):
-    def step_fn(p, g, idx, m, v, n, step, lr, coef):
-        live = torch.arange(K) < n
-        flat = p.view(-1)
-        pi, gi = flat[idx], g.reshape(-1)[idx]
-        (new_p,), (new_m,), (new_v,) = adamw([pi], [gi], [m], [v], step, lr, opt, [decay], coef=coef)
-        flat.index_put_((idx,), torch.where(live, new_p, pi))
+def _gather(c: int):
+    def gather(*flat):
+        return _gathered(flat[:c], flat[c])
+
+    return gather
+
+
+def _adamw(c: int, K: int, decay: bool, opt: AdamWConfig):
+    def step_fn(vals, *flat):
+        gs, (idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
+        live = torch.arange(K)[None, :] < n[:, None]
+        gi = _gathered(gs, idx)
+        (new_p,), (new_m,), (new_v,) = adamw([vals], [gi], [m], [v], step, lr, opt, [decay], coef=coef)
         m.copy_(torch.where(live, new_m, m))
         v.copy_(torch.where(live, new_v, v))
-        return coef * 1.0
+        return torch.where(live, new_p, vals)
 
     return step_fn
+
+
+def _scatter(c: int):
+    def scatter(*flat):
+        ps, idx, vals = flat[:c], flat[c], flat[c + 1]
+        for r, p in enumerate(ps):
+            p.view(-1).index_put_((idx[r],), vals[r])
+        return vals[0, :1] * 1.0
+
+    return scatter
 
 
 def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
@@ -62,16 +91,24 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     def f32(name, shape=()):
         return TensorSpec(name, "scalar" if not shape else "data", shape, "float32")
 
-    for j, (shape, K, decay) in enumerate(groups):
+    for j, (shape, K, decay, c) in enumerate(groups):
         shape = tuple(shape)
         numel = math.prod(shape)
-        if not 0 < K <= numel:
-            raise ValueError(f"sparse recipe: group {j}: K {K} must be in [1, numel {numel}]")
-        g, idx, n = f32("g", shape), TensorSpec("idx", "data", (K,), "int64"), TensorSpec("n", "data", (), "int64")
-        fns.append(ExportFunction(f"sq_{j}", _sq(K), [g, idx, n], [("sumsq", "output")]))
+        if not 0 < K <= numel or c < 1:
+            raise ValueError(f"sparse recipe: group {j}: K {K} must be in [1, numel {numel}], count {c} >= 1")
+        gs = [f32(f"g{r}", shape) for r in range(c)]
+        idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
+        vals = f32("vals", (c, K))
+        fns.append(ExportFunction(f"sq_{j}", _sq(c, K), [*gs, idx, n], [("sumsq", "output")]))
+        fns.append(ExportFunction(f"gather_{j}", _gather(c), [*[f32(f"p{r}", shape) for r in range(c)], idx],
+                                  [("vals", "output")]))
         fns.append(ExportFunction(
-            f"adamw_{j}", _adamw(K, bool(decay), opt),
-            [TensorSpec("p", "inplace", shape, "float32"), g, idx, TensorSpec("m", "inplace", (K,), "float32"),
-             TensorSpec("v", "inplace", (K,), "float32"), n, f32("step"), f32("lr"), f32("coef")],
-            [("coef", "output")], inplace=True))
+            f"adamw_{j}", _adamw(c, K, bool(decay), opt),
+            [vals, *gs, idx, TensorSpec("m", "inplace", (c, K), "float32"),
+             TensorSpec("v", "inplace", (c, K), "float32"), n, f32("step"), f32("lr"), f32("coef")],
+            [("vals", "output")], inplace=True))
+        fns.append(ExportFunction(
+            f"scatter_{j}", _scatter(c),
+            [*[TensorSpec(f"p{r}", "inplace", shape, "float32") for r in range(c)], idx, vals],
+            [("first", "output")], inplace=True))
     return fns, []

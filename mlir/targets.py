@@ -127,7 +127,7 @@ SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.mlir.lower", "pcpc.mlir.sparse_fu
 
 def sparse_target(name: str, groups: list, optimizer: dict | None = None) -> Target:
     """The sparse AdamW step of a mask's layout (mlir/sparse_functions.py): in place, O(nnz)."""
-    config = {"groups": [[list(shape), int(k), bool(decay)] for shape, k, decay in groups],
+    config = {"groups": [[list(shape), int(k), bool(decay), int(count)] for shape, k, decay, count in groups],
               "optimizer": dict(optimizer or {})}
     return Target(name, SPARSE_RECIPE, config, SPARSE_SOURCES,
                   f"sparse AdamW step, {len(groups)} tensor kinds", tuple(QWEN_CPU_FLAGS))

@@ -36,7 +36,8 @@ def masks():
 @click.option("--invert", is_flag=True, help="Keep the lowest-scoring weights instead (a baseline).")
 @click.option("--seed", type=int, default=0, show_default=True, help="random: the seed.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Mask file (default: masks/sparsity_<P>pct_<method>_step<N>.safetensors).")
+              help="Mask file (default: masks/<model>/sparsity_<P>pct_<method>_step<N>.safetensors, the model "
+                   "name of the run sanitised: google/gemma-3-270m-it -> google_gemma_3_270m_it).")
 def find(run, method, sparsity_percent, target_step, momentum_window, mlp_only, min_keep_percent, invert, seed,
          out):
     """Score the weights from RUN's delta log and keep the top ones."""
@@ -44,8 +45,10 @@ def find(run, method, sparsity_percent, target_step, momentum_window, mlp_only, 
 
     found, record = m.find(run, method, sparsity_percent, target_step, momentum_window, mlp_only,
                            min_keep_percent, invert, seed)
-    path = Path(out) if out else Path("masks") / (m.mask_name(method, sparsity_percent, target_step,
-                                                               momentum_window, invert) + ".safetensors")
+    model = m.model_of(Path(run))
+    folder = Path("masks") / m.sanitize(model) if model else Path("masks")
+    path = Path(out) if out else folder / (m.mask_name(method, sparsity_percent, target_step, momentum_window,
+                                                        invert) + ".safetensors")
     path = m.save(path, found, record)
     click.echo(f"{path}: {record['kept']:,} of {record['weights']:,} weights trained "
                f"({100 * record['density']:.3f}%); record {m.record_path(path)}")

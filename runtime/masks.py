@@ -31,6 +31,29 @@ from pcpc.errors import UserError
 METHODS = ("magnitude", "momentum", "delta-variance", "random")
 
 
+def sanitize(model: str) -> str:
+    """A model name as a path part, as the reference design names its folders:
+    "google/gemma-3-270m-it" -> "google_gemma_3_270m_it", "meta-llama/Llama-3.1-8B" -> "meta_llama_llama_3_1_8b"."""
+    import re
+
+    return re.sub(r"_+", "_", re.sub(r"[^a-z0-9]", "_", model.strip().lower())).strip("_")
+
+
+def model_of(run_dir: Path) -> str | None:
+    """The model a run trained (its config.json): a GRPO / DPO run's `model`, a DiLoCo run's preset."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    exp = cfg.get("experiment", {})
+    model = exp.get("model")
+    if isinstance(model, dict):
+        model = model.get("preset")
+    if model is None and exp.get("model_path"):
+        model = Path(exp["model_path"]).stem
+    return str(Path(model).name) if model and Path(str(model)).is_dir() else model
+
+
 def mask_name(method: str, sparsity: float, step: int, window: int | None = None, invert: bool = False) -> str:
     w = f"_w{window}" if method == "momentum" and window else ""
     return f"sparsity_{sparsity:g}pct_{'inverted_' if invert else ''}{method.replace('-', '_')}{w}_step{step}"

@@ -44,34 +44,56 @@ class TensorMask:
     n: int
     """The masked entries (the first n of idx)."""
     group: int = -1
+    """The group (a compiled function set) the tensor is stepped in, and its row there; -1: not trained."""
+    row: int = -1
 
 
-def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorMask], list]:
-    """Each trained tensor's padded indices, and the groups [(shape, K, decay)] of the sparse module."""
+@dataclass
+class Group:
+    shape: tuple[int, ...]
+    K: int
+    decay: bool
+    members: list[int]
+    """Parameter indices, in order."""
+    idx: np.ndarray | None = None
+    """(count, K) int64: each member's padded indices."""
+    n: np.ndarray | None = None
+    """(count,) int64: each member's mask count."""
+
+    @property
+    def key(self) -> list:
+        return [list(self.shape), self.K, self.decay, len(self.members)]
+
+
+def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorMask], list[Group]]:
+    """Each tensor's padded indices, and the groups of trained tensors the sparse module steps together."""
     names = [s.name for s in specs]
     missing, extra = [n for n in names if n not in mask], sorted(set(mask) - set(names))
     if missing or extra:
         raise UserError(f"{where}: the mask does not fit the training module's weights: missing {missing[:3]}, "
                         f"unexpected {extra[:3]} (a mask found from another model's delta log?)")
     tensors, groups = [], {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         m = np.asarray(mask[spec.name], bool)
         if m.shape != tuple(spec.shape):
             raise UserError(f"{where}: {spec.name} is {list(m.shape)} in the mask, {list(spec.shape)} in the model")
         flat = np.flatnonzero(m.reshape(-1)).astype(np.int64)
-        numel = m.size
         decay = len(spec.shape) >= 2 and not spec.name.endswith(".bias")  # the dense module's rule
-        if flat.size == 0:
-            tensors.append(TensorMask(spec.name, tuple(spec.shape), decay, flat, 0))
-            continue
-        K = padded(flat.size, numel)
-        if K > flat.size:  # pad with an index outside the mask: the padded entries write back what they read
-            outside = np.flatnonzero(~m.reshape(-1))[0]
-            flat = np.concatenate([flat, np.full(K - flat.size, outside, np.int64)])
-        t = TensorMask(spec.name, tuple(spec.shape), decay, flat, int(np.count_nonzero(m)))
-        t.group = groups.setdefault((t.shape, K, decay), len(groups))
+        t = TensorMask(spec.name, tuple(spec.shape), decay, flat, int(flat.size))
+        if flat.size:
+            K = padded(flat.size, m.size)
+            if K > flat.size:  # pad with an index outside the mask: the padded entries write back what they read
+                outside = np.flatnonzero(~m.reshape(-1))[0]
+                t.idx = np.concatenate([flat, np.full(K - flat.size, outside, np.int64)])
+            g = groups.setdefault((t.shape, K, decay), Group(t.shape, K, decay, []))
+            t.group, t.row = list(groups).index((t.shape, K, decay)), len(g.members)
+            g.members.append(i)
         tensors.append(t)
-    return tensors, list(groups)
+    out = list(groups.values())
+    for g in out:
+        g.idx = np.stack([tensors[i].idx for i in g.members])
+        g.n = np.array([tensors[i].n for i in g.members], np.int64)
+    return tensors, out
 
 
 def load_mask(path: str | Path, specs) -> tuple[list[TensorMask], list]:
@@ -89,11 +111,11 @@ def sparse_target(cfg, training_meta, optimizer: dict):
     from pcpc.mlir.targets import sparse_target as target
 
     _, groups = load_mask(cfg.mask, training_meta.parameters)
-    t = target("sparse", groups, optimizer)
+    t = target("sparse", [g.key for g in groups], optimizer)
     key = sha256_bytes(json.dumps(t.config, sort_keys=True).encode())[:10]
     train = Path(cfg.training_model_path)
     name = f"{train.stem}-sparse-{key}"
-    return target(name, groups, optimizer), train.with_name(f"{name}.vmfb")
+    return target(name, [g.key for g in groups], optimizer), train.with_name(f"{name}.vmfb")
 
 
 def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
@@ -116,7 +138,7 @@ def make_optimizer(mod, sparse_vmfb: str | None, cfg, threads: int):
         return ChunkedOptimizer(mod)
     from pcpc.runtime.module import CompiledModule
 
-    return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads), load_mask(cfg.mask, mod.meta.parameters)[0])
+    return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads), *load_mask(cfg.mask, mod.meta.parameters))
 
 
 def describe(tensors: list[TensorMask]) -> str:
@@ -126,29 +148,29 @@ def describe(tensors: list[TensorMask]) -> str:
 
 
 class SparseOptimizer:
-    """AdamW on the masked entries, in place; M and V are the compact moments (nnz entries per tensor)."""
+    """AdamW on the masked entries, in place; M and V are the compact moments, one (count, K) array per group."""
 
-    def __init__(self, sparse_mod, tensors: list[TensorMask]):
+    def __init__(self, sparse_mod, tensors: list[TensorMask], groups: list[Group]):
         from pcpc.autodiff.optim import AdamWConfig
         from pcpc.config import from_dict
 
         opt = from_dict(AdamWConfig, sparse_mod.meta.provenance.config.get("optimizer", {}), where="optimizer")
-        self.mod, self.tensors, self.grad_clip = sparse_mod, tensors, opt.grad_clip
-        self.idx = [sparse_mod.upload(t.idx) if t.n else None for t in tensors]
-        self.n = [np.int64(t.n) for t in tensors]
+        self.mod, self.tensors, self.groups, self.grad_clip = sparse_mod, tensors, groups, opt.grad_clip
+        self.idx = [sparse_mod.upload(g.idx) for g in groups]
+        self.n = [sparse_mod.upload(g.n) for g in groups]
 
     def zeros(self) -> list[np.ndarray]:
-        """Initial compact moments, one per tensor (padded length; empty for a tensor the mask leaves out)."""
-        return [np.zeros(t.idx.size if t.n else 0, np.float32) for t in self.tensors]
+        """Initial compact moments: one (count, K) array per group."""
+        return [np.zeros((len(g.members), g.K), np.float32) for g in self.groups]
 
     def upload_state(self, arrays: list[np.ndarray]) -> list:
         """Moments (the initial zeros, or a checkpoint's) as the step takes them."""
-        want = [t.idx.size if t.n else 0 for t in self.tensors]
-        got = [int(np.size(a)) for a in arrays]
+        want = [(len(g.members), g.K) for g in self.groups]
+        got = [tuple(np.shape(a)) for a in arrays]
         if got != want:
             raise UserError(f"--resume: the checkpoint's optimizer state does not fit the mask's layout "
-                            f"(moments of {sum(got):,} entries, the mask needs {sum(want):,})")
-        return [self.mod.upload(np.asarray(a, np.float32)) if a.size else np.asarray(a, np.float32) for a in arrays]
+                            f"(moments {got[:3]}..., the mask needs {want[:3]}...)")
+        return [self.mod.upload(np.asarray(a, np.float32)) for a in arrays]
 
     def step(self, P: list, M: list, V: list, grads: list, step: int, lr: float, outer=None) -> None:
         """One AdamW update of the masked entries of P (written in place) and of M, V; `grads` is emptied."""
@@ -159,11 +181,14 @@ class SparseOptimizer:
                             "nesterov_momentum 0.0)")
         coef = 1.0
         if self.grad_clip > 0:
-            total = sum(float(to_host(self.mod(f"sq_{t.group}", grads[i], self.idx[i], self.n[i])[0]))
-                        for i, t in enumerate(self.tensors) if t.n)
+            total = sum(float(to_host(self.mod(f"sq_{j}", *[grads[i] for i in g.members], self.idx[j],
+                                               self.n[j])[0])) for j, g in enumerate(self.groups))
             coef = min(1.0, self.grad_clip / (math.sqrt(total) + 1e-6))
         step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
-        for i, t in enumerate(self.tensors):
-            if t.n:
-                self.mod(f"adamw_{t.group}", P[i], grads[i], self.idx[i], M[i], V[i], self.n[i], step_, lr_, coef_)
+        for j, g in enumerate(self.groups):
+            ps, gs = [P[i] for i in g.members], [grads[i] for i in g.members]
+            vals = self.mod(f"gather_{j}", *ps, self.idx[j])[0]
+            vals = self.mod(f"adamw_{j}", vals, *gs, self.idx[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
+            self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
+        for i in range(len(grads)):
             grads[i] = None

@@ -122,13 +122,16 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
 
     rng = np.random.default_rng(0)
     specs = [TensorSpec("a.weight", "param", (64, 48), "float32"), TensorSpec("a.bias", "param", (64,), "float32"),
-             TensorSpec("b.weight", "param", (64, 48), "float32")]
+             TensorSpec("b.weight", "param", (64, 48), "float32"), TensorSpec("c.weight", "param", (64, 48), "float32")]
     mask = {s.name: rng.random(s.shape) < 0.1 for s in specs}
     mask["b.weight"][:] = False  # a tensor the mask leaves out entirely
+    mask["c.weight"] = mask["a.weight"].copy()
+    mask["c.weight"][0, :5] = ~mask["c.weight"][0, :5]  # another count, the same padded length: one group
     tensors, groups = layout(mask, specs, "test")
     opt_cfg = {"beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 0.0}
-    mod = CompiledModule(build(sparse_target("sparse-test", groups, opt_cfg), tmp_path).vmfb)
-    opt = SparseOptimizer(mod, tensors)
+    assert [g.members for g in groups] == [[0, 3], [1]]  # b.weight: nothing to train, no group
+    mod = CompiledModule(build(sparse_target("sparse-test", [g.key for g in groups], opt_cfg), tmp_path).vmfb)
+    opt = SparseOptimizer(mod, tensors, groups)
     cfg = AdamWConfig(**opt_cfg)
 
     def dense_fn(decay):
@@ -166,6 +169,6 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
         assert np.array_equal(got.view(np.uint32), DP[i].view(np.uint32)), t.name  # inside and outside the mask
         sel = t.idx[:t.n]
         if t.n:
-            assert np.array_equal(to_host(M[i])[:t.n], DM[i].reshape(-1)[sel])
-            assert np.array_equal(to_host(V[i])[:t.n], DV[i].reshape(-1)[sel])
+            assert np.array_equal(to_host(M[t.group])[t.row, :t.n], DM[i].reshape(-1)[sel])
+            assert np.array_equal(to_host(V[t.group])[t.row, :t.n], DV[i].reshape(-1)[sel])
     assert np.array_equal(to_host(P[2]), P0[2])

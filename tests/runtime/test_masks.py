@@ -118,3 +118,9 @@ def test_bad_requests_are_named(run):
         masks.find(run_dir, "momentum", 90.0, 10, window=1)
     with pytest.raises(UserError, match="masks of different models"):
         masks.compare({"a": np.zeros(3, bool)}, {"b": np.zeros(3, bool)}, ("x", "y"))
+
+
+def test_model_names_are_sanitised_as_the_reference_does():
+    assert masks.sanitize("google/gemma-3-270m-it") == "google_gemma_3_270m_it"
+    assert masks.sanitize("meta-llama/Llama-3.1-8B") == "meta_llama_llama_3_1_8b"
+    assert masks.sanitize("qwen2.5-0.5b") == "qwen2_5_0_5b"

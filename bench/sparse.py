@@ -1,0 +1,213 @@
+"""Sparse fine-tuning at the Qwen2.5-0.5B shape: the optimizer step alone, dense against sparse, and the whole
+GRPO learner step with a 99% mask against the dense one, in one run.
+
+    .venv/bin/python bench/sparse.py [--shape 0.5b] [--sparsities 90,95,97.5,99,99.75] [--reps 5]
+                                     [--learner-sparsity 99] [--group 4] [--prompt-len 16] [--max-tokens 32]
+
+Random weights, gradients and masks (uniform at each sparsity; no download). Each contender runs in its own
+subprocess, so its peak memory is its own:
+
+  optimizer   dense: the training module's chunked AdamW over every weight (grad_clip_coef + adamw_K, as the
+              learner runs it); sparse: the sparse module's in-place AdamW over the mask (sq_K for the clip
+              factor + adamw_K per tensor). Steady-state medians of --reps steps, build and load excluded.
+  learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
+              dense against a --learner-sparsity mask: best step time and peak RSS (from the weights' load,
+              bench/grpo.py start_peak_rss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+grpo = _bench_module("grpo")
+ROOT = grpo.ROOT
+
+
+def _training_module(a):
+    from pcpc.mlir.build import build
+
+    _, train_t = grpo.targets(grpo.PRESETS[a.shape], a.group, a.prompt_len, a.max_tokens)
+    return build(train_t, Path(a.artifacts)), train_t
+
+
+def _random_mask(specs, sparsity: float, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {s.name: rng.random(s.shape, dtype=np.float32) >= sparsity / 100 for s in specs}
+
+
+def _sparse_optimizer(a, mod, train_t, sparsity: float):
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import sparse_target
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.rl.sparse import SparseOptimizer, layout
+
+    tensors, groups = layout(_random_mask(mod.meta.parameters, sparsity), mod.meta.parameters, "bench")
+    from pcpc.mlir.rl_functions import RL_OPTIMIZER
+
+    optimizer = {**RL_OPTIMIZER, **train_t.config.get("optimizer", {})}  # the training module's AdamW
+    target = sparse_target(f"bench-sparse-{a.shape}-{sparsity:g}", [g.key for g in groups], optimizer)
+    t0 = time.perf_counter()
+    built = build(target, Path(a.artifacts))
+    opt = SparseOptimizer(CompiledModule(built.vmfb, threads=os.cpu_count()), tensors, groups)
+    return opt, time.perf_counter() - t0
+
+
+def run_optimizer(a) -> dict:
+    """Dense chunked AdamW against the sparse step at each sparsity, on the same weights and gradients."""
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    built, train_t = _training_module(a)
+    mod = CompiledModule(built.vmfb, threads=os.cpu_count())
+    specs = mod.meta.parameters
+    rng = np.random.default_rng(0)
+    P = mod.upload_all([rng.standard_normal(s.shape, dtype=np.float32) * 0.02 for s in specs])
+    G = mod.upload_all([rng.standard_normal(s.shape, dtype=np.float32) * 1e-3 for s in specs])
+
+    def timed(opt, M, V):
+        times = []
+        for k in range(a.reps + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            opt.step(P, M, V, list(G), k + 1, 1e-5)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    dense = ChunkedOptimizer(mod)
+    out = {"dense_s": timed(dense, mod.upload_all(dense.zeros()), mod.upload_all(dense.zeros())),
+           "params": int(sum(np.prod(s.shape) for s in specs)), "sparse": {}}
+    for sp in a.sparsities:
+        opt, build_s = _sparse_optimizer(a, mod, train_t, sp)
+        nnz = sum(t.n for t in opt.tensors)
+        out["sparse"][str(sp)] = {"s": timed(opt, opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())),
+                                  "nnz": nnz, "build_s": round(build_s, 1)}
+    return out
+
+
+def run_learner(a) -> dict:
+    """One GRPO learner step (reference, gradient, optimizer), dense or with a mask (a.sparsity > 0)."""
+    from pcpc.autodiff.grpo import loss_type_weights
+    from pcpc.runtime.generate import import_host_array
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    built, train_t = _training_module(a)
+    cfg, params, prompt = grpo.inputs(grpo.PRESETS[a.shape], a.group, a.prompt_len)
+    from pcpc.exporters.hf_weights import aligned_empty
+
+    host = []
+    for p in params.values():  # aligned host copies the device reads in place, as the run does
+        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
+        buf[...] = p.numpy()
+        host.append(buf)
+    del params
+    mod = CompiledModule(built.vmfb, threads=os.cpu_count())
+    ref = [import_host_array(mod, h) for h in host]
+    if a.sparsity:
+        opt, _ = _sparse_optimizer(a, mod, train_t, a.sparsity)
+        P = mod.upload_all(host)  # the sparse step writes into its own copy; the reference stays
+    else:
+        opt = ChunkedOptimizer(mod)
+        P = list(ref)  # shared until the first dense step replaces them, as the run does
+    M, V = opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())
+    grpo.start_peak_rss()
+    T = a.prompt_len + a.max_tokens
+    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    mask = np.zeros((a.group, T - 1), np.float32)
+    mask[:, a.prompt_len - 1:] = 1.0
+    adv = np.linspace(-1.0, 1.5, a.group, dtype=np.float32)
+    zeros = np.zeros((a.group, T - 1), np.float32)
+    sel = np.asarray(loss_type_weights("grpo"), np.float32)
+
+    def step(k):
+        ref_logp = mod("token_logprobs", *ref, ids, np.float32(grpo.TEMPERATURE))[0]
+        out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(grpo.BETA),
+                  np.float32(0.2), np.float32(0.2), np.float32(grpo.TEMPERATURE), np.float32(a.max_tokens),
+                  np.float32(0), np.float32(1))
+        loss = float(to_host(out[0]))
+        grads = list(out[5:])
+        del out
+        opt.step(P, M, V, grads, k, 1e-5)
+        return loss
+
+    step(1)
+    times = []
+    for k in range(a.reps):
+        t0 = time.perf_counter()
+        step(k + 2)
+        times.append(time.perf_counter() - t0)
+    return {"best_s": min(times), "peak_rss_gb": grpo.peak_rss_gb()}
+
+
+def _run(who: str, a, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--contender", who, "--shape", a.shape, "--reps", str(a.reps), "--group",
+           str(a.group), "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--artifacts",
+           a.artifacts, "--sparsities", ",".join(map(str, a.sparsities))]
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"{who} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="0.5b", choices=sorted(grpo.PRESETS))
+    ap.add_argument("--sparsities", default="90,95,97.5,99,99.75")
+    ap.add_argument("--learner-sparsity", type=float, default=99.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
+    ap.add_argument("--contender", choices=("optimizer", "learner"), help=argparse.SUPPRESS)
+    ap.add_argument("--sparsity", type=float, default=0.0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.sparsities = [float(x) for x in str(a.sparsities).split(",") if x]
+    if a.contender:
+        print(json.dumps(run_optimizer(a) if a.contender == "optimizer" else run_learner(a)))
+        return
+    import platform
+
+    print(f"bench/sparse.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {grpo.PRESETS[a.shape]}, "
+          f"medians of {a.reps} steps")
+    o = _run("optimizer", a)
+    print(f"\noptimizer step over {o['params']:,} weights: dense AdamW {o['dense_s'] * 1e3:.1f} ms")
+    for sp, r in o["sparse"].items():
+        print(f"  {float(sp):6.2f}% sparse ({r['nnz']:>11,} trained): {r['s'] * 1e3:8.2f} ms  "
+              f"{o['dense_s'] / r['s']:7.1f}x faster   (module built in {r['build_s']}s)")
+    dense = _run("learner", a, sparsity=0)
+    sparse = _run("learner", a, sparsity=a.learner_sparsity)
+    print(f"\nGRPO learner step (group {a.group}, {a.prompt_len} + {a.max_tokens} tokens): dense {dense['best_s']:.3f} s, "
+          f"{a.learner_sparsity:g}% sparse {sparse['best_s']:.3f} s ({dense['best_s'] / sparse['best_s']:.2f}x); "
+          f"peak RSS dense {dense['peak_rss_gb']:.2f} GB, sparse {sparse['peak_rss_gb']:.2f} GB "
+          f"({sparse['peak_rss_gb'] / dense['peak_rss_gb']:.2f}x)")
+
+
+if __name__ == "__main__":
+    from pcpc.runtime.host_memory import use_in_this_process
+
+    use_in_this_process()
+    main()
