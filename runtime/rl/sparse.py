@@ -34,6 +34,10 @@ def padded(n: int, numel: int) -> int:
         e += 1
 
 
+MAX_GROUP = 8
+"""Tensors per group: a call binds each member's weight or gradient, and IREE allows 32 bindings a dispatch."""
+
+
 @dataclass
 class TensorMask:
     name: str
@@ -85,8 +89,12 @@ def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorM
             if K > flat.size:  # pad with an index outside the mask: the padded entries write back what they read
                 outside = np.flatnonzero(~m.reshape(-1))[0]
                 t.idx = np.concatenate([flat, np.full(K - flat.size, outside, np.int64)])
-            g = groups.setdefault((t.shape, K, decay), Group(t.shape, K, decay, []))
-            t.group, t.row = list(groups).index((t.shape, K, decay)), len(g.members)
+            key = (t.shape, K, decay)
+            part = 0
+            while (*key, part) in groups and len(groups[(*key, part)].members) >= MAX_GROUP:
+                part += 1
+            g = groups.setdefault((*key, part), Group(t.shape, K, decay, []))
+            t.group, t.row = list(groups).index((*key, part)), len(g.members)
             g.members.append(i)
         tensors.append(t)
     out = list(groups.values())
