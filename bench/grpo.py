@@ -59,6 +59,18 @@ def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
     return cfg, params, prompt
 
 
+def aligned_host(params) -> list[np.ndarray]:
+    """64-byte aligned host copies of the weights, which the CPU device reads in place, as a run does."""
+    from pcpc.exporters.hf_weights import aligned_empty
+
+    host = []
+    for p in params.values():
+        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
+        buf[...] = p.numpy()
+        host.append(buf)
+    return host
+
+
 def peak_rss_gb() -> float:
     from pcpc.runtime.host_memory import peak_rss_bytes
 
@@ -80,7 +92,6 @@ def start_peak_rss() -> None:
 
 def run_pcpc(a) -> dict:
     from pcpc.autodiff.grpo import loss_type_weights
-    from pcpc.exporters.hf_weights import aligned_empty
     from pcpc.mlir.build import build
     from pcpc.runtime.generate import QwenModel, import_host_array
     from pcpc.runtime.rl.rows import pack_rows
@@ -95,12 +106,8 @@ def run_pcpc(a) -> dict:
     gen_b, train_b = build(gen_t, out_dir), build(train_t, out_dir)
     build_s = time.perf_counter() - t0
     cfg, params, prompt = inputs(preset, a.group, a.prompt_len)
-    host = []
-    for p in params.values():  # aligned host copies the devices use in place, as the run does
-        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
-        buf[...] = p.numpy()
-        host.append(buf)
-    del params, p
+    host = aligned_host(params)
+    del params
     threads = os.cpu_count()
 
     gen = CompiledModule(gen_b.vmfb, threads=threads)

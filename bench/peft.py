@@ -69,17 +69,6 @@ def _lora_modules(a):
     return gen_b, train_b, time.perf_counter() - t0
 
 
-def _aligned_host(params) -> list[np.ndarray]:
-    from pcpc.exporters.hf_weights import aligned_empty
-
-    host = []
-    for p in params.values():  # aligned host copies the devices use in place, as the run does
-        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
-        buf[...] = p.numpy()
-        host.append(buf)
-    return host
-
-
 def _trained_policy(mod, host, cfg, a):
     from pcpc.exporters import peft
     from pcpc.runtime.rl.policy import AdapterPolicy
@@ -100,7 +89,7 @@ def run_pcpc_lora_rollout(a) -> dict:
 
     gen_b, train_b, _ = _lora_modules(a)
     cfg, params, prompt = base_bench.inputs(base_bench.PRESETS[a.shape], a.group, a.prompt_len)
-    host = _aligned_host(params)
+    host = base_bench.aligned_host(params)
     del params
     threads = os.cpu_count()
     mod = CompiledModule(train_b.vmfb, threads=threads)
@@ -132,7 +121,7 @@ def run_pcpc_lora(a) -> dict:
 
     _, train_b, build_s = _lora_modules(a)
     cfg, params, prompt = base_bench.inputs(base_bench.PRESETS[a.shape], a.group, a.prompt_len)
-    host = _aligned_host(params)
+    host = base_bench.aligned_host(params)
     del params
     mod = CompiledModule(train_b.vmfb, threads=os.cpu_count())
     policy = _trained_policy(mod, host, cfg, a)

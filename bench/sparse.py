@@ -113,13 +113,7 @@ def run_learner(a) -> dict:
 
     built, train_t = _training_module(a)
     cfg, params, prompt = grpo.inputs(grpo.PRESETS[a.shape], a.group, a.prompt_len)
-    from pcpc.exporters.hf_weights import aligned_empty
-
-    host = []
-    for p in params.values():  # aligned host copies the device reads in place, as the run does
-        buf = aligned_empty(max(p.numel() * 4, 4))[:p.numel() * 4].view(np.float32).reshape(p.shape)
-        buf[...] = p.numpy()
-        host.append(buf)
+    host = grpo.aligned_host(params)
     del params
     mod = CompiledModule(built.vmfb, threads=os.cpu_count())
     ref = [import_host_array(mod, h) for h in host]

@@ -14,7 +14,7 @@ functions (groups), and shapes stay static.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,31 +110,23 @@ def load_mask(path: str | Path, specs) -> tuple[list[TensorMask], list]:
     return layout(masks.load(path), specs, f"mask {path}")
 
 
-def sparse_target(cfg, training_meta, optimizer: dict):
-    """The sparse module's build target for the run's mask, and where it is built (beside the training
-    module, named by the layout's hash: runs with masks of one layout share it)."""
+def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
+    """Launcher side: build (or find) the run's sparse module; its .vmfb, or None without a mask. It is built
+    beside the training module, named by the hash of its layout: runs with masks of one layout share it."""
+    if cfg.mask is None:
+        return None
     import json
 
     from pcpc.mlir.build import sha256_bytes
-    from pcpc.mlir.targets import sparse_target as target
-
-    _, groups = load_mask(cfg.mask, training_meta.parameters)
-    t = target("sparse", [g.key for g in groups], optimizer)
-    key = sha256_bytes(json.dumps(t.config, sort_keys=True).encode())[:10]
-    train = Path(cfg.training_model_path)
-    name = f"{train.stem}-sparse-{key}"
-    return target(name, [g.key for g in groups], optimizer), train.with_name(f"{name}.vmfb")
-
-
-def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
-    """Launcher side: build (or find) the run's sparse module; its .vmfb, or None without a mask."""
-    if cfg.mask is None:
-        return None
+    from pcpc.mlir.targets import sparse_target
     from pcpc.runtime.run.artifacts import build_artifact
 
-    target, path = sparse_target(cfg, train_meta, optimizer)
-    built = build_artifact("mask", path, target, cfg.target, say)
-    say("  " + describe(load_mask(cfg.mask, train_meta.parameters)[0]) + f" ({cfg.mask}); AdamW on those alone")
+    tensors, groups = load_mask(cfg.mask, train_meta.parameters)
+    target = sparse_target("sparse", [g.key for g in groups], optimizer)
+    train = Path(cfg.training_model_path)
+    name = f"{train.stem}-sparse-{sha256_bytes(json.dumps(target.config, sort_keys=True).encode())[:10]}"
+    built = build_artifact("mask", train.with_name(f"{name}.vmfb"), replace(target, name=name), cfg.target, say)
+    say("  " + describe(tensors) + f" ({cfg.mask}); AdamW on those alone")
     return str(built.vmfb)
 
 
