@@ -453,8 +453,9 @@ def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict |
     (nanoGPT), which peft wraps in its plain PeftModel."""
     common = {"peft_type": peft_type(cfg), "task_type": task_type, "base_model_name_or_path": base_model,
               "inference_mode": True, "target_modules": sorted(cfg.target_modules), "revision": None,
-              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none",
-              "fan_in_fan_out": False}
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "bias": "none"}
+    if cfg.type != "miss":  # MissConfig has no fan_in_fan_out
+        common["fan_in_fan_out"] = False
     if cfg.type == "vera":
         return {**common, "r": cfg.r, "projection_prng_key": cfg.projection_prng_key, "save_projection": True,
                 "vera_dropout": 0.0, "d_initial": cfg.d_initial, "init_weights": True}
@@ -468,8 +469,7 @@ def adapter_config(cfg: PeftConfig, base_model: str | None, rank_pattern: dict |
                 "rank_pattern": {f"{m}.lora_E": list(map(bool, k)) for m, k in rank_pattern.items()}
                 if rank_pattern else None}
     return {**common, "r": cfg.r, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.type == "dora", "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-            "pcpc_method": cfg.type}
+            "use_dora": cfg.type == "dora", "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def save(out_dir: str | Path, adapter: dict, frozen: dict, cfg: PeftConfig, base_model: str | None,
@@ -580,6 +580,6 @@ def merge_into(weights: dict, mcfg, adapter_dir: str | Path) -> tuple[dict, Peft
     tensors = {**adapter, **shared}
     out = dict(weights)
     for name, _, _ in targets(mcfg, cfg):
-        W = torch.from_numpy(np.asarray(weights[f"{name}.weight"], np.float32))
+        W = torch.from_numpy(np.array(weights[f"{name}.weight"], np.float32))  # a copy: weights may be read-only
         out[f"{name}.weight"] = merged(W, name, tensors, cfg).numpy()
     return out, cfg

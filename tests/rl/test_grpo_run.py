@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,7 +245,10 @@ def test_max_restarts_relaunches_after_a_dead_worker_and_finishes_exactly(toy, l
     os.kill(json.loads((run_dir / "workers.json").read_text())["rank 1"], signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "restarting (1 of 1) from the checkpoint after iteration 2" in out
+    # The kill lands after 3 iterations; the learner may checkpoint iteration 4 before it sees the death.
+    restarted = re.search(r"restarting \(1 of 1\) from the checkpoint after iteration (\d+)", out)
+    assert restarted, out
+    assert int(restarted[1]) in (2, 4, 6), out  # checkpoint_interval 2
     got, want = records(cfg), records(learned[0])[:8]
     assert [(r["reward_mean"], r["kl"], r["loss"]) for r in got] == [(r["reward_mean"], r["kl"], r["loss"]) for r in want]
     status = read_status(run_dir)
