@@ -67,3 +67,39 @@ def write_play(path, n_chars: int = 400_000, seed: int = 0):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(play_text(n_chars, seed))
     return path
+
+
+def write_documents(path, n_docs: int = 400, seed: int = 0, field: str = "text"):
+    """A JSONL file of n_docs play speeches (one document per line, its text in `field`), 20 to ~600 chars."""
+    import json
+
+    text = play_text(n_docs * 400, seed)
+    speeches = [s for s in text.split("\n\n") if s][:n_docs]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for s in speeches:
+            f.write(json.dumps({field: s + "\n", "id": len(s)}) + "\n")
+    return path
+
+
+def write_bpe(directory, texts, vocab_size: int = 320, files: str = "tokenizer.json"):
+    """A byte-level BPE trained on `texts` with the `tokenizers` library, saved as a local HF tokenizer
+    directory: tokenizer.json, or (files="vocab+merges") GPT-2-style vocab.json + merges.txt. <|endoftext|>
+    is id 0."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if files == "tokenizer.json":
+        tok.save(str(directory / "tokenizer.json"))
+    else:
+        tok.model.save(str(directory))
+    return directory

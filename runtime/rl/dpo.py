@@ -1,7 +1,8 @@
 """DPO through compiled modules: preference pairs, reference log-probs once, compiled train steps.
 
     pairs      JSONL lines {"prompt", "chosen", "rejected"} (text), or {"prompt_ids", "chosen_ids",
-               "rejected_ids"} (token ids); completions get EOS appended
+               "rejected_ids"} (token ids), or the rows of the dataset section (runtime/rl/datasets.py);
+               completions get EOS appended
     reference  sequence_logps (sums of the completion's token log-probs) of the initial weights for
                every pair, computed once before training
     step k     the k-th batch of a seeded per-epoch shuffle; dpo_value_and_grad(...) = loss (sigmoid / ipo /
@@ -40,10 +41,13 @@ class Plan:
     training_vmfb: str
     weights_path: str
     data_path: str
+    """The JSONL file ("" when the pairs come from the dataset section)."""
     eos_token_ids: tuple[int, ...]
     seq_len: int
     sparse_vmfb: str | None = None
     """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
+    config_dir: str = "."
+    """The config file's folder (a relative dataset.path may be there)."""
 
 
 @dataclass
@@ -59,9 +63,14 @@ class Pairs:
 def load_pairs(path: str | Path, tok, eos: int, vocab: int, max_length: int) -> Pairs:
     """Read and tokenize the JSONL preference file; errors name the line."""
     path = Path(path)
+    return tokenize_pairs(read_pair_records(path), tok, eos, vocab, max_length, f"dpo_config.data_path: {path}")
+
+
+def read_pair_records(path: Path) -> list[tuple[str, dict]]:
+    """(where, record) per non-empty line of a JSONL preference file."""
     if not path.is_file():
         raise UserError(f"dpo_config.data_path: {path} not found (JSONL of {{\"prompt\", \"chosen\", \"rejected\"}})")
-    out = Pairs([], [], [])
+    out = []
     for no, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -72,10 +81,19 @@ def load_pairs(path: str | Path, tok, eos: int, vocab: int, max_length: int) -> 
             raise UserError(f"{where}: invalid JSON: {e.msg}") from None
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected an object with prompt, chosen, rejected")
+        out.append((where, rec))
+    return out
+
+
+def tokenize_pairs(records, tok, eos: int, vocab: int, max_length: int, source: str, chat: bool = True) -> Pairs:
+    """Pairs from (where, record) items: text records are tokenized (the prompt as a chat user turn when
+    `chat`), *_ids records taken as they are; completions get EOS; errors name `where`."""
+    out = Pairs([], [], [])
+    for where, rec in records:
         if all(k in rec for k in ("prompt_ids", "chosen_ids", "rejected_ids")):
             p, c, r = (list(rec[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
         elif all(isinstance(rec.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            p = tok.encode(rec["prompt"], chat=True)
+            p = tok.encode(rec["prompt"], chat=chat)
             c, r = tok.encode(rec["chosen"], chat=False), tok.encode(rec["rejected"], chat=False)
         else:
             raise UserError(f"{where}: needs string fields prompt, chosen, rejected (or prompt_ids, chosen_ids, "
@@ -94,8 +112,20 @@ def load_pairs(path: str | Path, tok, eos: int, vocab: int, max_length: int) -> 
         out.chosen.append(c[:keep])
         out.rejected.append(r[:keep])
     if not out.prompts:
-        raise UserError(f"dpo_config.data_path: {path} holds no pairs")
+        raise UserError(f"{source} holds no pairs")
     return out
+
+
+def pairs_for(cfg: DPOConfig, tok, eos: int, vocab: int, config_dir: Path) -> Pairs:
+    """The run's pairs: from the dataset section (runtime/rl/datasets.py), else dpo_config.data_path."""
+    d = cfg.dpo_config
+    if cfg.dataset is None:
+        return load_pairs(data_path_of(cfg, config_dir), tok, eos, vocab, d.max_length)
+    from pcpc.runtime.rl.datasets import load_pair_records
+
+    records = load_pair_records(cfg.dataset, config_dir)
+    return tokenize_pairs(records, tok, eos, vocab, d.max_length, f"dataset {cfg.dataset.source}",
+                          chat=cfg.dataset.chat_template)
 
 
 def seq_len_for(pairs: Pairs) -> int:
@@ -148,8 +178,8 @@ class DPO(Loop):
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)
         setup.check_mask(cfg)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
-        data_path = data_path_of(cfg, ctx.config_dir)
-        pairs = load_pairs(data_path, tok, tok.eos_token_ids[0], src.config.vocab_size, d.max_length)
+        data_path = data_path_of(cfg, ctx.config_dir) if d.data_path is not None else ""
+        pairs = pairs_for(cfg, tok, tok.eos_token_ids[0], src.config.vocab_size, ctx.config_dir)
         T, n_pairs = seq_len_for(pairs), len(pairs.prompts)
         steps = d.num_epochs * math.ceil(n_pairs / d.batch_size)
         steps = min(steps, d.max_steps) if d.max_steps else steps
@@ -167,14 +197,18 @@ class DPO(Loop):
         ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} "
                 f"({setup.describe_training(cfg, load_meta(built.meta))}), {n_pairs} pairs{cut}"
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
-        return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T, sparse_vmfb)
+        return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T, sparse_vmfb,
+                    str(ctx.config_dir))
 
     @classmethod
     def check_inputs(cls, cfg: DPOConfig, config_dir: Path) -> None:
-        path = data_path_of(cfg, config_dir)
-        if not path.is_file():
-            raise UserError(f"dpo_config.data_path: {path} not found (JSONL of {{\"prompt\", \"chosen\", "
-                            f"\"rejected\"}})")
+        if cfg.dataset is not None:
+            from pcpc.runtime.rl.datasets import check_source
+
+            check_source(cfg.dataset, config_dir)
+        elif not data_path_of(cfg, config_dir).is_file():
+            raise UserError(f"dpo_config.data_path: {data_path_of(cfg, config_dir)} not found (JSONL of "
+                            f"{{\"prompt\", \"chosen\", \"rejected\"}})")
         setup.check_weights_source(cfg.weights_path, setup.model_source(cfg.model, cfg.model_overrides),
                                    cfg.init_weights)
         setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
@@ -192,8 +226,8 @@ class DPO(Loop):
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
         self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
-        self.pairs = load_pairs(self.plan.data_path, tok, self.plan.eos_token_ids[0],
-                                setup.vocab_size(mod.meta), d.max_length)
+        self.pairs = pairs_for(cfg, tok, self.plan.eos_token_ids[0], setup.vocab_size(mod.meta),
+                               Path(self.plan.config_dir))
         self.sel = np.asarray(loss_type_weights(d.loss_type), np.float32)
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
                                   keep_reference=True, total_steps=self.run.spec.steps)

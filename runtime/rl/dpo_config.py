@@ -20,8 +20,10 @@ from pcpc.runtime.rl.setup import RLConfig
 class DPOSection:
     """dpo_config: the algorithm and the data."""
 
-    data_path: str
-    """JSONL preference data: {"prompt", "chosen", "rejected"} strings, or *_ids lists of token ids."""
+    data_path: str | None = None
+    """JSONL preference data: {"prompt", "chosen", "rejected"} strings, or *_ids lists of token ids; relative
+    to the current directory, else to the config file's folder. Required unless the config has a dataset
+    section (then null)."""
     beta: float = 0.1
     """Strength of the implicit KL constraint (TRL's default 0.1)."""
     loss_type: str = "sigmoid"
@@ -46,7 +48,7 @@ class DPOSection:
     """Clip each step's global gradient norm to this (0: off)."""
 
     def __post_init__(self):
-        if not self.data_path:
+        if self.data_path is not None and not self.data_path:
             raise ValueError("data_path must not be empty")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
@@ -74,12 +76,23 @@ class DPOConfig(RLConfig):
     """One DPO run of a Qwen2-family model (a single process: DPO needs no rollouts)."""
 
     dpo_config: DPOSection
-    """The algorithm and data (see DPOSection)."""
+    """The algorithm and data (see DPOSection); its key marks the file as a DPO run (pcpc/kinds.py), so a
+    run whose pairs come from the dataset section still has one, {} at the least."""
     checkpoint_interval: int = 50
     """Checkpoint every this many steps (and always after the last and on Ctrl+C); 0: only then."""
 
     RESUME_MAY_CHANGE = RLConfig.RESUME_MAY_CHANGE + ("dpo_config.num_epochs", "dpo_config.max_steps")
     """How long it runs."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.dpo_config.data_path is None) == (self.dataset is None):
+            raise ValueError("give the preference pairs once: dpo_config.data_path (a JSONL file) or a dataset "
+                             "section, " + ("not both" if self.dataset is not None else "one of them"))
+        foreign = [k for k in (self.dataset.columns if self.dataset else {}) if k not in ("prompt", "chosen",
+                                                                                          "rejected")]
+        if foreign:
+            raise ValueError(f"dataset.columns.{foreign[0]}: DPO reads only prompt, chosen and rejected")
 
 
 def parse_dpo(raw: dict, where: str = "config") -> DPOConfig:

@@ -2,10 +2,12 @@
 
 Iteration i (rank 0 = learner, ranks 1..W = rollout workers, runtime/rl/rollout.py):
 
-    prompts   the next num_prompts prompts of prompt_file, each repeated group_size times
+    prompts   the next num_prompts prompts of prompt_file (or of the dataset section's rows,
+              runtime/rl/datasets.py), each repeated group_size times
     rollout   workers sample completions with the compiled generation module (weights synced first
               whenever the policy changed)
-    score     reward functions on (prompts, completions, completion ids), weighted sum;
+    score     reward functions on (prompts, completions, completion ids, a dataset row's columns),
+              weighted sum;
               advantages (r - group mean) / (std + 1e-4)          autodiff/grpo.py: compute_advantages
     update    ref / old token_logprobs (beta > 0 / updates_per_iteration > 1), then
               updates_per_iteration x grpo_value_and_grad(...)   loss + gradients (derived by torch.func),
@@ -58,6 +60,20 @@ def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
     return prefill, prefill + max_tokens
 
 
+def load_prompts(cfg: GRPOConfig, tok, vocab_size: int, config_dir: Path,
+                 say) -> tuple[list[list[int]], dict[str, list]]:
+    """(token ids of every prompt, the reward functions' columns: name -> one value per prompt), from the
+    dataset section when there is one (runtime/rl/datasets.py), else from grpo_config.prompt_file (no columns)."""
+    from pcpc.runtime.rl import datasets
+
+    if cfg.dataset is None:
+        return setup.ensure_prompts(cfg.grpo_config.prompt_file, tok, vocab_size, say), {}
+    found = datasets.load_prompts(cfg.dataset, tok, config_dir)
+    setup.check_prompts(found.ids, vocab_size, f"dataset {cfg.dataset.source}",
+                        f"does the tokenizer ({tok.name}) belong to the model?")
+    return found.ids, found.columns
+
+
 def training_target(cfg: GRPOConfig, src, seq_len: int):
     from pcpc.mlir.targets import GRPO_FUNCTIONS, rl_target
 
@@ -97,12 +113,16 @@ class GRPO(Loop):
         g, r = cfg.grpo_config, cfg.rollout_config
         if ctx.world < 2:
             raise UserError("GRPO needs a learner and at least one rollout worker: WORLD_SIZE must be >= 2")
-        RewardSet.from_config(g.reward_funcs, g.reward_weights, ctx.config_dir)  # fail fast on a bad function
+        rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, ctx.config_dir)  # fail fast
         src = setup.model_source(cfg.model, cfg.model_overrides)
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)  # before any slow build
         setup.check_mask(cfg)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
-        prompts = setup.ensure_prompts(g.prompt_file, tok, src.config.vocab_size, ctx.say)
+        prompts, columns = load_prompts(cfg, tok, src.config.vocab_size, ctx.config_dir, ctx.say)
+        rewards.check_arguments(list(columns))
+        if cfg.dataset is not None:
+            ctx.say(f"dataset {cfg.dataset.source} ({cfg.dataset.split}): {len(prompts)} prompts; the reward "
+                    f"functions get {', '.join(columns)}")
         prefill_len, seq_len = _seq_len(prompts, r.max_tokens)
         if seq_len > src.config.max_position_embeddings:
             raise UserError(f"rollout_config.max_tokens: the longest prompt ({prefill_len} tokens, rounded) plus "
@@ -139,6 +159,10 @@ class GRPO(Loop):
 
         g = cfg.grpo_config
         RewardSet.from_config(g.reward_funcs, g.reward_weights, config_dir)
+        if cfg.dataset is not None:
+            from pcpc.runtime.rl.datasets import check_source
+
+            check_source(cfg.dataset, config_dir)  # a Hub name is checked when the run loads it
         src = setup.model_source(cfg.model, cfg.model_overrides)
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)
         setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)  # a missing prompt file is written
@@ -173,7 +197,8 @@ class GRPO(Loop):
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
         self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
         self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
-        self.prompts = setup.ensure_prompts(g.prompt_file, self.tok, setup.vocab_size(mod.meta), lambda m: None)
+        self.prompts, self.columns = load_prompts(cfg, self.tok, setup.vocab_size(mod.meta), Path(self.plan.reward_dir),
+                                                  lambda m: None)
         self.rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(self.plan.reward_dir))
         self.client = RolloutClient(self.world)
 
@@ -216,19 +241,21 @@ class GRPO(Loop):
                     postfix=[("reward_mean", "reward"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
 
     def step(self, it: int) -> dict:
-        rows = self.prompt_rows(it)
+        order = self.prompt_order(it)
+        rows = [self.prompts[i] for i in order]
         comps, rollout_s, sync_s = self.rollout(it, rows)
-        score = self.score(rows, comps)
+        score = self.score(rows, comps, order)
         t0 = time.perf_counter()
         stats = self.update(rows, comps, score["advantages"])
         learner_s = time.perf_counter() - t0
         return self.record(it, comps, score, stats, rollout_s, sync_s, learner_s)
 
-    def prompt_rows(self, it: int) -> list[list[int]]:
-        """The iteration's prompts (file order, wrapping), each group_size times."""
+    def prompt_order(self, it: int) -> list[int]:
+        """Which prompt each of the iteration's rows holds: the next num_prompts (in order, wrapping), each
+        group_size times."""
         g = self.cfg.grpo_config
         order = [(it * g.num_prompts + j) % len(self.prompts) for j in range(g.num_prompts)]
-        return [self.prompts[i] for i in order for _ in range(g.group_size)]
+        return [i for i in order for _ in range(g.group_size)]
 
     def rollout(self, it: int, rows) -> tuple[list[list[int]], float, float]:
         """(completions, rollout seconds, weight-sync seconds) from the workers; syncs the policy first."""
@@ -245,8 +272,9 @@ class GRPO(Loop):
         comps = [c for t in tasks for c in results[t.index]["completions"]]
         return comps[:len(rows)], rollout_s, sync_s
 
-    def score(self, rows, comps) -> dict:
-        """Rewards of the completions (total and per function) and their group-relative advantages."""
+    def score(self, rows, comps, order) -> dict:
+        """Rewards of the completions (total and per function) and their group-relative advantages; `order`
+        says which prompt (and so which dataset row's columns) each row holds."""
         import torch
 
         from pcpc.autodiff.grpo import compute_advantages
@@ -254,7 +282,8 @@ class GRPO(Loop):
         eos = set(self.plan.eos_token_ids)
         bodies = [c[:-1] if c and c[-1] in eos else c for c in comps]
         texts, prompt_texts = [self.tok.decode(b) for b in bodies], [self.tok.decode(p) for p in rows]
-        total, per_fn = self.rewards.score(prompt_texts, texts, comps, rows, self.plan.eos_token_ids)
+        columns = {name: [values[i] for i in order] for name, values in self.columns.items()}
+        total, per_fn = self.rewards.score(prompt_texts, texts, comps, rows, self.plan.eos_token_ids, columns)
         adv, frac_zero = compute_advantages(torch.tensor(total, dtype=torch.float32), self.cfg.grpo_config.group_size,
                                             self.cfg.grpo_config.scale_rewards)
         return {"total": total, "per_fn": per_fn, "texts": texts, "prompt_texts": prompt_texts,

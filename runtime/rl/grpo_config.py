@@ -48,9 +48,9 @@ class GRPOSection:
     """KL penalty coefficient against the frozen initial policy (k3 estimator); 0 skips the reference model."""
     prompt_file: str = "data/rl_prompts.bin"
     """Binary prompt file ([n:u32] then [len:u32][tokens:u64 x len] per prompt); written from the
-    reference's five test prompts if missing."""
+    reference's five test prompts if missing. Not read when the config has a dataset section."""
     num_prompts: int = 1
-    """Prompts per iteration, taken in file order and wrapping around."""
+    """Prompts per iteration, taken in file (or dataset subset) order and wrapping around."""
     epsilon: float = 0.2
     """Lower clip range of the importance ratio: clamp(ratio, 1 - epsilon, 1 + epsilon_high)."""
     epsilon_high: float | None = None
@@ -64,8 +64,9 @@ class GRPOSection:
     """Optimizer steps on each batch of rollouts (TRL's num_iterations, mu); > 1 computes the old policy's
     log-probs once and clips the ratio against them."""
     reward_funcs: tuple[str, ...] = ("default",)
-    """Reward functions: built-ins (default, arithmetic_exact_match), module:function, or file.py:function
-    (relative to the config file); each is called with prompts, completions, completion_ids."""
+    """Reward functions: built-ins (default, arithmetic_exact_match, math_exact_match, countdown),
+    module:function, or file.py:function (relative to the config file); each is called with prompts,
+    completions, completion_ids, and, with a dataset section, the row's columns by name (answer, nums, ...)."""
     reward_weights: tuple[float, ...] | None = None
     """Weight of each reward function in the total (null: all 1.0)."""
     adam_beta1: float = 0.9
@@ -180,6 +181,10 @@ class GRPOConfig(RLConfig):
                              f"grpo_config.group_size ({g.group_size}): a rollout batch holds whole groups")
         check_at_least(self, 1, "num_workers")
         check_choice(self, "backend", BACKENDS)
+        dpo_only = [k for k in ("chosen", "rejected") if self.dataset is not None and k in self.dataset.columns]
+        if dpo_only:
+            raise ValueError(f"dataset.columns.{dpo_only[0]}: GRPO reads prompt (and hands answer and every other "
+                             f"column to the reward functions); chosen and rejected are DPO's")
 
     @property
     def outer_step_active(self) -> bool:

@@ -1,4 +1,4 @@
-"""Reward functions for GRPO: the reference default, arithmetic exact match, and user functions.
+"""Reward functions for GRPO: the reference default, arithmetic and math exact match, Countdown, user functions.
 
 A reward function is called once per batch with keyword arguments
 
@@ -7,7 +7,12 @@ A reward function is called once per batch with keyword arguments
     completion_ids: list[list[int]] the generated token ids, up to and including the first EOS
 
 and returns one float per completion (TRL's convention). Functions that also
-accept `prompt_ids` or `eos_token_ids` (or **kwargs) receive those too. The
+accept `prompt_ids` or `eos_token_ids` (or **kwargs) receive those too, and
+when the prompts come from a dataset (runtime/rl/datasets.py) every column of
+each completion's row, by name, as TRL passes them: `answer` (the mapped
+answer column), Countdown's `nums` and `target`, ... A function whose
+required arguments the run cannot supply is refused before the run starts
+(`RewardSet.check_arguments`). The
 config names functions as `module:function` (an importable module) or
 `path/to/file.py:function` (relative to the config file), or one of the
 built-in names in BUILTINS. `RewardSet` calls them all, checks their
@@ -118,9 +123,138 @@ def arithmetic_exact_match(prompts, completions, **_) -> list[float]:
     return out
 
 
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+
+
+def tagged_answer(text: str) -> str | None:
+    """The content of the last <answer>...</answer> in text, or None."""
+    found = _ANSWER_TAG.findall(text)
+    return found[-1].strip() if found else None
+
+
+_COUNTDOWN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+
+def _eval_countdown(node) -> tuple[float, list[int]]:
+    """(value, the numbers it uses) of + - * / over non-negative integers and parentheses; else ValueError."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return float(node.value), [node.value]
+    if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
+        (a, used_a), (b, used_b) = _eval_countdown(node.left), _eval_countdown(node.right)
+        return _COUNTDOWN_OPS[type(node.op)](a, b), used_a + used_b
+    raise ValueError("not a Countdown equation")
+
+
+def countdown_equation_ok(text: str, nums: Sequence[int], target: float) -> bool:
+    """Whether the completion's <answer> equation uses each of nums exactly once (+ - * /, parentheses) and
+    equals target. "(25 - 5) * 4" and "(25 - 5) * 4 = 80" both count; the right side of = is ignored."""
+    equation = tagged_answer(text)
+    if equation is None:
+        return False
+    equation = equation.split("=")[0].strip()
+    if not equation or len(equation) > 200 or not re.fullmatch(r"[\d+\-*/()\s]+", equation):
+        return False
+    try:
+        value, used = _eval_countdown(ast.parse(equation, mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return False
+    return sorted(used) == sorted(int(n) for n in nums) and abs(value - float(target)) < 1e-5
+
+
+def countdown(completions, nums, target, **_) -> list[float]:
+    """Countdown (Jiayi-Pan/Countdown-Tasks-3to4, columns nums and target): 1.0 when the completion's
+    <answer>...</answer> is an equation using each number exactly once that equals target, else 0.0."""
+    return [1.0 if countdown_equation_ok(c, n, t) else 0.0 for c, n, t in zip(completions, nums, target)]
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced, or None."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j].strip()
+    return None
+
+
+def final_answer(text: str) -> str | None:
+    """A completion's final answer: the last <answer>...</answer> or \\boxed{...}, whichever comes later
+    (a \\boxed inside the answer tags is unwrapped); None when it has neither."""
+    tag_end = text.rfind("</answer>")
+    box_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if tag_end >= 0 and tag_end > box_at:
+        found = tagged_answer(text)
+        return last_boxed(found) or found if found is not None else None
+    return last_boxed(text)
+
+
+_LATEX_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\displaystyle", "$", "^\\circ", "^{\\circ}",
+               "\\%", "%")
+_FRAC = re.compile(r"^(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
+
+
+def normalize_answer(text) -> str:
+    """A math answer in a comparable form: no $ or spacing commands, \\dfrac / \\tfrac as \\frac, \\text{...}
+    unwrapped, no spaces, no trailing period; "\\boxed{...}" reduced to its content."""
+    s = str(text).strip()
+    s = last_boxed(s) or s
+    for cmd in ("\\dfrac", "\\tfrac"):
+        s = s.replace(cmd, "\\frac")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    for junk in _LATEX_DROP:
+        s = s.replace(junk, "")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # 1,000 -> 1000 (but not "1,2" lists)
+        s = s.replace(",", "")
+    return s
+
+
+def _number(s: str) -> float | None:
+    """The value of "12", "-0.5", "3/4" or "\\frac{3}{4}", or None."""
+    m = _FRAC.match(s)
+    if m:
+        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
+    try:
+        if re.fullmatch(r"-?[\d.]+/-?[\d.]+", s):
+            num, den = s.split("/")
+            return float(num) / float(den)
+        return float(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(got: str, want) -> bool:
+    """Normalised string equality, or equal values where both are numbers (fractions included)."""
+    a, b = normalize_answer(got), normalize_answer(want)
+    if a == b:
+        return bool(a)
+    x, y = _number(a), _number(b)
+    return x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def math_exact_match(completions, answer, **_) -> list[float]:
+    """1.0 when the completion's final answer (last \\boxed{...} or <answer>...</answer>) equals the answer
+    column after normalisation (normalize_answer; numbers compared by value), else 0.0. An answer cell may be
+    a list of acceptable answers."""
+    out = []
+    for text, want in zip(completions, answer):
+        got = final_answer(text)
+        wants = want if isinstance(want, (list, tuple)) else [want]
+        out.append(1.0 if got is not None and any(answers_match(got, w) for w in wants if w is not None) else 0.0)
+    return out
+
+
 BUILTINS: dict[str, Callable] = {
     "default": default_reward,
     "arithmetic_exact_match": arithmetic_exact_match,
+    "math_exact_match": math_exact_match,
+    "countdown": countdown,
 }
 """Reward functions available by bare name in a config's reward_funcs."""
 
@@ -156,6 +290,16 @@ def load_reward_function(spec: str, base_dir: Path | None = None) -> Callable:
     return fn
 
 
+LOOP_ARGUMENTS = ("prompts", "completions", "completion_ids", "prompt_ids", "eos_token_ids")
+"""What every call passes; a dataset's columns come on top."""
+
+
+def required_arguments(fn: Callable) -> list[str]:
+    """The parameters of fn that have no default (and are not *args / **kwargs)."""
+    params = inspect.signature(fn).parameters.values()
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def _accepted_kwargs(fn: Callable, available: dict) -> dict:
     sig = inspect.signature(fn)
     if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
@@ -180,10 +324,25 @@ class RewardSet:
         fns = [load_reward_function(s, base_dir) for s in specs]
         return cls(list(specs), fns, list(weights) if weights is not None else [1.0] * len(specs))
 
-    def score(self, prompts, completions, completion_ids, prompt_ids, eos_token_ids):
-        """(total (N,) list, {name: (N,) list}) for N completions."""
+    def check_arguments(self, columns: Sequence[str] = (), where: str = "") -> None:
+        """Refuse, before anything runs, a function that requires an argument the run does not supply: the
+        loop's own (LOOP_ARGUMENTS) plus `columns`, the names a dataset's rows give (runtime/rl/datasets.py)."""
+        have = set(LOOP_ARGUMENTS) | set(columns)
+        for name, fn in zip(self.names, self.functions):
+            missing = [a for a in required_arguments(fn) if a not in have]
+            if missing:
+                source = (f"the dataset gives {', '.join(sorted(columns))}" if columns else
+                          "a prompt file gives no columns")
+                raise UserError(f"reward function {name!r} needs {', '.join(missing)}, which this run does not "
+                                f"supply ({source}{where}): load the prompts from a dataset with that column, or "
+                                f"map one to it in dataset.columns (e.g. {{\"{missing[0]}\": \"COLUMN\"}})")
+
+    def score(self, prompts, completions, completion_ids, prompt_ids, eos_token_ids, columns=None):
+        """(total (N,) list, {name: (N,) list}) for N completions; `columns` holds extra per-completion
+        arguments ({"answer": [...], "nums": [...]}, N entries each), a dataset row's columns."""
         n = len(completions)
         available = {
+            **(columns or {}),
             "prompts": list(prompts), "completions": list(completions), "completion_ids": [list(c) for c in completion_ids],
             "prompt_ids": [list(p) for p in prompt_ids], "eos_token_ids": list(eos_token_ids),
         }

@@ -24,6 +24,7 @@ import numpy as np
 from pcpc.config import check_choice
 from pcpc.errors import UserError
 from pcpc.exporters.peft import PeftConfig
+from pcpc.runtime.rl.datasets import DatasetSection
 from pcpc.runtime.run.config import RunConfig
 
 INIT_WEIGHTS = ("hf", "random")
@@ -63,6 +64,11 @@ class RLConfig(RunConfig):
     """Train an adapter on the frozen base instead of every weight (exporters/peft.py: type lora, lora_plus,
     dora, pissa, milora, vera or miss; r, lora_alpha, target_modules, ... as HF peft names them). The run
     saves it as adapter_model.safetensors + adapter_config.json in <run dir>/adapter, which peft loads."""
+
+    dataset: DatasetSection | None = None
+    """GRPO prompts or DPO pairs from a Hugging Face `datasets` dataset (Hub name or local directory, parquet,
+    JSONL or CSV file) instead of grpo_config.prompt_file / dpo_config.data_path: name | path, subset, split,
+    columns, prompt_template, num_samples, seed, shuffle, chat_template (see DatasetSection)."""
 
     mask: str | None = None
     """Sparse fine-tuning: a mask file (`pcpc masks find`); only its weights are trained, by the compiled
@@ -305,13 +311,18 @@ def ensure_prompts(path: str | Path, tokenizer, vocab_size: int, say: Callable[[
         say(f"prompt_file: {path} missing; wrote the reference's {len(ids)} test prompts with the {tokenizer.name} "
             f"tokenizer (make your own with `pcpc data prompts encode`)")
     prompts = read_prompts(path)
+    check_prompts(prompts, vocab_size, f"prompt_file: {path}", "was it written with another tokenizer?")
+    return prompts
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, where: str, hint: str) -> None:
+    """At least one prompt, none empty, every token id inside the model's vocabulary."""
     if not prompts:
-        raise UserError(f"prompt_file: {path} holds no prompts")
+        raise UserError(f"{where} holds no prompts")
     for i, p in enumerate(prompts):
         if not p:
-            raise UserError(f"prompt_file: {path}: prompt {i} is empty")
+            raise UserError(f"{where}: prompt {i} is empty")
         bad = [t for t in p if not 0 <= t < vocab_size]
         if bad:
-            raise UserError(f"prompt_file: {path}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
-                            f"(0..{vocab_size - 1}); was it written with another tokenizer?")
-    return prompts
+            raise UserError(f"{where}: prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                            f"(0..{vocab_size - 1}); {hint}")
