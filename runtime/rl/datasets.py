@@ -145,19 +145,22 @@ def resolve_path(d: DatasetSection, config_dir: Path | None) -> Path:
 def check_source(d: DatasetSection, config_dir: Path | None) -> None:
     """A missing local path, before anything is built (Hub names are checked when loaded)."""
     if d.path is not None and not resolve_path(d, config_dir).exists():
-        raise UserError(f"dataset.path: {d.path} not found (relative to {Path.cwd()} or {config_dir}); give a "
-                        f"save_to_disk directory, a folder of data files or a .parquet/.jsonl/.json/.csv file")
+        where = f"{Path.cwd()}" + (f" or {config_dir}" if config_dir is not None else "")
+        raise UserError(f"dataset.path: {d.path} not found (relative to {where}); give a save_to_disk directory, "
+                        f"a folder of data files or a .parquet/.jsonl/.json/.csv file")
 
 
 def load_rows(d: DatasetSection, config_dir: Path | None = None):
     """The split's rows (a datasets.Dataset), shuffled with d.seed and cut to d.num_samples."""
     import datasets
 
-    quiet_before = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # the run's own progress bar and messages say what happens
+    quiet_before, verbosity = datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()  # the run's own progress bar and messages say what happens, and
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a failure is one UserError, not logs first
     try:
         rows = _load_hub(d) if d.name is not None else _load_local(d, resolve_path(d, config_dir))
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not quiet_before:
             datasets.enable_progress_bars()
     if len(rows) == 0:
@@ -189,7 +192,7 @@ def _load_hub(d: DatasetSection):
     except DatasetNotFoundError as e:
         raise UserError(f"dataset.name: {d.name}: {e} (a gated dataset needs `huggingface-cli login` first)") from None
     except ValueError as e:
-        raise UserError(f"dataset {d.name}: {_split_or_subset(e)}") from None
+        raise UserError(f"dataset.{_field_of(e)}: {d.name}: {e}") from None
 
 
 def _offline_reason(e: Exception) -> str:
@@ -198,13 +201,10 @@ def _offline_reason(e: Exception) -> str:
     return str(e)
 
 
-def _split_or_subset(e: ValueError) -> str:
-    text = str(e)
-    if "split" in text.lower():
-        return f"dataset.split: {text}"
-    if "config" in text.lower():
-        return f"dataset.subset: {text}"
-    return text
+def _field_of(e: ValueError) -> str:
+    """Which field a load_dataset ValueError is about: an unknown split or configuration, else the source."""
+    text = str(e).lower()
+    return "split" if "split" in text else "subset" if "config" in text else "name"
 
 
 def _load_local(d: DatasetSection, path: Path):
@@ -225,10 +225,11 @@ def _load_local(d: DatasetSection, path: Path):
         return datasets.load_dataset(fmt, data_files=str(path), split="train")
     except UserError:
         raise
-    except ValueError as e:
-        raise UserError(f"dataset.path {path}: {_split_or_subset(e)}") from None
-    except Exception as e:  # pyarrow / json decode errors of the user's file: name it
-        raise UserError(f"dataset.path: {path} could not be read: {type(e).__name__}: {e}") from e
+    except Exception as e:  # an unknown split or subset, or pyarrow / JSON errors in the user's files
+        cause = e.__cause__ or e  # DatasetGenerationError says only that generating failed
+        field = _field_of(e) if isinstance(e, ValueError) else "path"
+        field = "path" if field == "name" else field
+        raise UserError(f"dataset.{field}: {path}: {type(cause).__name__}: {cause}") from e
 
 
 def _pick_split(loaded, d: DatasetSection, path: Path):

@@ -137,6 +137,22 @@ def test_bad_columns_name_the_field_and_list_the_columns(tmp_path, kw, match):
         load_prompts(section(path=str(path), **kw), TOK)
 
 
+def test_unreadable_sources_are_one_line_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{bad\n')
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    write_parquet(tmp_path / "folder" / "train.parquet", MATH)
+    for kw, match in [
+        ({"path": str(tmp_path / "bad.jsonl")}, r"dataset.path: .*bad.jsonl: ArrowInvalid: JSON parse error"),
+        ({"path": str(tmp_path / "bad.parquet")}, r"dataset.path: .*bad.parquet: ArrowInvalid: .*Parquet magic bytes"),
+        ({"path": str(tmp_path / "notes.txt")}, r"notes.txt: not a directory nor a .parquet, .jsonl, .json, .csv file"),
+        ({"path": str(tmp_path / "folder"), "subset": "nosuch"}, r"dataset.subset: .*folder: .*'nosuch' not found"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            load_rows(section(**kw))
+
+
 def test_dpo_pairs_from_renamed_columns(tmp_path):
     path = write_parquet(tmp_path / "prefs.parquet", {"q": ["1+1=", "2+2="], "good": ["2", "4"], "bad": ["3", "5"]})
     d = section(path=str(path), columns={"prompt": "q", "chosen": "good", "rejected": "bad"}, shuffle=False)
