@@ -193,12 +193,14 @@ def _load_hub(d: DatasetSection):
         raise UserError(f"dataset.name: {d.name}: {e} (a gated dataset needs `huggingface-cli login` first)") from None
     except ValueError as e:
         raise UserError(f"dataset.{_field_of(e)}: {d.name}: {e}") from None
+    except Exception as e:  # whatever else the Hub or the dataset's files raise: one line (--debug: the rest)
+        raise UserError(f"dataset.name: {d.name} could not be loaded: {type(e).__name__}: {e}") from e
 
 
 def _offline_reason(e: Exception) -> str:
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set"
-    return str(e)
+    set_ = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").upper() in
+            ("1", "ON", "YES", "TRUE")]
+    return f"{' / '.join(set_)} set" if set_ else str(e)
 
 
 def _field_of(e: ValueError) -> str:
@@ -284,7 +286,7 @@ def prompt_texts(d: DatasetSection, rows) -> list[str]:
         col = d.column("prompt")
         return [text_of(v, f"dataset {d.source} row {i}, column {col!r}") for i, v in enumerate(rows[col])]
     out = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows.select_columns(sorted(set(template_fields(d.prompt_template))))):
         try:
             out.append(d.prompt_template.format(**row))
         except (KeyError, IndexError, ValueError, AttributeError) as e:
@@ -292,30 +294,45 @@ def prompt_texts(d: DatasetSection, rows) -> list[str]:
     return out
 
 
-def reward_columns(d: DatasetSection, rows) -> dict[str, list]:
-    """What the reward functions get per prompt: every column under its name, then each `columns` entry
-    under its key (so answer= is the mapped answer column even where a column is called answer)."""
-    out = {c: list(rows[c]) for c in rows.column_names if c not in RESERVED}
-    for key, col in d.columns.items():
-        if key not in ("prompt", "chosen", "rejected"):
-            out[key] = list(rows[col])
+def reward_arguments(d: DatasetSection, rows) -> dict[str, str]:
+    """Reward-function argument -> dataset column: every column under its own name, then each `columns` entry
+    but prompt / chosen / rejected under its key (so answer= is the mapped column even where one is called
+    answer)."""
+    out = {c: c for c in rows.column_names if c not in RESERVED}
+    out.update({k: col for k, col in d.columns.items() if k not in ("prompt", "chosen", "rejected")})
     return out
 
 
 @dataclass
 class PromptSet:
-    """GRPO prompts from a dataset: token ids, and the reward functions' columns, one entry per prompt."""
+    """GRPO prompts: token ids, and (from a dataset) the rows whose columns the reward functions receive.
+
+    The rows stay a datasets.Dataset (memory-mapped Arrow): an iteration reads the cells of its own
+    prompts only, so long columns (OpenR1's generations) are never all in memory."""
 
     ids: list[list[int]]
-    columns: dict[str, list] = field(default_factory=dict)
+    rows: object = None
+    """The datasets.Dataset behind ids (row i made prompt i), or None (a prompt file)."""
+    arguments: dict[str, str] = field(default_factory=dict)
+    """Reward-function argument name -> the column it reads (reward_arguments)."""
+
+    def columns_for(self, order: Sequence[int]) -> dict[str, list]:
+        """{argument: one cell per entry of order}: the columns of the prompts `order` names."""
+        if self.rows is None or not self.arguments:
+            return {}
+        unique = sorted(set(order))
+        picked = self.rows.select(unique).select_columns(sorted(set(self.arguments.values())))
+        at = {i: k for k, i in enumerate(unique)}
+        cells = {col: list(picked[col]) for col in picked.column_names}
+        return {arg: [cells[col][at[i]] for i in order] for arg, col in self.arguments.items()}
 
 
 def load_prompts(d: DatasetSection, tokenizer, config_dir: Path | None = None) -> PromptSet:
-    """The prompts of a GRPO run, tokenized, with their rows' columns for the rewards."""
+    """The prompts of a GRPO run, tokenized, with their rows for the rewards."""
     rows = load_rows(d, config_dir)
     check_columns(d, rows, ["prompt"] + (["answer"] if "answer" in d.columns else []))
     ids = [tokenizer.encode(t, chat=d.chat_template) for t in prompt_texts(d, rows)]
-    return PromptSet(ids, reward_columns(d, rows))
+    return PromptSet(ids, rows, reward_arguments(d, rows))
 
 
 def load_pair_records(d: DatasetSection, config_dir: Path | None = None) -> list[tuple[str, dict]]:

@@ -60,18 +60,17 @@ def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
     return prefill, prefill + max_tokens
 
 
-def load_prompts(cfg: GRPOConfig, tok, vocab_size: int, config_dir: Path,
-                 say) -> tuple[list[list[int]], dict[str, list]]:
-    """(token ids of every prompt, the reward functions' columns: name -> one value per prompt), from the
-    dataset section when there is one (runtime/rl/datasets.py), else from grpo_config.prompt_file (no columns)."""
+def load_prompts(cfg: GRPOConfig, tok, vocab_size: int, config_dir: Path, say):
+    """The run's prompts (a runtime/rl/datasets.PromptSet): from the dataset section when there is one, with
+    the rows whose columns the reward functions get, else from grpo_config.prompt_file (no columns)."""
     from pcpc.runtime.rl import datasets
 
     if cfg.dataset is None:
-        return setup.ensure_prompts(cfg.grpo_config.prompt_file, tok, vocab_size, say), {}
+        return datasets.PromptSet(setup.ensure_prompts(cfg.grpo_config.prompt_file, tok, vocab_size, say))
     found = datasets.load_prompts(cfg.dataset, tok, config_dir)
     setup.check_prompts(found.ids, vocab_size, f"dataset {cfg.dataset.source}",
                         f"does the tokenizer ({tok.name}) belong to the model?")
-    return found.ids, found.columns
+    return found
 
 
 def training_target(cfg: GRPOConfig, src, seq_len: int):
@@ -118,12 +117,12 @@ class GRPO(Loop):
         setup.check_weights_source(cfg.weights_path, src, cfg.init_weights)  # before any slow build
         setup.check_mask(cfg)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
-        prompts, columns = load_prompts(cfg, tok, src.config.vocab_size, ctx.config_dir, ctx.say)
-        rewards.check_arguments(list(columns))
+        found = load_prompts(cfg, tok, src.config.vocab_size, ctx.config_dir, ctx.say)
+        rewards.check_arguments(list(found.arguments))
         if cfg.dataset is not None:
-            ctx.say(f"dataset {cfg.dataset.source} ({cfg.dataset.split}): {len(prompts)} prompts; the reward "
-                    f"functions get {', '.join(columns)}")
-        prefill_len, seq_len = _seq_len(prompts, r.max_tokens)
+            ctx.say(f"dataset {cfg.dataset.source} ({cfg.dataset.split}): {len(found.ids)} prompts; the reward "
+                    f"functions also get {', '.join(found.arguments)}")
+        prefill_len, seq_len = _seq_len(found.ids, r.max_tokens)
         if seq_len > src.config.max_position_embeddings:
             raise UserError(f"rollout_config.max_tokens: the longest prompt ({prefill_len} tokens, rounded) plus "
                             f"{r.max_tokens} new tokens exceeds the model's {src.config.max_position_embeddings} "
@@ -197,8 +196,9 @@ class GRPO(Loop):
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
         self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
         self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
-        self.prompts, self.columns = load_prompts(cfg, self.tok, setup.vocab_size(mod.meta), Path(self.plan.reward_dir),
-                                                  lambda m: None)
+        self.prompt_set = load_prompts(cfg, self.tok, setup.vocab_size(mod.meta), Path(self.plan.reward_dir),
+                                       lambda m: None)
+        self.prompts = self.prompt_set.ids
         self.rewards = RewardSet.from_config(g.reward_funcs, g.reward_weights, Path(self.plan.reward_dir))
         self.client = RolloutClient(self.world)
 
@@ -282,8 +282,8 @@ class GRPO(Loop):
         eos = set(self.plan.eos_token_ids)
         bodies = [c[:-1] if c and c[-1] in eos else c for c in comps]
         texts, prompt_texts = [self.tok.decode(b) for b in bodies], [self.tok.decode(p) for p in rows]
-        columns = {name: [values[i] for i in order] for name, values in self.columns.items()}
-        total, per_fn = self.rewards.score(prompt_texts, texts, comps, rows, self.plan.eos_token_ids, columns)
+        total, per_fn = self.rewards.score(prompt_texts, texts, comps, rows, self.plan.eos_token_ids,
+                                           self.prompt_set.columns_for(order))
         adv, frac_zero = compute_advantages(torch.tensor(total, dtype=torch.float32), self.cfg.grpo_config.group_size,
                                             self.cfg.grpo_config.scale_rewards)
         return {"total": total, "per_fn": per_fn, "texts": texts, "prompt_texts": prompt_texts,

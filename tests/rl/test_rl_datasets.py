@@ -72,8 +72,10 @@ def test_parquet_prompts_follow_the_column_mapping_and_the_seeded_subset(tmp_pat
     picked = subset_indices(10, 4, 3)
     assert len(set(picked)) == 4 and picked != [0, 1, 2, 3]
     assert got.ids == [list(MATH["problem"][i].encode()) for i in picked]
-    assert got.columns["answer"] == [MATH["solution"][i] for i in picked]  # aligned with the prompts
-    assert got.columns["id"] == picked and got.columns["problem"] == [MATH["problem"][i] for i in picked]
+    cols = got.columns_for(range(4))
+    assert cols["answer"] == [MATH["solution"][i] for i in picked]  # aligned with the prompts
+    assert cols["id"] == picked and cols["problem"] == [MATH["problem"][i] for i in picked]
+    assert got.columns_for([2, 0, 2]) == {k: [v[2], v[0], v[2]] for k, v in cols.items()}
 
 
 def test_subsets_are_reproducible(tmp_path):
@@ -92,7 +94,8 @@ def test_jsonl_save_to_disk_and_a_folder_of_data_files(tmp_path):
 
     ds = datasets.Dataset.from_dict(MATH)
     test = datasets.Dataset.from_dict({k: v[:3] for k, v in MATH.items()})
-    (tmp_path / "math.jsonl").write_text("".join(json.dumps(dict(zip(MATH, row))) + "\n" for row in zip(*MATH.values())))
+    lines = [json.dumps(dict(zip(MATH, row))) + "\n" for row in zip(*MATH.values())]
+    (tmp_path / "math.jsonl").write_text("".join(lines))
     datasets.DatasetDict({"train": ds, "test": test}).save_to_disk(str(tmp_path / "saved"))
     ds.save_to_disk(str(tmp_path / "saved_one"))
     (tmp_path / "folder" / "data").mkdir(parents=True)  # the layout `huggingface-cli download` leaves
@@ -200,11 +203,11 @@ def test_the_dataset_section_loads_strictly():
         (parse_grpo, _grpo_raw(), r"config.dataset: give exactly one of name .*neither"),
         (parse_grpo, _grpo_raw(name="a", rows=3), r"config.dataset: unknown key 'rows'; valid keys: name, path"),
         (parse_grpo, _grpo_raw(name="a", num_samples=0), r"config.dataset: num_samples must be >= 1 or null"),
-        (parse_grpo, _grpo_raw(name="a", num_samples="all"), r"config.dataset.num_samples: expected int or NoneType, got str"),
+        (parse_grpo, _grpo_raw(name="a", num_samples="all"), r"dataset.num_samples: expected int or NoneType, got str"),
         (parse_grpo, _grpo_raw(name="a", columns={"prompt": 3}), r"columns.prompt must name a dataset column"),
         (parse_grpo, _grpo_raw(name="a", columns={"completions": "x"}), r"columns: 'completions' cannot be a reward"),
         (parse_grpo, _grpo_raw(name="a", prompt_template="no fields"), r"prompt_template names no column"),
-        (parse_grpo, _grpo_raw(name="a", columns={"chosen": "c"}), r"config: dataset.columns.chosen: GRPO reads prompt"),
+        (parse_grpo, _grpo_raw(name="a", columns={"chosen": "c"}), r"dataset.columns.chosen: GRPO reads prompt"),
         (parse_dpo, _dpo_raw({"data_path": "p.jsonl"}, path="p.parquet"),
          r"config: give the preference pairs once: .*not both"),
         (parse_dpo, _dpo_raw({}), r"config: give the preference pairs once: .*one of them"),
@@ -225,7 +228,7 @@ def test_a_hub_name_offline_says_what_to_download_and_where_to_point_the_config(
     with pytest.raises(UserError) as e:
         load_rows(section(name=name))
     msg = str(e.value)
-    assert f"dataset.name: {name} cannot be loaded: no network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" in msg
+    assert f"dataset.name: {name} cannot be loaded: no network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)" in msg
     assert f"`huggingface-cli download --repo-type dataset {name} --local-dir DIR`" in msg
     assert '"dataset": {"path": "DIR", ...}' in msg
 
@@ -239,7 +242,7 @@ def test_the_cli_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pcpc.cli", "run", str(cfg), "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "open-r1/OpenR1-Math-220k cannot be loaded: no network" in proc.stderr
     assert "huggingface-cli download --repo-type dataset open-r1/OpenR1-Math-220k --local-dir DIR" in proc.stderr
     assert not (tmp_path / "models").exists()  # stopped before building anything
@@ -321,9 +324,10 @@ def test_countdown_rows_with_a_prompt_template(tmp_path):
     got = load_prompts(section(path=str(path), prompt_template=template, shuffle=False, chat_template=False), TOK)
     assert bytes(got.ids[0]).decode() == ("Using the numbers [25, 5, 4], create an equation that equals 80. "
                                           "Answer in <answer></answer>.")
-    assert got.columns == {"target": [80, 52], "nums": [[25, 5, 4], [100, 5, 3, 2]]}
+    cols = got.columns_for([0, 1])
+    assert cols == {"target": [80, 52], "nums": [[25, 5, 4], [100, 5, 3, 2]]}
     texts = ["<answer>(25 - 5) * 4</answer>", "<answer>100 / (5 - 3) + 3</answer>"]
-    assert countdown(texts, **got.columns) == [1.0, 0.0]
+    assert countdown(texts, **cols) == [1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------
