@@ -167,6 +167,27 @@ def test_dpo_pairs_from_renamed_columns(tmp_path):
         load_pair_records(section(path=str(path), columns={"prompt": "q"}))
 
 
+def test_prompts_get_the_chat_template_as_prompt_files_do(tmp_path):
+    """With a HF tokenizer, a dataset prompt is tokenized exactly as setup.ensure_prompts writes a text prompt (the
+    chat template, a user turn); chat_template false gives the raw text's tokens."""
+    from pcpc.runtime.rl.setup import load_tokenizer
+    from qwen_helpers import CHAT_TEMPLATE, _tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    _tokenizer().save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE,
+                                                               "eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(str(tok_dir), "qwen2-tiny")
+    path = write_parquet(tmp_path / "math.parquet", MATH)
+    d = section(path=str(path), columns={"prompt": "problem"}, shuffle=False, num_samples=2)
+    chat = load_prompts(d, tok).ids
+    assert chat == [tok.encode(t) for t in MATH["problem"][:2]]
+    assert tok.decode(chat[0]).startswith("user\n1+20=")  # the template's turn (its specials are skipped)
+    raw = load_prompts(section(**{**d.__dict__, "chat_template": False}), tok).ids
+    assert raw == [tok.encode(t, chat=False) for t in MATH["problem"][:2]] and raw != chat
+
+
 def test_chat_format_cells_give_their_last_message():
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert text_of(messages, "x") == "hello"
