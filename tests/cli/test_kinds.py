@@ -15,7 +15,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 @pytest.mark.parametrize("name, kind", [
     ("nanogpt_small.json", "diloco"), ("nanogpt_medium.json", "diloco"), ("qwen_rl_test.json", "grpo"),
-    ("qwen_rl_tiny.json", "grpo"), ("dpo_tiny.json", "dpo"),
+    ("qwen_rl_tiny.json", "grpo"), ("dpo_tiny.json", "dpo"), ("qwen_grpo_countdown.json", "grpo"),
 ])
 def test_every_shipped_experiment_loads_through_its_kind(name, kind):
     raw = json.loads((EXPERIMENTS / name).read_text())

@@ -240,6 +240,19 @@ def test_the_dataset_section_loads_strictly():
             parse(raw)
 
 
+def test_the_countdown_experiment_loads_and_its_template_fits_the_dataset(tmp_path):
+    from pcpc.runtime.rl.grpo_config import parse_grpo
+
+    cfg = parse_grpo(json.loads((EXPERIMENTS / "qwen_grpo_countdown.json").read_text()), "qwen_grpo_countdown.json")
+    assert cfg.dataset.name == "Jiayi-Pan/Countdown-Tasks-3to4" and cfg.grpo_config.reward_funcs == ("countdown",)
+    # the Hub dataset's columns (target: int, nums: list of ints), as a local copy would hold them
+    path = write_parquet(tmp_path / "countdown.parquet", {"target": [98], "nums": [[44, 19, 35]]})
+    local = DatasetSection(**{**cfg.dataset.__dict__, "name": None, "path": str(path), "chat_template": False})
+    got = load_prompts(local, TOK)
+    assert bytes(got.ids[0]).decode().startswith("Using the numbers [44, 19, 35], create an equation that equals 98.")
+    RewardSet.from_config(cfg.grpo_config.reward_funcs, None).check_arguments(list(got.arguments))
+
+
 # ---------------------------------------------------------------------------
 # the Hub without a network
 
