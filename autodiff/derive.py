@@ -96,6 +96,19 @@ def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], 
     return train_step
 
 
+def adamw_step_fn(n: int, decay: Sequence[bool], opt: AdamWConfig):
+    """(*params, *m, *v, *grads, step, lr) -> (*params', *m', *v'): one AdamW update (clipped to
+    opt.grad_clip by the global norm) with given gradients: data-parallel training's, after the all-reduce."""
+
+    def adamw_step(*flat):
+        params, m, v, grads = (list(flat[i * n:(i + 1) * n]) for i in range(4))
+        step, lr = flat[4 * n], flat[4 * n + 1]
+        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay))
+        return (*new_p, *new_m, *new_v)
+
+    return adamw_step
+
+
 def outer_step_fn(n: int):
     """(*params, *momentum, *delta, lr, mu) -> (*params', *momentum'): DiLoCo's outer Nesterov step."""
 

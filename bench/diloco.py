@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from pcpc.exporters import nanogpt
-from pcpc.runtime.train.data import WorkerSampler, load_dataset, val_batches
+from pcpc.runtime.train.data import load_dataset, val_batches
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,10 +67,10 @@ def get_lr(exp, it: int) -> float:
 class ReferenceWorker:
     """One DiLoCo worker in eager PyTorch: local params, a torch AdamW, its data shard."""
 
-    def __init__(self, exp, cfg, train_tokens, rank: int, world: int, init: dict):
+    def __init__(self, exp, cfg, data, rank: int, world: int, init: dict):
         self.exp, self.cfg = exp, cfg
         self.params = {k: v.detach().clone().requires_grad_() for k, v in init.items()}
-        self.sampler = WorkerSampler(train_tokens, rank, world, cfg.block_size, exp.batch_size, exp.seed)
+        self.sampler = data.sampler(rank, world, cfg.block_size, exp.batch_size, exp.seed)
         self.opt = self._adamw()
 
     def _adamw(self):
@@ -134,9 +134,9 @@ def reference_val_loss(params: dict, cfg, batches) -> float:
 
 def setup(exp, world: int):
     """(model config, dataset, initial params, validation batches) as pcpc run resolves them."""
-    from pcpc.runtime.train.diloco import tokenizer_kind
+    from pcpc.runtime.train.diloco import resolve_tokenizer
 
-    data = load_dataset(exp.data_path, tokenizer_kind(exp))
+    data = load_dataset(exp.dataset, resolve_tokenizer(exp), exp.seed)
     cfg = exp.model_config(data.tokenizer.vocab_size)
     init = nanogpt.init_params(cfg, exp.seed)
     val = val_batches(data.val, cfg.block_size, exp.eval_batch_size, exp.eval_batches)
@@ -146,7 +146,7 @@ def setup(exp, world: int):
 def reference_diloco(exp, world: int, rounds: int) -> dict:
     """Simulate `world` workers in this process, one after the other (for the tests)."""
     cfg, data, init, val = setup(exp, world)
-    workers = [ReferenceWorker(exp, cfg, data.train, r, world, init) for r in range(world)]
+    workers = [ReferenceWorker(exp, cfg, data, r, world, init) for r in range(world)]
     outer = ReferenceOuter(exp, init)
     train_losses = []
     for r in range(rounds):
@@ -167,7 +167,7 @@ def eager_worker(rank: int, world: int, payload) -> dict:
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(world))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=exp.timeout_s))
     cfg, data, init, val = setup(exp, world)
-    worker = ReferenceWorker(exp, cfg, data.train, rank, world, init)
+    worker = ReferenceWorker(exp, cfg, data, rank, world, init)
     outer = ReferenceOuter(exp, init)
     my_val = val[rank::world]
     t0 = time.perf_counter()
@@ -222,13 +222,12 @@ def main():
 
     from pcpc.config import load_json
     from pcpc.runtime.train.config import parse_experiment
-    from pcpc.runtime.train.data import load_dataset as load
-    from pcpc.runtime.train.diloco import check_data, resolve_model, tokenizer_kind
+    from pcpc.runtime.train.diloco import check_data, resolve_model, resolve_tokenizer
 
     raw = {**load_json(args.config), "outer_loop_steps": args.rounds, "wandb_project": None}
     exp = parse_experiment(raw, where=args.config)
     check_data(exp)
-    resolve_model(exp, load(exp.data_path, tokenizer_kind(exp)).tokenizer.vocab_size)  # build outside the timing
+    resolve_model(exp, load_dataset(exp.dataset, resolve_tokenizer(exp), exp.seed).tokenizer.vocab_size)  # build outside the timing
     runs = {"pcpc": [], "eager": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):  # alternate, so background load hits both alike

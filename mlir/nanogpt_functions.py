@@ -8,6 +8,7 @@ of FUNCTIONS). Every function takes all weights first, in
     forward_loss   (*params, x, y) -> loss
     value_and_grad (*params, x, y) -> loss, *grads
     train_step     (*params, *m, *v, step, lr, x, y) -> loss, *params', *m', *v'
+    adamw_step     (*params, *m, *v, *grads, step, lr) -> *params', *m', *v'   (data-parallel: all-reduced grads)
     eval_loss      (*params, x, y) -> loss                 (eval_batch_size rows)
     outer_step     (*params, *momentum, *delta, lr, mu) -> *params', *momentum'
     logits         (*params, idx) -> logits                (1 row of block_size, for sampling)
@@ -43,7 +44,7 @@ from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.signature import TensorSpec
 
 
-FUNCTIONS = ("forward_loss", "value_and_grad", "train_step", "eval_loss", "outer_step", "logits")
+FUNCTIONS = ("forward_loss", "value_and_grad", "train_step", "adamw_step", "eval_loss", "outer_step", "logits")
 
 def model_config(config: dict) -> nanogpt.NanoGPTConfig:
     return nanogpt.make_config(config["model"], **config.get("model_overrides", {}))
@@ -152,6 +153,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             derive.train_step_fn(train_loss, names, decay, opt, has_aux=moe, lr_scale=lr_scale),
             P + M + V + [scalar("step"), scalar("lr")] + batch(B),
             [("loss", "loss")] + stats + out(P) + out(M) + out(V),
+        ),
+        "adamw_step": lambda: ExportFunction(
+            "adamw_step",
+            derive.adamw_step_fn(len(names), decay, opt),
+            P + M + V + _specs("grad.", "data", shapes) + [scalar("step"), scalar("lr")],
+            out(P) + out(M) + out(V),
         ),
         "eval_loss": lambda: ExportFunction(
             "eval_loss", derive.forward_loss_fn(loss_fn, names), P + batch(EB), [("loss", "loss")]

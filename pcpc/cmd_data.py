@@ -1,4 +1,5 @@
 """`pcpc data fetch NAME`: download a training text from its canonical source, checksummed.
+`pcpc data prepare INPUT --tokenizer T --out DIR`: tokenize a text or JSONL file into token shards.
 
 tiny_shakespeare: karpathy/char-rnn's input.txt -> data/tiny_shakespeare.txt
 enwik8: mattmahoney.net/dc/enwik8.zip, unzipped -> data/enwik8.txt
@@ -48,6 +49,7 @@ SOURCES = {
 
 def register(cli: click.Group, data: click.Group) -> None:
     data.add_command(fetch)
+    data.add_command(prepare)
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -128,3 +130,30 @@ def fetch_dataset(name: str, out_dir: Path, timeout: float = 60.0, say=click.ech
 def fetch(name, out_dir, timeout):
     """Download a dataset (tiny_shakespeare, enwik8) and verify its checksum."""
     fetch_dataset(name, Path(out_dir), timeout)
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False))
+@click.option("--tokenizer", required=True,
+              help="byte, gpt2 (tiktoken's GPT-2 BPE) or a local HF tokenizer directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The shard directory to write (train_*.bin, val_*.bin, dataset.json).")
+@click.option("--shard-size", default=100_000_000, show_default=True, help="Tokens per shard.")
+@click.option("--val-tokens", default=None, type=int,
+              help="Tokens (from the start) for validation [default: one shard's worth].")
+@click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(["auto", "text", "jsonl"]),
+              help="auto: jsonl for a .jsonl file, else text.")
+@click.option("--text-field", default="text", show_default=True, help="jsonl: the field holding the text.")
+@click.option("--overwrite", is_flag=True, help="Replace the shards of a non-empty --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def prepare(input_path, tokenizer, out_dir, shard_size, val_tokens, fmt, text_field, overwrite, quiet):
+    """Tokenize a text or JSONL file into llm.c-format token shards (streamed, on every core)."""
+    from pcpc.runtime.train.shards import prepare as run_prepare
+    from pcpc.runtime.train.tokenizer import Tokenizer, named_tokenizer
+
+    tok = Tokenizer("char") if tokenizer == "char" else named_tokenizer(tokenizer)  # char: prepare says why not
+    info = run_prepare(Path(input_path), Path(out_dir), tok, fmt, shard_size, val_tokens, text_field, overwrite,
+                       progress=not quiet)
+    n = info["tokens"]
+    click.echo(f"{out_dir}: {n['train']:,} train + {n['val']:,} val tokens ({info['dtype']}) from "
+               f"{info['documents']:,} document(s) in {len(info['shards'])} shard(s)")

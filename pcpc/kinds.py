@@ -2,7 +2,8 @@
 
 `pcpc run CONFIG` (and anything else that reads experiment files) goes
 through here: a file with a `grpo_config` key is a GRPO run, one with
-`dpo_config` a DPO run, any other a DiLoCo run. Each kind names its loop
+`dpo_config` a DPO run, one with `"sync": "ddp"` a data-parallel pretraining
+run, any other a DiLoCo run. Each kind names its loop
 class (a pcpc.runtime.run.skeleton.Loop), whose `Config` the one strict
 loader (pcpc/config.py) reads. Loops are imported only when asked for, so
 listing kinds stays cheap. A new kind of run is a loop file and one line
@@ -24,6 +25,11 @@ class Kind:
     """The top-level key that marks a file of this kind (None: the default kind)."""
     loop: str
     """module:Class of its Loop."""
+    value: object = None
+    """The value the marker key must have (None: any)."""
+
+    def marks(self, raw: dict) -> bool:
+        return self.marker is not None and self.marker in raw and self.value in (None, raw[self.marker])
 
     def load_loop(self) -> type:
         module, _, cls = self.loop.partition(":")
@@ -34,22 +40,30 @@ KINDS = {
     "diloco": Kind("diloco", None, "pcpc.runtime.train.diloco:DiLoCo"),
     "grpo": Kind("grpo", "grpo_config", "pcpc.runtime.rl.grpo:GRPO"),
     "dpo": Kind("dpo", "dpo_config", "pcpc.runtime.rl.dpo:DPO"),
+    "ddp": Kind("ddp", "sync", "pcpc.runtime.train.ddp:DataParallel", value="ddp"),
 }
 
 
-def kind_of(raw: dict) -> Kind:
-    """The kind of a decoded experiment file."""
-    marked = [k for k in KINDS.values() if k.marker is not None and k.marker in raw]
-    if len(marked) > 1:
-        from pcpc.errors import UserError
+SYNCS = ("diloco", "ddp")
+"""The values of a pretraining file's `sync` key: diloco (the default kind) or ddp."""
 
-        raise UserError(f"the config has both {marked[0].marker!r} and {marked[1].marker!r}: one kind of run per file")
+
+def kind_of(raw: dict, where: str = "config") -> Kind:
+    """The kind of a decoded experiment file."""
+    from pcpc.errors import UserError
+
+    if raw.get("sync", "diloco") not in SYNCS:
+        raise UserError(f"{where}: sync must be one of {', '.join(SYNCS)}; got {raw['sync']!r}")
+    marked = [k for k in KINDS.values() if k.marks(raw)]
+    if len(marked) > 1:
+        raise UserError(f"the config has both {marked[0].marker!r} ({marked[0].name}) and {marked[1].marker!r} "
+                        f"({marked[1].name}): one kind of run per file")
     return marked[0] if marked else next(k for k in KINDS.values() if k.marker is None)
 
 
 def load_config(raw: dict, where: str = "config"):
     """(loop class, validated config) of a decoded experiment file; errors name `where` and the field."""
-    loop = kind_of(raw).load_loop()
+    loop = kind_of(raw, where).load_loop()
     return loop, from_dict(loop.Config, raw, where=where)
 
 

@@ -26,7 +26,6 @@ directory, checkpoints, metrics, signals and launch are the skeleton's
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,21 +33,19 @@ from pathlib import Path
 import numpy as np
 
 from pcpc.errors import UserError
-from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.run.skeleton import Loop, every
+from pcpc.runtime.train import common
+from pcpc.runtime.train.common import (all_reduce_mean, check_data, fmt_bytes, module_model_config, pack,
+                                       resolve_tokenizer, sample_text, unpack)
 from pcpc.runtime.train.config import DiLoCoConfig
-from pcpc.runtime.train.data import WorkerSampler, load_dataset, val_batches
+from pcpc.runtime.train.data import load_dataset, val_batches
+from pcpc.runtime.train.tokenizer import Tokenizer
 
 FUNCTIONS = ["train_step", "eval_loss", "outer_step", "logits"]
-KNOWN_DATASETS = {"tiny_shakespeare.txt": "tiny_shakespeare", "enwik8.txt": "enwik8"}
 COLUMNS = ("round", "inner_step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s",
            "allreduce_bytes_per_worker", "data_parallel_bytes_per_worker")
 PEFT_COLUMNS = ("full_diloco_bytes_per_worker",)
 """With an adapter: what full DiLoCo of the same model would all-reduce per round."""
-WHY_NOT_FOREIGN = ("pcpc does not differentiate MLIR: it derives train_step and outer_step from an exporter's "
-                   "functional PyTorch model (torch.func + make_fx) before lowering, and an arbitrary MLIR file has "
-                   "no such source.")
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -56,64 +53,19 @@ class Plan:
 
     vmfb: str
     tokenizer: str
-
-
-def tokenizer_kind(cfg: DiLoCoConfig) -> str:
-    if cfg.tokenizer != "auto":
-        return cfg.tokenizer
-    from pcpc.exporters.nanogpt import PRESETS
-
-    return "byte" if PRESETS.get(cfg.preset, {}).get("vocab_size") == 256 else "char"
-
-
-def check_data(cfg: DiLoCoConfig) -> None:
-    path = Path(cfg.data_path)
-    if path.is_file():
-        return
-    hint = f"place the text file at {path}"
-    if path.name in KNOWN_DATASETS:
-        hint = f"run `pcpc data fetch {KNOWN_DATASETS[path.name]}` (or copy {path.name} to {path})"
-    raise UserError(f"data_path: {path} not found (relative to {Path.cwd()}); {hint}")
-
-
-def model_target(cfg: DiLoCoConfig, vocab_size: int):
-    """The build target of the experiment's modules, and the artifact path they are built at.
-
-    Without a `model` object or an adapter the artifact is model_path itself (its stem names the preset).
-    With one, it is <model_path folder>/<stem>-<hash of the target's config>.mlir: every architecture (and
-    batch shape, and adapter) gets its own build, and experiments that share one share the build.
-    """
-    from pcpc.mlir.build import sha256_bytes
-    from pcpc.mlir.targets import nanogpt_target
-
-    from pcpc.exporters.peft import module_section
-
-    fields = dict(cfg.model_fields)
-    fields.setdefault("vocab_size", vocab_size)
-    path = Path(cfg.model_path)
-    target = nanogpt_target(
-        path.stem, cfg.preset, cfg.batch_size, eval_batch_size=cfg.eval_batch_size, model_overrides=fields,
-        optimizer={"beta1": cfg.beta1, "beta2": cfg.beta2, "weight_decay": cfg.weight_decay,
-                   "grad_clip": cfg.grad_clip},
-        functions=FUNCTIONS, peft=module_section(cfg.peft) if cfg.peft else None,
-    )
-    if cfg.model is not None or cfg.peft is not None:
-        key = sha256_bytes(json.dumps(target.config, sort_keys=True).encode())[:10]
-        path = path.with_name(f"{path.stem}-{key}{path.suffix}")
-    return target, path
+    """The run's tokenizer, as its vocab.json holds it (Tokenizer.to_json)."""
 
 
 def resolve_model(cfg: DiLoCoConfig, vocab_size: int, say=print):
     """Build (or find cached) the experiment's modules; returns the BuildResult."""
-    target, path = model_target(cfg, vocab_size)
-    return build_artifact("model_path", path, target, cfg.target, say, why=WHY_NOT_FOREIGN)
+    return common.resolve_model(cfg, vocab_size, FUNCTIONS, say)
 
 
-def plan_rounds(cfg: DiLoCoConfig, train: np.ndarray, val: np.ndarray, block: int, world: int) -> int:
+def plan_rounds(cfg: DiLoCoConfig, data, block: int, world: int) -> int:
     """Rounds the run will take; every worker's batches and the validation batches are checked here, in the
     launcher, so a data file too small for them is an error before any worker starts."""
-    samplers = [WorkerSampler(train, r, world, block, cfg.batch_size, cfg.seed) for r in range(world)]
-    val_batches(val, block, cfg.eval_batch_size, cfg.eval_batches)
+    samplers = [data.sampler(r, world, block, cfg.batch_size, cfg.seed) for r in range(world)]
+    val_batches(data.val, block, cfg.eval_batch_size, cfg.eval_batches, data.where)
     steps_per_epoch = min(s.steps_per_epoch for s in samplers)
     rounds = min(cfg.outer_loop_steps, cfg.max_epochs * steps_per_epoch // cfg.tau)
     if rounds < 1:
@@ -136,14 +88,13 @@ class DiLoCo(Loop):
     @classmethod
     def plan(cls, cfg: DiLoCoConfig, ctx) -> Plan:
         check_data(cfg)
-        kind = tokenizer_kind(cfg)
-        data = load_dataset(cfg.data_path, kind)
-        vocab = data.tokenizer.vocab_size
+        data = load_dataset(cfg.dataset, resolve_tokenizer(cfg), cfg.seed)
+        vocab, tok_json = data.tokenizer.vocab_size, data.tokenizer.to_json()
         try:
             block = cfg.model_config(vocab).block_size
         except ValueError as e:  # the tokenizer's vocabulary against the model's
             raise UserError(f"{ctx.config_path}: {e}") from None
-        rounds = plan_rounds(cfg, data.train, data.val, block, ctx.world)
+        rounds = plan_rounds(cfg, data, block, ctx.world)
         derived = {"workers": ctx.world}  # each has its own inner AdamW state in the checkpoint
         if cfg.lr_schedule == "cosine":
             derived["resolved.lr_decay_steps"] = cfg.decay_steps(rounds)
@@ -153,11 +104,11 @@ class DiLoCo(Loop):
             from pcpc.mlir.signature import load_meta
             from pcpc.runtime.module import base_specs
 
-            load_init(cfg, base_specs(load_meta(built.meta)), data.tokenizer.to_json())
-        ctx.write_text("vocab.json", data.tokenizer.to_json())
-        ctx.write_config(tokenizer=kind, vocab_size=vocab, vmfb=str(built.vmfb))
+            load_init(cfg, base_specs(load_meta(built.meta)), tok_json)
+        ctx.write_text("vocab.json", tok_json)
+        ctx.write_config(tokenizer=data.tokenizer.kind, vocab_size=vocab, vmfb=str(built.vmfb))
         _announce(cfg, ctx, built, rounds, block)
-        return Plan(str(built.vmfb), kind)
+        return Plan(str(built.vmfb), tok_json)
 
     @classmethod
     def check_inputs(cls, cfg: DiLoCoConfig, config_dir: Path) -> None:
@@ -193,11 +144,12 @@ class DiLoCo(Loop):
         cfg = self.cfg
         self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
         self.specs = mod.meta.parameters  # every weight, or the adapter's trainable tensors
-        self.block = model_config(mod).block_size
-        data = load_dataset(cfg.data_path, self.plan.tokenizer)
+        self.block = module_model_config(mod).block_size
+        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed)
         self.tokenizer = data.tokenizer
-        self.sampler = WorkerSampler(data.train, self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
-        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches)[self.rank::self.world]
+        self.sampler = data.sampler(self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
+        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches,
+                                  data.where)[self.rank::self.world]
         state = self._initial_state(resume)
         self.F = mod.upload_all(state["frozen"])  # the frozen base (and VeRA's projections), once; [] without
         self.initial = state["initial"]  # the adapter as drawn (PiSSA's saved form needs it)
@@ -261,11 +213,11 @@ class DiLoCo(Loop):
                 self.run.log.tick(r, train_loss=loss_sum / (k + 1))
         self.M, self.V = M, V
         # Δ = θ_global − θ_local, averaged over the workers in one all-reduce of one flat buffer.
-        _pack(self.flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(self.G_host, P)])
+        pack(self.flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(self.G_host, P)])
         tail = self.flat[sum(self.sizes):]  # [mean train loss, MoE statistics, stop flag] (a view)
         tail[0], tail[1:-1], tail[-1] = loss_sum / tau, stats / tau, float(self.run.stop.requested)
-        _all_reduce_mean(self.flat, self.world, self.backend())
-        out = mod("outer_step", *self.G, *self.Bm, *_unpack(self.flat, self.specs, self.sizes),
+        all_reduce_mean(self.flat, self.world, self.backend())
+        out = mod("outer_step", *self.G, *self.Bm, *unpack(self.flat, self.specs, self.sizes),
                   np.float32(cfg.outer_learning_rate), np.float32(cfg.nesterov_momentum))
         self.G, self.Bm = out[:n], out[n:]
         self.G_host = [to_host(g) for g in self.G]
@@ -318,8 +270,8 @@ class DiLoCo(Loop):
         if self.rank != 0:
             return None
         log, elapsed = self.run.log, self.run.elapsed()
-        sample = "" if stopped or not cfg.sample_tokens else _sample_text(self.mod, [*self.G, *self.F], self.tokenizer,
-                                                                          self.block, cfg.sample_tokens, self.rng)
+        sample = "" if stopped or not cfg.sample_tokens else sample_text(self.mod, [*self.G, *self.F], self.tokenizer,
+                                                                         self.block, cfg.sample_tokens, self.rng)
         summary = {
             "rounds": done, "rounds_planned": self.run.spec.steps, "inner_steps_per_worker": done * cfg.tau,
             "workers": self.world, "final_val_loss": self.val, "final_train_loss": log.last("train_loss"),
@@ -354,7 +306,7 @@ class DiLoCo(Loop):
             elif cfg.init_from is not None:
                 box[0] = {"round": 0, "params": load_init(cfg, base_specs(self.mod.meta))}
             else:
-                box[0] = {"round": 0, "params": [p.numpy() for p in init_params(model_config(self.mod), cfg.seed).values()]}
+                box[0] = {"round": 0, "params": [p.numpy() for p in init_params(module_model_config(self.mod), cfg.seed).values()]}
             if cfg.peft is not None:
                 box[0].update(self._adapter_state(box[0]))
             if resume is None:
@@ -378,7 +330,7 @@ class DiLoCo(Loop):
         from pcpc.runtime.module import base_specs
 
         cfg, specs = self.cfg, base_specs(self.mod.meta)
-        mcfg = model_config(self.mod)
+        mcfg = module_model_config(self.mod)
         resumed = "initial" in state
         base = load_init(cfg, specs) if resumed else state["params"]
         tensors = {s.name: torch.from_numpy(np.asarray(a)) for s, a in zip(specs, base)}
@@ -405,7 +357,7 @@ class DiLoCo(Loop):
 
         names = [s.name for s in self.specs]
         adapter = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.G_host)}
-        _, shared_shapes = peft.shapes(model_config(self.mod), self.cfg.peft)
+        _, shared_shapes = peft.shapes(module_model_config(self.mod), self.cfg.peft)
         n_base = len(self.F) - len(shared_shapes)
         shared = {k: torch.from_numpy(to_host(x)) for k, x in zip(shared_shapes, self.F[n_base:])}
         initial = {n: torch.from_numpy(np.asarray(a)) for n, a in zip(names, self.initial)}
@@ -418,7 +370,7 @@ class DiLoCo(Loop):
 
         total = sum(float(to_host(self.mod("eval_loss", *self.G, *self.F, x, y)[0])) for x, y in self.my_val)
         sums = np.array([total, len(self.my_val)], np.float64)
-        _all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
+        all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
         return float(sums[0] / sums[1])
 
 
@@ -453,60 +405,10 @@ def load_init(cfg: DiLoCoConfig, specs, tokenizer_json: str | None = None) -> li
                         f"(and tokenizer) as the init_from run")
     vocab = path.parent.parent / "vocab.json"
     if tokenizer_json is not None and vocab.is_file() and vocab.read_text().strip() != tokenizer_json.strip():
-        raise UserError(f"init_from: {vocab} is another tokenizer than this run's (data_path {cfg.data_path}, "
-                        f"tokenizer {cfg.tokenizer}): the base's token ids would mean other characters")
+        raise UserError(f"init_from: {vocab} is another tokenizer than this run's ({cfg.data_where} "
+                        f"{cfg.dataset.path}, tokenizer {cfg.dataset.tokenizer}): the base's token ids would mean "
+                        f"other text")
     return [np.asarray(p) for p in params]
-
-
-def model_config(mod):
-    from pcpc.exporters.nanogpt import make_config
-
-    cfg = mod.meta.provenance.config
-    return make_config(cfg["model"], **cfg.get("model_overrides", {}))
-
-
-def _pack(flat: np.ndarray, arrays: list[np.ndarray]) -> None:
-    offset = 0
-    for a in arrays:
-        flat[offset:offset + a.size] = a
-        offset += a.size
-
-
-def _unpack(flat: np.ndarray, specs, sizes) -> list[np.ndarray]:
-    """Views of flat shaped like the parameters (no copy)."""
-    ends = np.cumsum(sizes)
-    return [flat[e - n:e].reshape(spec.shape) for e, n, spec in zip(ends, sizes, specs)]
-
-
-def _all_reduce_mean(array: np.ndarray, world: int, backend: str) -> None:
-    """In place: the mean of `array` over the workers (nccl reduces a CUDA copy)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.from_numpy(array)
-    if backend == "nccl":
-        dev = t.cuda()
-        dist.all_reduce(dev)
-        t.copy_(dev.cpu())
-    else:
-        dist.all_reduce(t)
-    array /= world
-
-
-def _sample_text(mod, G, tokenizer, block: int, n_tokens: int, rng, temperature: float = 1.0) -> str:
-    """Sample n_tokens from the final model with the compiled `logits` function (one row of block tokens)."""
-    from pcpc.runtime.module import to_host
-
-    start = tokenizer.encode("\n")[0] if tokenizer.kind == "byte" or "\n" in tokenizer.chars else 0
-    ids = [int(start)]
-    for _ in range(n_tokens):
-        ctx = ids[-block:]
-        idx = np.zeros((1, block), np.int64)
-        idx[0, :len(ctx)] = ctx  # positions after the context are ignored (causal attention)
-        logits = to_host(mod("logits", *G, idx)[0])[0, len(ctx) - 1].astype(np.float64) / temperature
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(len(p), p=p / p.sum())))
-    return tokenizer.decode(ids)
 
 
 def _announce(cfg: DiLoCoConfig, ctx, built, rounds: int, block: int) -> None:
@@ -526,17 +428,10 @@ def _announce(cfg: DiLoCoConfig, ctx, built, rounds: int, block: int) -> None:
             f"tau {cfg.tau}, {rounds} rounds; run dir {ctx.dir.path}")
     if rounds < cfg.outer_loop_steps:
         ctx.say(f"  max_epochs {cfg.max_epochs} limits the run to {rounds} rounds")
-    ctx.say(f"  each worker all-reduces {_bytes(payload)} per round; per-step data parallel would all-reduce "
-            f"{_bytes(dp)} over the same {cfg.tau} steps ({dp / payload:.1f}x more)")
+    ctx.say(f"  each worker all-reduces {fmt_bytes(payload)} per round; per-step data parallel would all-reduce "
+            f"{fmt_bytes(dp)} over the same {cfg.tau} steps ({dp / payload:.1f}x more)")
     if cfg.peft is not None:
         full = 4 * (n_base + 2)
-        ctx.say(f"  full DiLoCo of this model would all-reduce {_bytes(full)} per round ({full / payload:.1f}x more)")
+        ctx.say(f"  full DiLoCo of this model would all-reduce {fmt_bytes(full)} per round ({full / payload:.1f}x more)")
     if ctx.resume:
         ctx.say(f"  resuming from {ctx.dir.checkpoint}")
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024

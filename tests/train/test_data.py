@@ -17,7 +17,8 @@ import pytest
 from corpus import write_play
 from pcpc import cmd_data
 from pcpc.errors import UserError
-from pcpc.runtime.train.data import Tokenizer, WorkerSampler, load_dataset, val_batches
+from pcpc.runtime.train.data import WorkerSampler, load_text, val_batches
+from pcpc.runtime.train.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def http_root(tmp_path):
 
 
 def test_char_tokenizer_on_tiny_shakespeare(shakespeare):
-    ds = load_dataset(shakespeare, "char")
+    ds = load_text(shakespeare, "char")
     text = shakespeare.read_text()
     assert ds.tokenizer.vocab_size == 65  # nanoGPT's shakespeare_char vocabulary
     assert ds.tokenizer.chars == "".join(sorted(set(text)))
@@ -60,7 +61,7 @@ def test_char_tokenizer_on_tiny_shakespeare(shakespeare):
 def test_byte_tokenizer(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes("héllo wörld\n".encode() * 50)
-    ds = load_dataset(path, "byte")
+    ds = load_text(path, "byte")
     assert ds.tokenizer.vocab_size == 256
     raw = path.read_bytes()
     assert np.array_equal(np.concatenate([ds.train, ds.val]), np.frombuffer(raw, np.uint8))
@@ -69,13 +70,13 @@ def test_byte_tokenizer(tmp_path):
 
 
 def test_char_tokenizer_rejects_unknown_characters(shakespeare):
-    tok = load_dataset(shakespeare, "char").tokenizer
+    tok = load_text(shakespeare, "char").tokenizer
     with pytest.raises(UserError, match="not in the run's vocabulary"):
         tok.encode("naïve")
 
 
 def test_sampler_is_a_pure_function_of_seed_rank_and_step(shakespeare):
-    train = load_dataset(shakespeare, "char").train
+    train = load_text(shakespeare, "char").train
     a = WorkerSampler(train, 0, 2, block_size=32, batch_size=8, seed=7)
     b = WorkerSampler(train, 0, 2, block_size=32, batch_size=8, seed=7)
     steps = [0, 5, a.steps_per_epoch + 3, 1]
@@ -91,7 +92,7 @@ def test_sampler_is_a_pure_function_of_seed_rank_and_step(shakespeare):
 
 
 def test_workers_draw_from_disjoint_shards_and_epochs_cover_every_window(shakespeare):
-    train = load_dataset(shakespeare, "char").train[:20_000]
+    train = load_text(shakespeare, "char").train[:20_000]
     world, block, batch = 2, 16, 4
     seen = []
     for rank in range(world):
@@ -112,7 +113,7 @@ def test_workers_draw_from_disjoint_shards_and_epochs_cover_every_window(shakesp
 
 
 def test_val_batches_are_fixed_and_evenly_spaced(shakespeare):
-    val = load_dataset(shakespeare, "char").val
+    val = load_text(shakespeare, "char").val
     every = val_batches(val, 32, 16)
     assert len(every) == ((len(val) - 1) // 32) // 16
     some = val_batches(val, 32, 16, max_batches=5)
@@ -125,13 +126,13 @@ def test_val_batches_are_fixed_and_evenly_spaced(shakespeare):
 def test_too_little_data_is_a_user_error(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("abcdefgh" * 20)
-    ds = load_dataset(path, "char")
+    ds = load_text(path, "char")
     with pytest.raises(UserError, match="data_path: .* too few for one batch"):
         WorkerSampler(ds.train, 0, 2, block_size=32, batch_size=4, seed=0)
     with pytest.raises(UserError, match="validation split .* too few"):
         val_batches(ds.val, 32, 4)
     with pytest.raises(UserError, match="data_path: .* not found"):
-        load_dataset(tmp_path / "missing.txt", "char")
+        load_text(tmp_path / "missing.txt", "char")
 
 
 def test_fetch_downloads_verifies_and_places(tmp_path, monkeypatch, shakespeare, http_root):

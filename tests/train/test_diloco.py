@@ -103,7 +103,7 @@ def test_one_round_with_outer_lr_1_and_no_momentum_lands_on_the_workers_mean(ws,
 
     # The workers' local parameters after their tau steps, recomputed here with the same module and data.
     from pcpc.exporters import nanogpt
-    from pcpc.runtime.train.data import WorkerSampler, load_dataset
+    from pcpc.runtime.train.data import WorkerSampler, load_text
     from pcpc.runtime.module import CompiledModule, to_host
 
     monkeypatch.chdir(ws)
@@ -111,7 +111,7 @@ def test_one_round_with_outer_lr_1_and_no_momentum_lands_on_the_workers_mean(ws,
     mod = CompiledModule(ws / "models" / "nanogpt_small.vmfb", threads=1)
     model = nanogpt.make_config("nanogpt-small", vocab_size=65)
     init = [p.numpy() for p in nanogpt.init_params(model, exp.seed).values()]
-    train = load_dataset(exp.data_path, "char").train
+    train = load_text(exp.data_path, "char").train
     n, local = len(init), []
     for rank in range(2):
         sampler = WorkerSampler(train, rank, 2, model.block_size, exp.batch_size, exp.seed)
