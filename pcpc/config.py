@@ -85,9 +85,10 @@ def _coerce(value, tp, path: str):
 
 def _declared_order(cls) -> list[tuple[str, dataclasses.Field]]:
     """The dataclass's fields, its own first (in declaration order), then those it inherits: a loop's
-    config lists its own keys before the shared base's (runtime/run/config.py)."""
+    config lists its own keys before the shared base's (runtime/run/config.py). A class's FIRST_KEYS (the
+    reference design's keys, say) come before all of them."""
     by_name = {f.name: f for f in dataclasses.fields(cls)}
-    order = []
+    order = [n for n in getattr(cls, "FIRST_KEYS", ()) if n in by_name]
     for klass in cls.__mro__:
         for name in klass.__dict__.get("__annotations__", {}):
             if name in by_name and name not in order:

@@ -44,8 +44,8 @@ KINDS = {
 }
 
 
-SYNCS = ("diloco", "ddp")
-"""The values of a pretraining file's `sync` key: diloco (the default kind) or ddp."""
+SYNCS = ("diloco", *(k.value for k in KINDS.values() if k.marker == "sync"))
+"""A pretraining file's `sync`: diloco (the default kind's) or a value that marks another kind (ddp)."""
 
 
 def kind_of(raw: dict, where: str = "config") -> Kind:
@@ -56,8 +56,7 @@ def kind_of(raw: dict, where: str = "config") -> Kind:
         raise UserError(f"{where}: sync must be one of {', '.join(SYNCS)}; got {raw['sync']!r}")
     marked = [k for k in KINDS.values() if k.marks(raw)]
     if len(marked) > 1:
-        raise UserError(f"the config has both {marked[0].marker!r} ({marked[0].name}) and {marked[1].marker!r} "
-                        f"({marked[1].name}): one kind of run per file")
+        raise UserError(f"the config has both {marked[0].marker!r} and {marked[1].marker!r}: one kind of run per file")
     return marked[0] if marked else next(k for k in KINDS.values() if k.marker is None)
 
 

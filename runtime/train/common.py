@@ -14,6 +14,9 @@ from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.train.tokenizer import Tokenizer, named_tokenizer
 
 KNOWN_DATASETS = {"tiny_shakespeare.txt": "tiny_shakespeare", "enwik8.txt": "enwik8"}
+KNOWN_SHARDS = {"edu_fineweb10B": "FineWeb-Edu sample-10BT in GPT-2 tokens: build-nanogpt's fineweb.py writes its "
+                                  "edufineweb_train_*.npy / edufineweb_val_*.npy there, or run `pcpc data prepare "
+                                  "FILE.jsonl --tokenizer gpt2 --out edu_fineweb10B` on its JSONL"}
 WHY_NOT_FOREIGN = ("pcpc does not differentiate MLIR: it derives train_step and outer_step from an exporter's "
                    "functional PyTorch model (torch.func + make_fx) before lowering, and an arbitrary MLIR file has "
                    "no such source.")
@@ -49,6 +52,8 @@ def check_data(cfg) -> None:
         return
     what = {"text": "text file", "jsonl": "JSONL file", "shards": "directory of train_* / val_* token shards"}
     hint = f"place the {what[cfg.dataset.kind]} at {path}"
+    if path.name in KNOWN_SHARDS:
+        hint = f"{hint}: {KNOWN_SHARDS[path.name]}"
     if path.name in KNOWN_DATASETS:
         hint = f"run `pcpc data fetch {KNOWN_DATASETS[path.name]}` (or copy {path.name} to {path})"
     raise UserError(f"{cfg.data_where}: {path} not found (relative to {Path.cwd()}); {hint}")

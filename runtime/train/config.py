@@ -22,12 +22,12 @@ from pathlib import Path
 
 from pcpc.config import check_at_least, check_choice, check_positive, from_dict, load_json
 from pcpc.exporters.peft import QWEN2_TARGETS, PeftConfig
-from pcpc.kinds import SYNCS
 from pcpc.runtime.run.config import RunConfig
 
 TOKENIZERS = ("auto", "char", "byte")
 LR_SCHEDULES = ("constant", "cosine")
 BACKENDS = ("auto", "gloo", "nccl")
+SYNCS = ("diloco", "ddp")
 FORMATS = ("auto", "text", "jsonl", "shards")
 
 
@@ -269,6 +269,9 @@ class DiLoCoConfig(PretrainConfig):
     Linear: c_attn, c_proj, c_fc, or w1, w2, w3 with SwiGLU). Only the adapter's pseudo-gradients are
     all-reduced; the run saves it in <run dir>/adapter as adapter_model.safetensors + adapter_config.json."""
 
+    FIRST_KEYS = ("model_path", "data_path", "learning_rate", "tau", "outer_loop_steps", "nesterov_momentum",
+                  "max_epochs")
+    """The reference design's keys, listed first (pcpc.config's "valid keys")."""
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + (
         "outer_loop_steps", "max_epochs", "num_workers", "backend", "eval_interval", "eval_batches",
         "eval_batch_size", "sample_tokens",

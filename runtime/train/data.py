@@ -176,9 +176,9 @@ def load_shards(path: str | Path, tokenizer: Tokenizer, where: str = "data.path"
     return Dataset(tokenizer, train, val, where)
 
 
-def load_dataset(data, tokenizer: Tokenizer | None, seed: int = 0) -> Dataset:
-    """The Dataset a DataConfig describes, tokenized with `tokenizer` (None: char, from the data)."""
-    where = "data.path"
+def load_dataset(data, tokenizer: Tokenizer | None, seed: int = 0, where: str = "data.path") -> Dataset:
+    """The Dataset a DataConfig describes, tokenized with `tokenizer` (None: char, from the data); errors name
+    `where`, the config field it came from."""
     kind = data.kind
     if kind == "shards":
         return load_shards(data.path, tokenizer, where)

@@ -88,7 +88,7 @@ class DiLoCo(Loop):
     @classmethod
     def plan(cls, cfg: DiLoCoConfig, ctx) -> Plan:
         check_data(cfg)
-        data = load_dataset(cfg.dataset, resolve_tokenizer(cfg), cfg.seed)
+        data = load_dataset(cfg.dataset, resolve_tokenizer(cfg), cfg.seed, cfg.data_where)
         vocab, tok_json = data.tokenizer.vocab_size, data.tokenizer.to_json()
         try:
             block = cfg.model_config(vocab).block_size
@@ -145,7 +145,7 @@ class DiLoCo(Loop):
         self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
         self.specs = mod.meta.parameters  # every weight, or the adapter's trainable tensors
         self.block = module_model_config(mod).block_size
-        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed)
+        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed, cfg.data_where)
         self.tokenizer = data.tokenizer
         self.sampler = data.sampler(self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
         self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches,
