@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pcpc.autodiff.optim import AdamWConfig, adamw, nesterov_outer
+from pcpc.autodiff.optim import AdamWConfig, adamw, global_norm, nesterov_outer
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -97,14 +97,17 @@ def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], 
 
 
 def adamw_step_fn(n: int, decay: Sequence[bool], opt: AdamWConfig):
-    """(*params, *m, *v, *grads, step, lr) -> (*params', *m', *v'): one AdamW update (clipped to
-    opt.grad_clip by the global norm) with given gradients: data-parallel training's, after the all-reduce."""
+    """(*params, *m, *v, *grads, step, lr) -> (grad_norm, *params', *m', *v'): one AdamW update (clipped to
+    opt.grad_clip by the global norm, which it returns) with given gradients: data-parallel training's, after
+    the all-reduce."""
 
     def adamw_step(*flat):
         params, m, v, grads = (list(flat[i * n:(i + 1) * n]) for i in range(4))
         step, lr = flat[4 * n], flat[4 * n + 1]
-        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay))
-        return (*new_p, *new_m, *new_v)
+        norm = global_norm(grads)
+        coef = torch.clamp(opt.grad_clip / (norm + 1e-6), max=1.0) if opt.grad_clip > 0 else None
+        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay), coef=coef)
+        return (norm, *new_p, *new_m, *new_v)
 
     return adamw_step
 

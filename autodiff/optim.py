@@ -53,10 +53,14 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     return rows.sum(-1).double().sum()
 
 
+def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all of grads together (fp32), as clip_grad_norm_ computes it."""
+    return torch.sqrt(sum(_sum_of_squares(g) for g in grads)).float()
+
+
 def clip_coef(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The factor torch.nn.utils.clip_grad_norm_ scales grads by: min(1, max_norm / (global L2 norm + 1e-6))."""
-    total = torch.sqrt(sum(_sum_of_squares(g) for g in grads)).float()
-    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0)
 
 
 def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ of FUNCTIONS). Every function takes all weights first, in
     forward_loss   (*params, x, y) -> loss
     value_and_grad (*params, x, y) -> loss, *grads
     train_step     (*params, *m, *v, step, lr, x, y) -> loss, *params', *m', *v'
-    adamw_step     (*params, *m, *v, *grads, step, lr) -> *params', *m', *v'   (data-parallel: all-reduced grads)
+    adamw_step     (*params, *m, *v, *grads, step, lr) -> grad_norm, *params', *m', *v'   (all-reduced grads)
     eval_loss      (*params, x, y) -> loss                 (eval_batch_size rows)
     outer_step     (*params, *momentum, *delta, lr, mu) -> *params', *momentum'
     logits         (*params, idx) -> logits                (1 row of block_size, for sampling)
@@ -158,7 +158,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             "adamw_step",
             derive.adamw_step_fn(len(names), decay, opt),
             P + M + V + _specs("grad.", "data", shapes) + [scalar("step"), scalar("lr")],
-            out(P) + out(M) + out(V),
+            [("grad_norm", "output")] + out(P) + out(M) + out(V),
         ),
         "eval_loss": lambda: ExportFunction(
             "eval_loss", derive.forward_loss_fn(loss_fn, names), P + batch(EB), [("loss", "loss")]

@@ -5,7 +5,8 @@ Step s, on each of W workers, as PyTorch DDP with gradient accumulation:
     A × value_and_grad(θ, x, y)      compiled forward + backward of one micro-batch, A = tokens_per_step /
                                      (W × batch_size × block_size); the gradients summed in one flat buffer
     g = mean over workers and micro-batches     one all-reduce of the flat buffer (+ the loss, a stop flag)
-    θ, m, v ← adamw_step(θ, m, v, g, step, lr)  compiled AdamW with the global-norm clip, nanoGPT's decay
+    θ, m, v ← adamw_step(θ, m, v, g, step, lr)  compiled AdamW with the global-norm clip (the norm logged),
+                                                nanoGPT's decay
 
 Every worker applies the same update to the same θ, so the weights stay identical without a broadcast and
 the checkpoint holds one copy. The data position is a function of the step (runtime/train/data.py), so a
@@ -184,12 +185,13 @@ class DataParallel(Loop):
             del out, g
         tail[-1] = float(self.run.stop.requested)  # > 0 after the mean when any worker was asked to stop
         all_reduce_mean(flat, self.world, self.backend())
-        flat /= A  # the mean over every worker's micro-batches: the gradient of the global batch's mean loss
+        if A > 1:
+            flat /= A  # the mean over every worker's micro-batches: the gradient of the global batch's mean loss
         lr = cfg.lr_at(s)
-        grad_norm = float(np.sqrt(np.dot(grads.astype(np.float64), grads)))
-        self.P, self.M, self.V = _split(mod("adamw_step", *self.P, *self.M, *self.V,
-                                            *unpack(grads, self.specs, self.sizes), np.float32(s + 1),
-                                            np.float32(lr)), len(self.specs))
+        norm, *out = mod("adamw_step", *self.P, *self.M, *self.V, *unpack(grads, self.specs, self.sizes),
+                         np.float32(s + 1), np.float32(lr))
+        self.P, self.M, self.V = _split(out, len(self.specs))
+        grad_norm = float(to_host(norm))
         self.done = done = s + 1
         self.stop_agreed = bool(tail[-1] > 0)
         self.tokens += self.tokens_per_step
