@@ -32,6 +32,8 @@ HEADER_INTS = 256
 FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}
 """magic -> (version, token dtype), llm.c's."""
 MANIFEST = "dataset.json"
+BATCH_BYTES = 8 << 20
+"""prepare tokenizes documents in batches of at most this much input (and batch_docs documents)."""
 SHARD_RE = re.compile(r"(?:^|[_\-.])(train|val)[_\-.]?\d*\.(bin|npy)$")
 
 
@@ -133,12 +135,12 @@ def _documents(path: Path, fmt: str, text_field: str, chunk_bytes: int = 1 << 20
 
 def prepare(src: Path, out: Path, tokenizer, fmt: str = "auto", shard_size: int = 100_000_000,
             val_tokens: int | None = None, text_field: str = "text", overwrite: bool = False,
-            progress: bool = True, batch_docs: int = 256) -> dict:
+            progress: bool = True, batch_docs: int = 2048) -> dict:
     """Tokenize a text or JSONL file into llm.c shards in `out`: the first val_tokens tokens (default: one
     shard's worth) into val_*, the rest into train_*, each shard_size tokens (the last ones shorter).
 
-    It streams (a shard's buffer and a batch of documents are all it holds), tokenizes a batch of documents
-    on every core the tokenizer's backend uses, and writes each shard atomically; dataset.json comes last, so
+    It streams (a shard's buffer and a batch of documents, at most 8 MB of input, are all it holds),
+    tokenizes a batch of documents on every core the tokenizer's backend uses, and writes each shard atomically; dataset.json comes last, so
     a directory that has it is complete. Returns the manifest."""
     from tqdm import tqdm
 
@@ -194,24 +196,43 @@ def prepare(src: Path, out: Path, tokenizer, fmt: str = "auto", shard_size: int 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {src.name}", disable=not progress)
     docs, done_bytes, n_docs = [], 0, 0
 
-    def encode(batch) -> None:
+    eot = np.array([] if tokenizer.eot is None else [tokenizer.eot], np.int64)
+
+    def write(batch, encoded) -> None:
+        """Append a tokenized batch (each document after the end-of-text id) to the shards."""
         nonlocal done_bytes, n_docs
-        for (text, starts, _), ids in zip(batch, tokenizer.encode_batch([t for t, _, _ in batch])):
-            if starts and tokenizer.eot is not None:
-                add(np.array([tokenizer.eot], dtype))
-            add(ids.astype(dtype))
+        parts = []
+        for (_, starts, _), ids in zip(batch, encoded):
+            parts += [eot, ids] if starts else [ids]
             n_docs += starts
+        add(np.concatenate(parts).astype(dtype))
         bar.update(batch[-1][2] - done_bytes)
         done_bytes = batch[-1][2]
         bar.set_postfix(tokens=f"{counts['train'] + counts['val'] + filled:,}")
 
-    for doc in _documents(src, fmt, text_field):
-        docs.append(doc)
-        if len(docs) == batch_docs:
-            encode(docs)
-            docs = []
-    if docs:
-        encode(docs)
+    # Double-buffered: batch k is tokenized (the backend's threads, without the GIL) while this thread reads
+    # and parses batch k + 1, then writes batch k.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pending, start = None, 0
+
+        def submit(batch):
+            nonlocal pending
+            future = pool.submit(tokenizer.encode_batch, [t for t, _, _ in batch])
+            if pending is not None:
+                write(pending[0], pending[1].result())
+            pending = (batch, future)
+
+        for doc in _documents(src, fmt, text_field):
+            docs.append(doc)
+            if len(docs) == batch_docs or doc[2] - start >= BATCH_BYTES:  # a batch: enough documents, or 8 MB
+                submit(docs)
+                docs, start = [], doc[2]
+        if docs:
+            submit(docs)
+        if pending is not None:
+            write(pending[0], pending[1].result())
     bar.close()
     if filled:
         flush()
