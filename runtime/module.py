@@ -41,7 +41,14 @@ def _config(driver: str, threads: int | None):
 
             keep_freed_memory()  # CPU calls reuse their transient buffers' pages (runtime/host_memory.py)
         if threads and driver == "local-task":
-            rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
+            if threads < (os.cpu_count() or 1):
+                # Fewer workers than cores: a process sharing the machine (DiLoCo's and DDP's local workers,
+                # GRPO's rollout workers). Unpinned: IREE pins a max_group_count topology to the first
+                # cores, so every such process would run on the same core (two 1-thread workers on 2 cores
+                # each got half of core 0: bench/NOTES.md).
+                rt.flags.parse_flags(f"--task_topology_group_count={threads}")
+            else:
+                rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
         try:
             if driver in ("local-task", "local-sync"):
                 _configs[driver] = rt.Config(driver)
