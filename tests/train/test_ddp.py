@@ -57,8 +57,14 @@ def rows(ws: Path, out: str) -> list[dict]:
     return [json.loads(x) for x in (ws / out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_equal_one_on_the_concatenated_batch_and_one_accumulating(ws):
+@pytest.fixture(scope="module")
+def two(ws):
+    """runs/two: the 2-worker run the others are compared with."""
     run(ws, "two.json", "runs/two", num_workers=2)
+    return ws / "runs/two"
+
+
+def test_two_workers_equal_one_on_the_concatenated_batch_and_one_accumulating(ws, two):
     run(ws, "one.json", "runs/one", num_workers=1, batch_size=8)  # its own build: batch 8
     run(ws, "acc.json", "runs/acc", num_workers=1, tokens_per_step=2 * 4 * 32)  # 2 micro-batches of 4
     two, one, acc = params(ws, "runs/two"), params(ws, "runs/one"), params(ws, "runs/acc")
@@ -77,6 +83,26 @@ def test_two_workers_equal_one_on_the_concatenated_batch_and_one_accumulating(ws
     assert r2[-1]["tokens"] == 4 * 2 * 4 * 32
     summary = json.loads((ws / "runs/acc/summary.json").read_text())
     assert summary["accumulation"] == 2 and summary["tokens_per_step"] == 256
+
+
+def test_under_torchrun_it_is_the_same_run(ws, two):
+    """torchrun starts the processes (its env: RANK, WORLD_SIZE, MASTER_ADDR, ...): the same weights, bit for
+    bit, as the workers `pcpc run` launches itself."""
+    (ws / "tr.json").write_text(json.dumps({**BASE, "num_workers": 2}))
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           "--no-python", PCPC, "run", "tr.json", "--out", "runs/tr"], cwd=ws, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    for a, b in zip(params(ws, "runs/tr"), params(ws, "runs/two")):
+        np.testing.assert_array_equal(a, b)
+    assert json.loads((ws / "runs/tr/summary.json").read_text())["workers"] == 2
+
+
+def test_bf16_compute_trains_close_to_fp32(ws, two):
+    run(ws, "bf16.json", "runs/bf16", num_workers=2, model={**MODEL, "compute_dtype": "bfloat16"})
+    got, want = rows(ws, "runs/bf16"), rows(ws, "runs/two")
+    np.testing.assert_allclose([r["train_loss"] for r in got], [r["train_loss"] for r in want], rtol=2e-2)
+    assert got[0]["train_loss"] != want[0]["train_loss"]  # the matmuls did run in bf16
 
 
 def test_a_resumed_run_ends_bit_identical_and_samples_from_its_prompt(ws):
