@@ -25,7 +25,6 @@ reproducible and a checkpoint needs only the step for the data position.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,20 +121,9 @@ def read_jsonl(path: Path, text_field: str, where: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{where}: {path} not found")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = doc.get(text_field) if isinstance(doc, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{lineno}: expected an object with a string {text_field!r} field "
-                                f"(data.text_field names it)")
-            texts.append(text)
+    from pcpc.runtime.train.shards import documents
+
+    texts = [text for text, _, _ in documents(path, "jsonl", text_field, names="data.text_field")]
     if not texts:
         raise UserError(f"{where}: {path} holds no documents")
     return texts

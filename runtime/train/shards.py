@@ -101,9 +101,10 @@ def manifest(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _documents(path: Path, fmt: str, text_field: str, chunk_bytes: int = 1 << 20):
+def documents(path: Path, fmt: str, text_field: str, chunk_bytes: int = 1 << 20, names: str = "--text-field"):
     """(text, starts a document, bytes read so far) of the input, streamed: a JSONL line is a document; a text
-    file is one document, read in chunks of about chunk_bytes that end at line ends."""
+    file is one document, read in chunks of about chunk_bytes that end at line ends. `names`: the option or
+    field that names text_field, for errors."""
     with open(path, "rb") as f:
         if fmt == "jsonl":
             for lineno, line in enumerate(f, 1):
@@ -116,7 +117,7 @@ def _documents(path: Path, fmt: str, text_field: str, chunk_bytes: int = 1 << 20
                 text = doc.get(text_field) if isinstance(doc, dict) else None
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{lineno}: expected an object with a string {text_field!r} field "
-                                    f"(--text-field names it)")
+                                    f"({names} names it)")
                 yield text, True, f.tell()
             return
         first = True
@@ -224,7 +225,7 @@ def prepare(src: Path, out: Path, tokenizer, fmt: str = "auto", shard_size: int 
                 write(pending[0], pending[1].result())
             pending = (batch, future)
 
-        for doc in _documents(src, fmt, text_field):
+        for doc in documents(src, fmt, text_field):
             docs.append(doc)
             if len(docs) == batch_docs or doc[2] - start >= BATCH_BYTES:  # a batch: enough documents, or 8 MB
                 submit(docs)
