@@ -5,12 +5,14 @@ text sampling through the compiled `logits` function."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pcpc.errors import UserError
 from pcpc.runtime.run.artifacts import build_artifact
+from pcpc.runtime.run.skeleton import Loop
 from pcpc.runtime.train.tokenizer import Tokenizer, named_tokenizer
 
 KNOWN_DATASETS = {"tiny_shakespeare.txt": "tiny_shakespeare", "enwik8.txt": "enwik8"}
@@ -157,3 +159,45 @@ def fmt_bytes(n: float) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
+
+
+class PretrainLoop(Loop):
+    """What DiLoCo's and DDP's loops share on every worker: the process group's backend, the threads of a
+    local worker, the module and the worker's data (open), and the validation loss over all workers."""
+
+    @classmethod
+    def world_size(cls, cfg) -> int:
+        return cfg.num_workers
+
+    def backend(self) -> str:
+        cfg = self.cfg
+        return cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
+
+    def threads(self) -> int:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        return self.cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
+
+    def open(self) -> None:
+        """The compiled module (mod, specs, block) and this worker's data (tokenizer, sampler, my_val: its share
+        of the fixed validation batches)."""
+        from pcpc.runtime.module import CompiledModule
+        from pcpc.runtime.train.data import load_dataset, val_batches
+
+        cfg = self.cfg
+        self.mod = CompiledModule(self.plan.vmfb, threads=self.threads())
+        self.specs = self.mod.meta.parameters  # every weight, or an adapter's trainable tensors
+        self.block = module_model_config(self.mod).block_size
+        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed, cfg.data_where)
+        self.tokenizer = data.tokenizer
+        self.sampler = data.sampler(self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
+        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches,
+                                  data.where)[self.rank::self.world]
+
+    def evaluate(self, weights) -> float:
+        """Mean validation loss over all workers' shares of the fixed validation batches."""
+        from pcpc.runtime.module import to_host
+
+        total = sum(float(to_host(self.mod("eval_loss", *weights, x, y)[0])) for x, y in self.my_val)
+        sums = np.array([total, len(self.my_val)], np.float64)
+        all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
+        return float(sums[0] / sums[1])

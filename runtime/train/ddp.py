@@ -20,18 +20,16 @@ log records both (allreduce_bytes_per_worker, diloco_bytes_per_worker).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from pcpc.errors import UserError
-from pcpc.runtime.run.skeleton import Loop, every
-from pcpc.runtime.train.common import (all_reduce_mean, check_data, fmt_bytes, module_model_config, resolve_model,
-                                       resolve_tokenizer, sample_text, unpack)
+from pcpc.runtime.run.skeleton import every
+from pcpc.runtime.train.common import (PretrainLoop, all_reduce_mean, check_data, fmt_bytes, module_model_config,
+                                       resolve_model, resolve_tokenizer, sample_text, unpack)
 from pcpc.runtime.train.config import DDPConfig
 from pcpc.runtime.train.data import load_dataset, val_batches
-from pcpc.runtime.train.tokenizer import Tokenizer
 
 FUNCTIONS = ["value_and_grad", "adamw_step", "eval_loss", "logits"]
 COLUMNS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens", "elapsed_s", "tokens_per_s",
@@ -49,16 +47,12 @@ class Plan:
     """Micro-batches per worker per step."""
 
 
-class DataParallel(Loop):
+class DataParallel(PretrainLoop):
     kind, title, unit = "ddp", "DDP", "step"
     files = ("vocab.json", "loss.png", "sample.txt", "samples.jsonl")
     Config = DDPConfig
 
     # --- the launcher side
-
-    @classmethod
-    def world_size(cls, cfg: DDPConfig) -> int:
-        return cfg.num_workers
 
     @classmethod
     def plan(cls, cfg: DDPConfig, ctx) -> Plan:
@@ -98,30 +92,15 @@ class DataParallel(Loop):
 
     # --- every worker
 
-    def backend(self) -> str:
-        cfg = self.cfg
-        return cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
-
-    def threads(self) -> int:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        return self.cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
-
     def setup(self, resume) -> int:
         import torch.distributed as dist
 
         from pcpc.exporters.nanogpt import init_params
-        from pcpc.runtime.module import CompiledModule
         from pcpc.runtime.run.metrics import truncate_jsonl
 
         cfg = self.cfg
-        self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
-        self.specs = mod.meta.parameters
-        self.block = module_model_config(mod).block_size
-        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed, cfg.data_where)
-        self.tokenizer = data.tokenizer
-        self.sampler = data.sampler(self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
-        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches,
-                                  data.where)[self.rank::self.world]
+        self.open()
+        mod = self.mod
         box = [None]
         if self.rank == 0:  # every worker starts from rank 0's weights (DDP's broadcast), resumed or new
             if resume is not None:
@@ -196,7 +175,7 @@ class DataParallel(Loop):
         self.stop_agreed = bool(tail[-1] > 0)
         self.tokens += self.tokens_per_step
         evaluate = done == self.run.spec.steps or self.stop_agreed or every(cfg.eval_interval, done)
-        self.val = self._evaluate() if evaluate else None
+        self.val = self.evaluate(self.P) if evaluate else None
         if self.rank == 0 and cfg.sample_interval and every(cfg.sample_interval, done):
             text = sample_text(mod, self.P, self.tokenizer, self.block, cfg.sample_tokens, self.rng,
                                cfg.sample_prompt)
@@ -232,7 +211,7 @@ class DataParallel(Loop):
     def finish(self, done: int, stopped: bool) -> dict | None:
         cfg = self.cfg
         if self.val is None:  # a resumed, finished run: evaluate what there is
-            self.val = self._evaluate()
+            self.val = self.evaluate(self.P)
         if self.rank != 0:
             return None
         self.samples.close()
@@ -255,14 +234,6 @@ class DataParallel(Loop):
                          f"over {elapsed:.1f}s; metrics, loss.png and checkpoint in {self.run.dir.path}")
         return summary
 
-    def _evaluate(self) -> float:
-        """Mean validation loss over all workers' shares of the fixed validation batches."""
-        from pcpc.runtime.module import to_host
-
-        total = sum(float(to_host(self.mod("eval_loss", *self.P, x, y)[0])) for x, y in self.my_val)
-        sums = np.array([total, len(self.my_val)], np.float64)
-        all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
-        return float(sums[0] / sums[1])
 
 
 def _split(out, n: int):

@@ -26,20 +26,18 @@ directory, checkpoints, metrics, signals and launch are the skeleton's
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pcpc.errors import UserError
-from pcpc.runtime.run.skeleton import Loop, every
+from pcpc.runtime.run.skeleton import every
 from pcpc.runtime.train import common
-from pcpc.runtime.train.common import (all_reduce_mean, check_data, fmt_bytes, module_model_config, pack,
-                                       resolve_tokenizer, sample_text, unpack)
+from pcpc.runtime.train.common import (PretrainLoop, all_reduce_mean, check_data, fmt_bytes, module_model_config,
+                                       pack, resolve_tokenizer, sample_text, unpack)
 from pcpc.runtime.train.config import DiLoCoConfig
 from pcpc.runtime.train.data import load_dataset, val_batches
-from pcpc.runtime.train.tokenizer import Tokenizer
 
 FUNCTIONS = ["train_step", "eval_loss", "outer_step", "logits"]
 COLUMNS = ("round", "inner_step", "train_loss", "val_loss", "lr", "tokens", "elapsed_s", "tokens_per_s",
@@ -74,16 +72,12 @@ def plan_rounds(cfg: DiLoCoConfig, data, block: int, world: int) -> int:
     return rounds
 
 
-class DiLoCo(Loop):
+class DiLoCo(PretrainLoop):
     kind, title, unit = "diloco", "DiLoCo", "round"
     files = ("vocab.json", "loss.png", "sample.txt")
     Config = DiLoCoConfig
 
     # --- the launcher side
-
-    @classmethod
-    def world_size(cls, cfg: DiLoCoConfig) -> int:
-        return cfg.num_workers
 
     @classmethod
     def plan(cls, cfg: DiLoCoConfig, ctx) -> Plan:
@@ -130,26 +124,10 @@ class DiLoCo(Loop):
 
     # --- every worker
 
-    def backend(self) -> str:
-        cfg = self.cfg
-        return cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.target == "cuda" else "gloo")
-
-    def threads(self) -> int:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-        return self.cfg.threads or max(1, (os.cpu_count() or 1) // local_world)
-
     def setup(self, resume) -> int:
-        from pcpc.runtime.module import CompiledModule
-
         cfg = self.cfg
-        self.mod = mod = CompiledModule(self.plan.vmfb, threads=self.threads())
-        self.specs = mod.meta.parameters  # every weight, or the adapter's trainable tensors
-        self.block = module_model_config(mod).block_size
-        data = load_dataset(cfg.dataset, Tokenizer.from_json(self.plan.tokenizer), cfg.seed, cfg.data_where)
-        self.tokenizer = data.tokenizer
-        self.sampler = data.sampler(self.rank, self.world, self.block, cfg.batch_size, cfg.seed)
-        self.my_val = val_batches(data.val, self.block, cfg.eval_batch_size, cfg.eval_batches,
-                                  data.where)[self.rank::self.world]
+        self.open()
+        mod = self.mod
         state = self._initial_state(resume)
         self.F = mod.upload_all(state["frozen"])  # the frozen base (and VeRA's projections), once; [] without
         self.initial = state["initial"]  # the adapter as drawn (PiSSA's saved form needs it)
@@ -224,7 +202,7 @@ class DiLoCo(Loop):
         self.done = done = r + 1
         self.stop_agreed = bool(self.flat[-1] > 0)
         evaluate = done == rounds or self.stop_agreed or every(cfg.eval_interval, done)
-        self.val = self._evaluate() if evaluate else None
+        self.val = self.evaluate([*self.G, *self.F]) if evaluate else None
         self.tokens += self.tokens_per_step * tau
         elapsed = self.run.elapsed()
         record = dict(round=done, inner_step=done * tau, train_loss=float(tail[0]), val_loss=self.val,
@@ -266,7 +244,7 @@ class DiLoCo(Loop):
         """Rank 0: sample text, say how it went; the summary."""
         cfg = self.cfg
         if self.val is None:  # nothing left to train (a resumed, finished run): evaluate what there is
-            self.val = self._evaluate()
+            self.val = self.evaluate([*self.G, *self.F])
         if self.rank != 0:
             return None
         log, elapsed = self.run.log, self.run.elapsed()
@@ -364,14 +342,6 @@ class DiLoCo(Loop):
         return peft.save(self.run.dir.path / "adapter", adapter, shared, self.cfg.peft, str(self.cfg.init_from),
                          initial=initial, task_type=None)
 
-    def _evaluate(self) -> float:
-        """Mean validation loss over all workers' shares of the fixed validation batches."""
-        from pcpc.runtime.module import to_host
-
-        total = sum(float(to_host(self.mod("eval_loss", *self.G, *self.F, x, y)[0])) for x, y in self.my_val)
-        sums = np.array([total, len(self.my_val)], np.float64)
-        all_reduce_mean(sums, 1, self.backend())  # sums over workers (mean over 1 = the sum)
-        return float(sums[0] / sums[1])
 
 
 def init_checkpoint(cfg: DiLoCoConfig) -> Path:
