@@ -30,21 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "tiny_shakespeare.txt"
 MODEL = {"preset": "gpt-mini"}
 BLOCK, BATCH, WORKERS = 128, 8, 2
 TARGET = 1.3
-
-
-def cpu() -> str:
-    name, flags = "", ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not name:
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = " ".join(f for f in line.split(":")[1].split() if f.startswith(("avx", "fma")))
-    return f"{name}, {os.cpu_count()} cores; {flags}"
 
 
 def config(shards: Path, steps: int) -> dict:
@@ -227,7 +222,7 @@ def main():
     args = ap.parse_args()
     if not DATA.is_file():
         sys.exit(f"{DATA} is missing: `make run` (or `pcpc data fetch tiny_shakespeare`) puts it there")
-    print(f"bench/ddp.py, {datetime.date.today()}; {cpu()}; load {os.getloadavg()[0]:.2f}")
+    print(f"bench/ddp.py, {datetime.date.today()}; {target_cpu.summary()}; load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "ddp"):
             bench_ddp(args, Path(tmp))

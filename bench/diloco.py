@@ -17,7 +17,9 @@ topology 1 / torch.set_num_threads(1) on this 2-core machine), the same
 config, rounds and evaluation schedule. Reported: wall time of the whole
 command (process start to exit; pcpc's modules are built beforehand) and
 training tokens/s (the round loop, evaluation included), the ratio pcpc /
-eager, and both final validation losses.
+eager, and both final validation losses. Then pcpc's loop per inner step
+against the bare compiled train_step (inputs uploaded once, the loss read
+back) in W processes at once and alone: what the loop itself costs.
 
     .venv/bin/python bench/diloco.py                      # 20 rounds of experiments/nanogpt_small.json
     .venv/bin/python bench/diloco.py --rounds 100         # the full experiment: quality comparison too
@@ -31,13 +33,17 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
 
 import numpy as np
 import torch
@@ -189,6 +195,34 @@ def eager_worker(rank: int, world: int, payload) -> dict:
     return {"train_seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "final_val_loss": val_loss}
 
 
+def bare_worker(rank: int, world: int, payload) -> dict:
+    """The compiled train_step alone, in a tight loop: inputs uploaded once, the loss read back each step
+    (as the loop does). What pcpc's loop costs per inner step is measured against this, run beside as
+    many others as the loop has workers."""
+    from pcpc.runtime.module import CompiledModule, to_host
+
+    vmfb, steps = payload
+    mod = CompiledModule(vmfb, threads=1)
+    rng = np.random.default_rng(rank)
+    args = [np.float32(1.0) if not a.shape  # step and learning rate, passed as the loop does
+            else mod.upload(rng.integers(0, 2, a.shape).astype(a.dtype) if "int" in a.dtype
+                            else (0.02 * rng.standard_normal(a.shape)).astype(a.dtype))
+            for a in mod.signature("train_step").args]
+    for _ in range(5):
+        to_host(mod("train_step", *args)[0])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        to_host(mod("train_step", *args)[0])
+    return {"ms_per_step": 1e3 * (time.perf_counter() - t0) / steps}
+
+
+def run_bare(vmfb: Path, workers: int, steps: int) -> float:
+    """ms per bare train_step with `workers` processes running it at once (the median worker's)."""
+    from pcpc.runtime.run.launch import launch_local
+
+    return statistics.median(r["ms_per_step"] for r in launch_local(bare_worker, (str(vmfb), steps), workers))
+
+
 def run_pcpc(config: Path, rounds: int, out: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "pcpc"), "run", str(config), "--out", str(out), "--quiet",
            "--set", f"outer_loop_steps={rounds}", "--set", "wandb_project=null"]
@@ -227,24 +261,31 @@ def main():
     raw = {**load_json(args.config), "outer_loop_steps": args.rounds, "wandb_project": None}
     exp = parse_experiment(raw, where=args.config)
     check_data(exp)
-    resolve_model(exp, load_dataset(exp.dataset, resolve_tokenizer(exp), exp.seed).tokenizer.vocab_size)  # build outside the timing
-    runs = {"pcpc": [], "eager": []}
+    vocab = load_dataset(exp.dataset, resolve_tokenizer(exp), exp.seed).tokenizer.vocab_size
+    built = resolve_model(exp, vocab)  # build outside the timing
+    runs = {"pcpc": [], "eager": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):  # alternate, so background load hits both alike
             out = Path(args.out or tmp) / f"run{i}"
             shutil.rmtree(out, ignore_errors=True)
             runs["pcpc"].append(run_pcpc(Path(args.config), args.rounds, out))
             runs["eager"].append(run_eager(exp, args.rounds))
+            runs["bare"].append(run_bare(built.vmfb, exp.num_workers, min(exp.tau * args.rounds, 300)))
+    bare_alone = run_bare(built.vmfb, 1, 300)
     pcpc, eager = (_median(runs[k]) for k in ("pcpc", "eager"))
     print(f"DiLoCo {Path(args.config).name}: {args.rounds} rounds x tau {exp.tau}, {exp.num_workers} workers, "
-          f"batch {exp.batch_size}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{datetime.date.today()}" + (f"; median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
+          f"batch {exp.batch_size}; {target_cpu.summary()}; {datetime.date.today()}" + (f"; median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print(f"{'':8s} {'wall s':>8s} {'train s':>8s} {'tok/s':>9s} {'val loss':>9s}")
     for name, r in (("pcpc", pcpc), ("eager", eager)):
         print(f"{name:8s} {r['wall_s']:8.1f} {r['train_seconds']:8.1f} {r['tokens_per_s']:9.0f} "
               f"{r['final_val_loss']:9.4f}")
     print(f"ratio pcpc/eager: tokens/s {pcpc['tokens_per_s'] / eager['tokens_per_s']:.2f}x (training loop), "
           f"wall {eager['wall_s'] / pcpc['wall_s']:.2f}x faster (whole command)")
+    loop_ms = 1e3 * pcpc["train_seconds"] / (args.rounds * exp.tau)
+    bare = statistics.median(runs["bare"])
+    print(f"pcpc loop per inner step (outer steps, all-reduces and evaluation included): {loop_ms:.1f} ms; "
+          f"the bare compiled train_step {bare:.1f} ms beside {exp.num_workers - 1} more, {bare_alone:.1f} ms "
+          f"alone: loop / bare {loop_ms / bare:.2f}x (target <= 1.1x)")
     rel = abs(pcpc["final_val_loss"] - eager["final_val_loss"]) / eager["final_val_loss"]
     print(f"final val loss: pcpc {pcpc['final_val_loss']:.4f} vs eager {eager['final_val_loss']:.4f} "
           f"({100 * rel:.2f}% apart)")

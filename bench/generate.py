@@ -34,6 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
+
 import numpy as np
 
 from pcpc.runtime.host_memory import peak_rss_bytes

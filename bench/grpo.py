@@ -32,6 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,10 +257,8 @@ def main() -> None:
     if a.contender:
         print(json.dumps(run_pcpc(a) if a.contender == "pcpc" else run_eager(a)))
         return
-    import platform
-
-    print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; group {a.group}, prompt {a.prompt_len}, "
+    print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
+          f"load average {os.getloadavg()[0]:.1f}; group {a.group}, prompt {a.prompt_len}, "
           f"{a.max_tokens} new tokens, best of {a.reps}")
     for shape in a.shapes.split(","):
         rounds = {"pcpc": [], "eager": []}

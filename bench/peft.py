@@ -28,6 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -237,10 +241,8 @@ def main() -> None:
               "eager-peft": run_eager_peft}[a.contender]
         print(json.dumps(fn(a)))
         return
-    import platform
-
-    print(f"bench/peft.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; LoRA r {a.r} (alpha {2 * a.r}) on "
+    print(f"bench/peft.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
+          f"load average {os.getloadavg()[0]:.1f}; LoRA r {a.r} (alpha {2 * a.r}) on "
           f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}")
     for shape in a.shapes.split(","):
         res = {}

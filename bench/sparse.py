@@ -25,6 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
+
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -182,10 +186,8 @@ def main() -> None:
     if a.contender:
         print(json.dumps(run_optimizer(a) if a.contender == "optimizer" else run_learner(a)))
         return
-    import platform
-
-    print(f"bench/sparse.py  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; {grpo.PRESETS[a.shape]}, "
+    print(f"bench/sparse.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
+          f"load average {os.getloadavg()[0]:.1f}; {grpo.PRESETS[a.shape]}, "
           f"medians of {a.reps} steps")
     o = _run("optimizer", a)
     print(f"\noptimizer step over {o['params']:,} weights: dense AdamW {o['dense_s'] * 1e3:.1f} ms")

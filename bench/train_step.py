@@ -34,13 +34,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from pcpc.mlir import cpu as target_cpu
+
+target_cpu.match_torch()  # with PCPC_CPU=znver3, torch runs AVX2 too (before it is imported)
 
 import numpy as np
 
@@ -276,7 +279,7 @@ def accuracy(key: str, args, out_dir: Path) -> str:
 
 def report(results: list[Result], args, loads: tuple) -> str:
     lines = [
-        f"date {datetime.date.today()}  machine {platform.machine()} {_cpu_name()}, {os.cpu_count()} cores  "
+        f"date {datetime.date.today()}  {target_cpu.summary()}  "
         f"threads {args.threads}  compute {args.compute_dtype}  steps/round {args.steps}  rounds {args.rounds} (median)  "
         f"load average before/after {loads[0]:.2f}/{loads[1]:.2f}",
         "",
@@ -305,16 +308,6 @@ def report(results: list[Result], args, loads: tuple) -> str:
             f"{r.first_loss['pcpc']:.6f} / {r.first_loss['eager']:.6f} |"
         )
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 def main(argv=None) -> None:

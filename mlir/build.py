@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash, packs_at_export
+from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash, isa_flags, packs_at_export
 from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
 
 ARTIFACTS = Path("artifacts")
@@ -221,7 +221,7 @@ def build(
     log = log or (lambda msg: None)
     mlir_path, sidecar, vmfb_path, meta_path = paths_for(target.name, out_dir)
     encoder_path = encoder_path_for(vmfb_path)
-    flags = compile_flags(compile_target, arch) + (tuple(target.llvm_cpu_flags) if compile_target == "llvm-cpu" else ())
+    flags = compile_flags(compile_target, arch) + (isa_flags(target.llvm_cpu_flags) if compile_target == "llvm-cpu" else ())
     versions = _versions()
     cpu = cpu_features_hash()
     result = BuildResult(mlir_path, vmfb_path, meta_path)

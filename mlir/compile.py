@@ -1,9 +1,10 @@
 """Compile targets and flags for iree-compile.
 
 `llvm-cpu` compiles for this host's CPU (`--iree-llvmcpu-target-cpu=host`,
-2-3x faster than the generic target); such a module is not portable, so the
-host CPU feature set is part of the cache key. `cuda`, `rocm` and `vulkan`
-are selectable with their architecture flags.
+2-3x faster than the generic target), or for the CPU named by $PCPC_CPU
+(pcpc.mlir.cpu); such a module is not portable, so the host CPU feature set
+is part of the cache key. `cuda`, `rocm` and `vulkan` are selectable with
+their architecture flags.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ import tempfile
 from pathlib import Path
 
 from pcpc.errors import UserError
+from pcpc.mlir.cpu import target_cpu
 
-# Flags common to every llvm-cpu build. Each was measured in bench/NOTES.md.
-LLVM_CPU_FLAGS = (
-    "--iree-hal-target-backends=llvm-cpu",
-    "--iree-llvmcpu-target-cpu=host",
-)
+# Flags common to every llvm-cpu build (with the target CPU's, llvm_cpu_flags). Measured in bench/NOTES.md.
+LLVM_CPU_FLAGS = ("--iree-hal-target-backends=llvm-cpu",)
 
 DATA_TILING = "--iree-global-opt-data-tiling"
 """Data tiling (mmt4d operand layouts) through IREE's global-optimization path. The path that
@@ -58,6 +57,20 @@ TRAINING_CPU_FLAGS = (
     # propagated; it still reaches the loss through the matmuls.
     "--iree-llvmcpu-use-fast-min-max-ops",
 )
+
+AVX2_TRAINING_FLAGS = ("--iree-llvmcpu-enable-ukernels=mmt4d",)
+"""Added to a training module (TRAINING_CPU_FLAGS, data-tiled) compiled for an AVX2 CPU (pcpc.mlir.cpu):
+IREE's mmt4d microkernel instead of the generated tile loop. With PCPC_CPU=znver3 on a Zen 5 host the
+nanoGPT-medium train step took 1553 CPU ms instead of 1764 (small: the same); on AVX-512 it made no gain
+(bench/NOTES.md, attempt 4)."""
+
+
+def isa_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """`flags` (a target's llvm-cpu flags) plus those measured best for the target CPU's instruction set."""
+    if target_cpu().isa == "avx2" and set(TRAINING_CPU_FLAGS) <= set(flags):
+        return (*flags, *AVX2_TRAINING_FLAGS)
+    return tuple(flags)
+
 
 ADAPTER_TRAINING_CPU_FLAGS = ("--iree-opt-data-tiling=false", *(f for f in TRAINING_CPU_FLAGS if f != DATA_TILING))
 """llvm-cpu flags for adapter training modules (a `peft` recipe): TRAINING_CPU_FLAGS without data tiling. Their
@@ -102,7 +115,7 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
     if target not in TARGETS:
         raise UserError(f"--target: unknown target {target!r}; valid: {', '.join(TARGETS)}")
     if target == "llvm-cpu":
-        return LLVM_CPU_FLAGS
+        return (*LLVM_CPU_FLAGS, f"--iree-llvmcpu-target-cpu={target_cpu().name}")
     if target == "cuda":
         arch = arch or _compilable_cuda_arch(detect_cuda_arch()) or DEFAULT_ARCH["cuda"]
         return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
