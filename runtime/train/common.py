@@ -103,14 +103,6 @@ def module_model_config(mod):
     return make_config(cfg["model"], **cfg.get("model_overrides", {}))
 
 
-def pack(flat: np.ndarray, arrays) -> None:
-    """Copy `arrays`, flattened, one after another into the start of `flat`."""
-    offset = 0
-    for a in arrays:
-        flat[offset:offset + a.size] = a.reshape(-1)
-        offset += a.size
-
-
 def unpack(flat: np.ndarray, specs, sizes) -> list[np.ndarray]:
     """Views of flat shaped like the parameters (no copy)."""
     ends = np.cumsum(sizes)

@@ -35,7 +35,7 @@ from pcpc.errors import UserError
 from pcpc.runtime.run.skeleton import every
 from pcpc.runtime.train import common
 from pcpc.runtime.train.common import (PretrainLoop, all_reduce_mean, check_data, fmt_bytes, module_model_config,
-                                       pack, resolve_tokenizer, sample_text, unpack)
+                                       resolve_tokenizer, sample_text, unpack)
 from pcpc.runtime.train.config import DiLoCoConfig
 from pcpc.runtime.train.data import load_dataset, val_batches
 
@@ -168,7 +168,7 @@ class DiLoCo(PretrainLoop):
 
     def step(self, r: int) -> dict:
         """Round r: tau compiled inner steps, one all-reduce of Δ, one compiled outer step."""
-        from pcpc.runtime.module import to_host
+        from pcpc.runtime.module import host_view, to_host
 
         cfg, mod, n, tau = self.cfg, self.mod, len(self.specs), self.cfg.tau
         rounds = self.run.spec.steps
@@ -191,7 +191,10 @@ class DiLoCo(PretrainLoop):
                 self.run.log.tick(r, train_loss=loss_sum / (k + 1))
         self.M, self.V = M, V
         # Δ = θ_global − θ_local, averaged over the workers in one all-reduce of one flat buffer.
-        pack(self.flat, [g.reshape(-1) - to_host(p).reshape(-1) for g, p in zip(self.G_host, P)])
+        offset = 0  # written straight into the flat buffer, from a view of each device result (no copies)
+        for g, p in zip(self.G_host, P):
+            np.subtract(g.reshape(-1), host_view(p).reshape(-1), out=self.flat[offset:offset + g.size])
+            offset += g.size
         tail = self.flat[sum(self.sizes):]  # [mean train loss, MoE statistics, stop flag] (a view)
         tail[0], tail[1:-1], tail[-1] = loss_sum / tau, stats / tau, float(self.run.stop.requested)
         all_reduce_mean(self.flat, self.world, self.backend())
