@@ -278,7 +278,8 @@ def main():
     bare_alone = run_bare(built.vmfb, 1, 300)
     pcpc, eager = (_median(runs[k]) for k in ("pcpc", "eager"))
     print(f"DiLoCo {Path(args.config).name}: {args.rounds} rounds x tau {exp.tau}, {exp.num_workers} workers, "
-          f"batch {exp.batch_size}; {target_cpu.summary()}; {datetime.date.today()}" + (f"; median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
+          f"batch {exp.batch_size}; {target_cpu.summary()}; {datetime.date.today()}"
+          + (f"; median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print(f"{'':8s} {'wall s':>8s} {'train s':>8s} {'tok/s':>9s} {'val loss':>9s}")
     for name, r in (("pcpc", pcpc), ("eager", eager)):
         print(f"{name:8s} {r['wall_s']:8.1f} {r['train_seconds']:8.1f} {r['tokens_per_s']:9.0f} "

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pcpc.mlir.compile import compile_flags, compile_mlir, cpu_features_hash, isa_flags, packs_at_export
+from pcpc.mlir.compile import compile_flags, compile_mlir, isa_flags, packs_at_export
+from pcpc.mlir.cpu import features_hash
 from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
 
 ARTIFACTS = Path("artifacts")
@@ -223,7 +224,7 @@ def build(
     encoder_path = encoder_path_for(vmfb_path)
     flags = compile_flags(compile_target, arch) + (isa_flags(target.llvm_cpu_flags) if compile_target == "llvm-cpu" else ())
     versions = _versions()
-    cpu = cpu_features_hash()
+    cpu = features_hash()
     result = BuildResult(mlir_path, vmfb_path, meta_path)
 
     with _lock(out_dir / ".locks" / f"{target.name}.lock"):

@@ -9,7 +9,6 @@ their architecture flags.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -122,18 +121,6 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
     if target == "rocm":
         return ("--iree-hal-target-backends=rocm", f"--iree-rocm-target={arch or DEFAULT_ARCH['rocm']}")
     return ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={arch or DEFAULT_ARCH['vulkan']}")
-
-
-def cpu_features_hash() -> str:
-    """sha256 of this host's CPU model and feature flags (part of an llvm-cpu cache key)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        import platform
-
-        lines = [platform.machine(), platform.processor()]
-    keep = sorted({ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(("flags", "model name"))})
-    return hashlib.sha256("\n".join(keep).encode()).hexdigest()
 
 
 def iree_compile_exe() -> str:

@@ -47,28 +47,34 @@ class Cpu:
         return f"{self.name} ({what})" if self.emulated else what
 
 
+def _cpuinfo(field: str) -> list[str]:
+    """The values of `field` in /proc/cpuinfo, one per CPU ([] where that is not readable)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() == field]
+
+
 def host_flags() -> set[str]:
     """This host's CPU feature flags (/proc/cpuinfo), empty where that is not readable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(next(iter(_cpuinfo("flags")), "").split())
 
 
 def host_model() -> str:
     """This host's CPU model name (/proc/cpuinfo), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    return next(iter(_cpuinfo("model name")), "") or platform.processor() or platform.machine()
+
+
+def features_hash() -> str:
+    """sha256 of this host's CPU models and feature flags (part of an llvm-cpu cache key)."""
+    import hashlib
+    import platform
+
+    keep = sorted({*_cpuinfo("flags"), *_cpuinfo("model name")}) or [platform.machine(), platform.processor()]
+    return hashlib.sha256("\n".join(keep).encode()).hexdigest()
 
 
 def target_cpu() -> Cpu:
