@@ -69,9 +69,8 @@ def _result_specs(gm: torch.fx.GraphModule, names: Sequence[tuple[str, str]], fn
 def _trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
     """make_fx with iree-turbine's AOT decompositions applied while tracing.
 
-    The graph reaches torch.export already decomposed, so `lower` can skip
-    turbine's `run_decompositions` re-trace (about half the export time of a
-    0.5B model); pcpc's own DECOMPOSITIONS (autodiff/derive.py) win on overlap.
+    The graph is what gets imported (`_program`), so nothing traces it again;
+    pcpc's own DECOMPOSITIONS (autodiff/derive.py) win on overlap.
     """
     from iree.turbine.aot.decompositions import current_aot_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -98,43 +97,81 @@ def _add_global(root: torch.nn.Module, index: int, name: str, example: torch.Ten
     return attr
 
 
+def _program(gm: torch.fx.GraphModule, params: dict[str, torch.nn.Parameter]) -> "torch.export.ExportedProgram":
+    """Wrap a make_fx graph as an ExportedProgram without tracing it again.
+
+    torch.export would re-trace the graph (about 80% of a nanoGPT export); the graph is already
+    functional, decomposed and shape-annotated, so only the signature is built here. The first
+    len(params) placeholders are the parameters (`params` maps the root attributes that hold them,
+    in order); tensor constants (get_attr nodes) become lifted constant inputs, as torch.export
+    makes them; the output is made a tuple, as torch.export's always is.
+    """
+    from torch.export import ExportedProgram
+    from torch.export.exported_program import ModuleCallEntry
+    from torch.export.graph_signature import (ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec,
+                                              TensorArgument)
+
+    g = gm.graph
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    first = next(iter(g.nodes))
+    inputs, constants = [], {}
+    for node in [n for n in g.nodes if n.op == "get_attr"]:
+        value = getattr(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise NotImplementedError(f"lower: get_attr {node.target} holds a {type(value).__name__}, not a tensor")
+        with g.inserting_before(first):
+            ph = g.placeholder(f"lifted_{node.target}")
+        ph.meta = dict(node.meta)
+        node.replace_all_uses_with(ph)
+        g.erase_node(node)
+        constants[node.target] = value
+        inputs.append(InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(ph.name), node.target))
+    targets = list(params)
+    for i, ph in enumerate(placeholders):
+        if i < len(targets):
+            inputs.append(InputSpec(InputKind.PARAMETER, TensorArgument(ph.name), targets[i], persistent=None))
+        else:
+            inputs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(ph.name), None))
+    out = next(n for n in g.nodes if n.op == "output")
+    outs = out.args[0]
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    out.args = (outs,)
+    outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None) for o in outs]
+    return ExportedProgram(root=gm, graph=g, graph_signature=ExportGraphSignature(inputs, outputs),
+                           state_dict=dict(params), range_constraints={},
+                           module_call_graph=[ModuleCallEntry("", None)], constants=constants)
+
+
 def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionSignature]]:
-    """MLIR text of a module holding every function, and each function's signature."""
+    """MLIR text of a module holding every function, and each function's signature.
+
+    Each function is traced once (make_fx, `_trace`) and its graph handed to iree-turbine as a
+    program (`_program`). An in-place function goes through torch.export instead, which records
+    its mutations so that IREE updates those buffers in place (such functions are small).
+    """
     import iree.turbine.aot as aot
+    from iree.turbine.aot.compiled_module import ExportTargetDef
 
     root = _Graphs()
+    fxb = aot.FxProgramsBuilder(root)
     signatures = {}
-    examples = {}
     global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
         ex = [_example(s) for s in f.args]
         gm = _trace(f.fn, ex)  # an in-place function: the functionalised graph, for its result specs
-        if not f.inplace:
-            root.add_module(f.name, gm)
         for spec, t in zip(f.args[: f.globals], ex):
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)
         signatures[f.name] = FunctionSignature(args=tuple(f.args[f.globals :]),
                                                results=_result_specs(gm, f.results, f.name))
-        examples[f.name] = ex[f.globals :]
+        if f.inplace:
+            # turbine's decompositions (on by default here) functionalise it with its mutations recorded
+            def call(module, *args, _fn=f.fn):
+                return _fn(*args)
 
-    from iree.turbine.aot.decompositions import extend_aot_decompositions
-
-    import contextlib
-
-    fxb = aot.FxProgramsBuilder(root)
-    # already decomposed by _trace; a module with in-place functions runs turbine's decompositions, which
-    # functionalise them with their mutations recorded (its functions are small)
-    skip = not any(f.inplace for f in functions)
-    with extend_aot_decompositions(from_current=False) if skip else contextlib.nullcontext():
-        for f in functions:
-            if f.inplace:
-                def call(module, *args, _fn=f.fn):
-                    return _fn(*args)
-            else:
-                def call(module, *args, _name=f.name, _g=tuple(global_attrs[a.name] for a in f.args[: f.globals])):
-                    return getattr(module, _name)(*(getattr(module, g) for g in _g), *args)
-
-            fxb.export_program(name=f.name, args=tuple(examples[f.name]), strict=False)(call)
+            fxb.export_program(name=f.name, args=tuple(ex[f.globals :]), strict=False)(call)
+        else:
+            attrs = [global_attrs[a.name] for a in f.args[: f.globals]]
+            fxb.programs[f.name] = ExportTargetDef(_program(gm, {a: getattr(root, a) for a in attrs}))
     exported = aot.export(fxb)
     return str(exported.mlir_module), signatures
