@@ -142,6 +142,25 @@ def _program(gm: torch.fx.GraphModule, params: dict[str, torch.nn.Parameter]) ->
                            module_call_graph=[ModuleCallEntry("", None)], constants=constants)
 
 
+def _no_torch_dialect_module() -> None:
+    """Make the MLIR bindings' failing search for a Python module of the torch dialect a cached miss.
+
+    Each torch-dialect op the importer touches makes the bindings try `import iree.compiler.dialects.torch`,
+    which IREE does not ship; Python caches no failed import, so every try walks sys.path again (18k tries in
+    a nanoGPT export, 120k and several seconds in qwen-generation's). An empty module there is what the miss
+    means: no Python op classes for the dialect, the generic OpView for its ops.
+    """
+    import importlib
+    import sys
+    import types
+
+    name = "iree.compiler.dialects.torch"
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError:
+        sys.modules[name] = types.ModuleType(name)
+
+
 def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionSignature]]:
     """MLIR text of a module holding every function, and each function's signature.
 
@@ -152,6 +171,7 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     import iree.turbine.aot as aot
     from iree.turbine.aot.compiled_module import ExportTargetDef
 
+    _no_torch_dialect_module()
     root = _Graphs()
     fxb = aot.FxProgramsBuilder(root)
     signatures = {}
