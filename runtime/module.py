@@ -60,6 +60,17 @@ def _config(driver: str, threads: int | None):
     return _configs[driver]
 
 
+def default_driver(compile_target: str, threads: int | None) -> str:
+    """The IREE driver for a module: the compile target's, and for a CPU module on one thread local-sync.
+
+    local-sync runs each call's dispatches inline on the calling thread; local-task with one worker hands
+    them to a second thread and waits on it. With processes sharing the cores (two 1-thread DiLoCo workers
+    on 2 cores) that hand-off costs most: 2.3-2.6 ms per step of throughput against 3.8-4.6 with
+    local-task, alone the same (bench/NOTES.md, "Worker layout")."""
+    driver = DRIVERS[compile_target]
+    return "local-sync" if driver == "local-task" and threads == 1 else driver
+
+
 def device_uri(driver: str, available: int, env=None) -> str:
     """The GPU of this process: device LOCAL_RANK of the node (each local worker its own), wrapping
     around when there are more local processes than devices (GRPO's learner and a rollout worker
@@ -149,7 +160,7 @@ class CompiledModule:
                 f"{self.path}: does not match its meta.json (sha256 {digest[:12]}…, meta records "
                 f"{self.meta.provenance.vmfb_sha256[:12]}…); the pair is stale or foreign, rebuild it"
             )
-        self.driver = driver or DRIVERS[self.meta.provenance.compile_target]
+        self.driver = driver or default_driver(self.meta.provenance.compile_target, threads)
         self.config = _config(self.driver, threads)
         try:
             self.vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
