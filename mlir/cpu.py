@@ -120,6 +120,15 @@ def match_torch() -> dict[str, str]:
     variable the caller already set is kept. Must run before torch is imported."""
     cpu = target_cpu()
     env = TORCH_ENV.get(cpu.isa, {}) if cpu.emulated else {}
+    if env:
+        # each instruction-set class gets its own torch.compile kernel cache: with one cache shared by emulated
+        # and host runs, bench/train_step.py on the host aborted twice inside a cached kernel (heap corruption)
+        # and ran clean with a fresh cache
+        import getpass
+        import tempfile
+
+        env = {**env, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(),
+                                                              f"torchinductor_{getpass.getuser()}_{cpu.isa}")}
     todo = {k: v for k, v in env.items() if k not in os.environ}
     if todo and "torch" in sys.modules:
         raise RuntimeError(f"{ENV}={cpu.name}: set the torch instruction-set variables before importing torch")
