@@ -113,7 +113,7 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
 
     from pcpc.autodiff.optim import AdamWConfig, adamw
     from pcpc.mlir.build import build
-    from pcpc.mlir.compile import TRAINING_CPU_FLAGS, compile_flags, compile_mlir
+    from pcpc.mlir.compile import TRAINING_CPU_FLAGS, compile_flags, compile_mlir, isa_flags
     from pcpc.mlir.lower import ExportFunction, lower
     from pcpc.mlir.signature import TensorSpec
     from pcpc.mlir.targets import sparse_target
@@ -147,7 +147,8 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
            for i, (s, t) in enumerate(zip(specs, tensors))]
     text, _ = lower(fns)
     (tmp_path / "dense.mlir").write_text(text)
-    compile_mlir(tmp_path / "dense.mlir", tmp_path / "dense.vmfb", compile_flags("llvm-cpu") + TRAINING_CPU_FLAGS)
+    compile_mlir(tmp_path / "dense.mlir", tmp_path / "dense.vmfb",
+                 compile_flags("llvm-cpu") + isa_flags(TRAINING_CPU_FLAGS))
     config = rt.Config("local-task")
     ctx = rt.SystemContext(config=config)
     ctx.add_vm_module(rt.VmModule.copy_buffer(config.vm_instance, (tmp_path / "dense.vmfb").read_bytes()))
