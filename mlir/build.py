@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from pcpc.mlir.compile import compile_flags, compile_mlir, isa_flags, packs_at_export
-from pcpc.mlir.cpu import features_hash
+from pcpc.mlir.cpu import features_hash, target_cpu
 from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
 
 ARTIFACTS = Path("artifacts")
@@ -210,6 +211,20 @@ def _asdict(obj):
     return asdict(obj)
 
 
+def bf16_warning(target: Target, compile_target: str) -> str | None:
+    """A warning for a bfloat16 module compiled for a CPU without avx512_bf16 (Qwen `dtype` or nanoGPT
+    `compute_dtype`): there IREE emulates its bf16 matmuls. With PCPC_CPU=znver3 the resident bf16
+    qwen-generation decoded at 0.10x and prefilled at 0.02x the fp32 module's speed (bench/NOTES.md)."""
+    cfg = target.config
+    bf16 = "bfloat16" in (cfg.get("dtype"), cfg.get("compute_dtype"), (cfg.get("model_overrides") or {}).get(
+        "compute_dtype"))
+    cpu = target_cpu()
+    if compile_target != "llvm-cpu" or not bf16 or cpu.bf16:
+        return None
+    return (f"warning: {target.name} computes in bfloat16, but the CPU it is compiled for ({cpu.name}) has no "
+            f"avx512_bf16: its matmuls are emulated, about 10x slower than float32 (bench/NOTES.md); use float32")
+
+
 def build(
     target: Target,
     out_dir: Path | str = ARTIFACTS,
@@ -258,6 +273,9 @@ def build(
             return result
 
         log(f"compile {target.name} -> {vmfb_path} ({compile_target})")
+        warning = bf16_warning(target, compile_target)
+        if warning:
+            print(warning, file=sys.stderr)
         t0 = time.perf_counter()
         encodes = packs_at_export(flags)
         with atomic_path(vmfb_path) as out, (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
