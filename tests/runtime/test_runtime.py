@@ -51,6 +51,16 @@ def test_call_and_feed_device_results_back(tiny):
     assert [tuple(g.shape) for g in grads] == [s.shape for s in mod.meta.parameters]
 
 
+def test_one_thread_runs_on_local_sync_with_the_same_results(tiny):
+    """A CPU module on one thread runs its dispatches on the calling thread (local-sync: no hand-off to a
+    worker thread, measured faster when processes share the cores); the results are local-task's."""
+    one, two = CompiledModule(tiny.vmfb, threads=1), CompiledModule(tiny.vmfb, threads=2)
+    assert (one.driver, two.driver) == ("local-sync", "local-task")
+    args = args_for(one, "value_and_grad")
+    for a, b in zip(one.call_host("value_and_grad", *args), two.call_host("value_and_grad", *args)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
