@@ -44,8 +44,9 @@ def _config(driver: str, threads: int | None):
             if threads < (os.cpu_count() or 1):
                 # Fewer workers than cores: a process sharing the machine (DiLoCo's and DDP's local workers,
                 # GRPO's rollout workers). Unpinned: IREE pins a max_group_count topology to the first
-                # cores, so every such process would run on the same core (two 1-thread workers on 2 cores
-                # each got half of core 0: bench/NOTES.md).
+                # cores, so every such process would run on the same ones (two 1-thread local-task workers on
+                # 2 cores each got half of core 0: bench/NOTES.md; one thread now means local-sync, on the
+                # calling thread, see default_driver).
                 rt.flags.parse_flags(f"--task_topology_group_count={threads}")
             else:
                 rt.flags.parse_flags(f"--task_topology_max_group_count={threads}")
