@@ -47,6 +47,10 @@ def list_steps(run):
     for step in d.logged_steps(index):
         e = index["steps"][str(step)]
         click.echo(f"{step:>8} {e['bytes']:>14,} {e['changed']:>14,} {100 * e['changed'] / total:>8.3f}%")
+    f = index.get("fisher")
+    if f:
+        click.echo(f"Fisher: squared gradients of {f['batches']} batches (steps {f['steps'][0]}..{f['steps'][1]}), "
+                   f"{f['bytes']:,} bytes in {run}/{d.DIR}/{f['file']} (pcpc masks find --method fisher)")
 
 
 @deltas.command()

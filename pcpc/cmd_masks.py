@@ -25,10 +25,12 @@ def masks():
 @masks.command()
 @click.option("--deltas", "run", required=True, type=click.Path(file_okay=False), help="A run with a delta log.")
 @click.option("--method", required=True,
-              type=click.Choice(["magnitude", "momentum", "delta-variance", "random"]),
-              help="How weights are scored (runtime/masks.py).")
+              type=click.Choice(["magnitude", "momentum", "delta-variance", "fisher", "random"]),
+              help="How weights are scored (runtime/masks.py); fisher: the squared gradients the run summed "
+                   "(delta_log.fisher_batches).")
 @click.option("--sparsity-percent", type=float, required=True, help="Percent of the weights left frozen.")
-@click.option("--target-step", type=int, required=True, help="The logged step the scores are taken at.")
+@click.option("--target-step", type=int, default=None,
+              help="The logged step the scores are taken at (required; fisher: the last step its sum covers).")
 @click.option("--momentum-window", type=int, default=25, show_default=True, help="momentum: logged steps used.")
 @click.option("--mlp-only", is_flag=True, help="Train MLP weights only (every other tensor frozen).")
 @click.option("--min-keep-percent", type=float, default=0.25, show_default=True,
@@ -45,6 +47,7 @@ def find(run, method, sparsity_percent, target_step, momentum_window, mlp_only, 
 
     found, record = m.find(run, method, sparsity_percent, target_step, momentum_window, mlp_only,
                            min_keep_percent, invert, seed)
+    target_step = record["target_step"]
     model = m.model_of(Path(run))
     folder = Path("masks") / m.sanitize(model) if model else Path("masks")
     path = Path(out) if out else folder / (m.mask_name(method, sparsity_percent, target_step, momentum_window,

@@ -10,6 +10,9 @@ Scores, from the logged steps of a run's delta log (runtime/run/deltas.py), Δ_t
     momentum         over the velocities v = Δ_t − Δ_{t−1} of the last W logged steps up to N (Δ_0 = 0):
                      |mean v| · (1 + |mean v| / std v), as the reference computes it
     delta-variance   Var[Δ_t] + |E[Δ_t]| over the logged steps up to N (what the reference calls "fisher")
+    fisher           the empirical Fisher diagonal Σ_b g_b² over the run's first B batches' gradients, summed
+                     by the run itself through its compiled gradient module (delta_log.fisher_batches B); its
+                     target step is the last step summed
     random           uniform, seeded (a baseline)
 
 Selection keeps the top (1 − P/100) of all eligible weights by score (global top-k; `invert`: the bottom, a
@@ -28,7 +31,7 @@ import numpy as np
 
 from pcpc.errors import UserError
 
-METHODS = ("magnitude", "momentum", "delta-variance", "random")
+METHODS = ("magnitude", "momentum", "delta-variance", "fisher", "random")
 
 
 def sanitize(model: str) -> str:
@@ -79,7 +82,14 @@ def _tensor_at(run_dir: Path, index: dict, name: str, step: int, base: np.ndarra
     return out.reshape(base.shape)
 
 
-def scores(run_dir: Path, method: str, target_step: int, window: int = 25, seed: int = 0):
+def fisher_step(run_dir: str | Path) -> int:
+    """The last step a run's Fisher sum covers: a fisher mask's target step."""
+    from pcpc.runtime.run import deltas
+
+    return deltas.read_fisher(Path(run_dir), deltas.read_index(Path(run_dir)))[0]["steps"][1]
+
+
+def scores(run_dir: Path, method: str, target_step: int | None, window: int = 25, seed: int = 0):
     """Yields (name, score array) tensor by tensor."""
     from safetensors import safe_open
 
@@ -89,6 +99,18 @@ def scores(run_dir: Path, method: str, target_step: int, window: int = 25, seed:
     logged = deltas.logged_steps(index)
     if method not in METHODS:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}; got {method!r}")
+    if method == "fisher":
+        rec, f = deltas.read_fisher(run_dir, index)
+        if target_step is not None and target_step != rec["steps"][1]:
+            raise UserError(f"--target-step {target_step}: {run_dir}'s Fisher sum covers steps {rec['steps'][0]}.."
+                            f"{rec['steps'][1]} ({rec['batches']} batches); give --target-step {rec['steps'][1]} "
+                            f"or leave it out")
+        for name in index["names"]:
+            yield name, f.get_tensor(name).astype(np.float64)
+        return
+    if target_step is None:
+        raise UserError(f"--target-step: required for --method {method} (logged steps: "
+                        f"{', '.join(map(str, logged)) or 'none'})")
     if target_step not in logged:
         raise UserError(f"--target-step {target_step}: not logged in {run_dir}; logged steps: "
                         f"{', '.join(map(str, logged)) or 'none'}")
@@ -121,10 +143,10 @@ def scores(run_dir: Path, method: str, target_step: int, window: int = 25, seed:
             yield name, d.var(0) + np.abs(d.mean(0))
 
 
-def find(run_dir: str | Path, method: str, sparsity_percent: float, target_step: int, window: int = 25,
+def find(run_dir: str | Path, method: str, sparsity_percent: float, target_step: int | None, window: int = 25,
          mlp_only: bool = False, min_keep_percent: float = 0.25, invert: bool = False, seed: int = 0
          ) -> tuple[dict[str, np.ndarray], dict]:
-    """({name: uint8 mask}, record) for the run's delta log."""
+    """({name: uint8 mask}, record) for the run's delta log (target_step None: fisher's own)."""
     run_dir = Path(run_dir)
     if not 0.0 <= sparsity_percent < 100.0:
         raise UserError(f"--sparsity-percent must be in [0, 100); got {sparsity_percent}")
@@ -141,6 +163,8 @@ def find(run_dir: str | Path, method: str, sparsity_percent: float, target_step:
     from pcpc.runtime.run.deltas import read_index
 
     index = read_index(run_dir)
+    if method == "fisher":
+        target_step = target_step if target_step is not None else fisher_step(run_dir)
     shapes = {n: tuple(s) for n, s in zip(index["names"], index["shapes"])}
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     pool = sum(n for k, n in sizes.items() if eligible(k))
@@ -182,6 +206,7 @@ def find(run_dir: str | Path, method: str, sparsity_percent: float, target_step:
     kept = sum(counts.values())
     record = {"method": method, "inverted": invert, "sparsity_percent": sparsity_percent,
               "target_step": target_step, "momentum_window": window if method == "momentum" else None,
+              **({"fisher": index["fisher"]} if method == "fisher" else {}),
               "mlp_only": mlp_only, "min_keep_percent": min_keep_percent, "seed": seed if method == "random" else None,
               "deltas": str(run_dir), "weights": total, "kept": kept, "density": kept / total,
               "tensors": {n: {"shape": list(shapes[n]), "kept": counts[n]} for n in sizes}}

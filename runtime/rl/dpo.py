@@ -164,6 +164,7 @@ def data_path_of(cfg: DPOConfig, config_dir: Path) -> Path:
 class DPO(Loop):
     kind, title, unit = "dpo", "DPO", "step"
     files = ("metrics.png",)
+    shows_gradients = True
     Config = DPOConfig
 
     # --- the launcher side
@@ -277,6 +278,7 @@ class DPO(Loop):
         grads = list(out[3:])
         del out
         kept = [to_host(x) for x in grads] if self.policy.wants_grads else None
+        self.run.gradients(k + 1, grads)
         self.opt.step(self.P, self.M, self.V, grads, k + 1, d.learning_rate)
         self.policy.after_step(k + 1, kept)
         return {"step": k + 1, "epoch": round((k + 1) * d.batch_size / n, 4), "loss": float(loss),

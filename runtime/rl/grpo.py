@@ -96,6 +96,7 @@ class GRPO(Loop):
     kind, title, unit = "grpo", "GRPO", "iteration"
     roles = " (rank 0 is the learner, ranks 1.. the rollout workers)"
     files = ("metrics.png", "samples.jsonl", "workers.json")
+    shows_gradients = True
     Config = GRPOConfig
 
     # --- the launcher side
@@ -246,7 +247,7 @@ class GRPO(Loop):
         comps, rollout_s, sync_s = self.rollout(it, rows)
         score = self.score(rows, comps, order)
         t0 = time.perf_counter()
-        stats = self.update(rows, comps, score["advantages"])
+        stats = self.update(it, rows, comps, score["advantages"])
         learner_s = time.perf_counter() - t0
         return self.record(it, comps, score, stats, rollout_s, sync_s, learner_s)
 
@@ -289,7 +290,7 @@ class GRPO(Loop):
         return {"total": total, "per_fn": per_fn, "texts": texts, "prompt_texts": prompt_texts,
                 "advantages": adv.numpy(), "frac_zero_std": frac_zero}
 
-    def update(self, rows, comps, advantages) -> np.ndarray:
+    def update(self, it: int, rows, comps, advantages) -> np.ndarray:
         """updates_per_iteration compiled loss + gradient calls, each followed by the chunked AdamW (and the
         outer step); the mean (loss, kl, clip_ratio, low, high) over the updates."""
         from pcpc.runtime.module import to_host
@@ -316,6 +317,7 @@ class GRPO(Loop):
             grads = list(out[5:])
             del out
             kept = [to_host(x) for x in grads] if self.policy.wants_grads else None
+            self.run.gradients(it + 1, grads)
             self.opt.step(self.P, self.M, self.V, grads, self.adam_step, g.learning_rate,
                           outer=outer if fused else None)
             self.policy.after_step(self.adam_step, kept)

@@ -85,6 +85,8 @@ class Loop:
     """Who the ranks are, for error messages (", rank 0 is the learner ...")."""
     files: ClassVar[tuple[str, ...]] = ()
     """Run-directory files the loop writes besides the skeleton's (cleared on --overwrite)."""
+    shows_gradients: ClassVar[bool] = False
+    """True when step() hands each batch's gradients to run.gradients() (delta_log.fisher_batches needs it)."""
 
     # --- the launcher side
 
@@ -229,6 +231,9 @@ def start(loop: type, cfg, config_path: str, *, out_dir: str | None = None, resu
     ctx = Launch(loop, cfg, config_path, run_dir, rank, world, resume=resume, overwrite=overwrite, quiet=quiet,
                  say=say)
     try:
+        if getattr(cfg.delta_log, "fisher_batches", None) and not loop.shows_gradients:
+            raise UserError(f"delta_log.fisher_batches: {loop.title} runs do not compute separate gradients (their "
+                            f"compiled step fuses them with the update); GRPO and DPO runs sum them")
         plan = loop.plan(cfg, ctx)
         assert ctx.steps is not None, f"{loop.__name__}.plan did not claim the run directory"
     except BaseException as e:
@@ -308,7 +313,14 @@ class Run:
                                              loop.unit, step=start))
         self.status.update(state="running", step=start)
         if self.spec.cfg.delta_log is not None:
-            self.deltas = DeltaLog(self.dir.path, *loop.weights(), start=start)
+            self.deltas = DeltaLog(self.dir.path, *loop.weights(), start=start,
+                                   fisher_batches=self.spec.cfg.delta_log.fisher_batches, say=self.say)
+
+    def gradients(self, step: int, grads: list) -> None:
+        """A loop's step shows one batch's gradients of the trained weights (before the optimizer consumes
+        them): the delta log sums their squares while it wants them (delta_log.fisher_batches)."""
+        if self.deltas is not None and self.deltas.wants_gradients:
+            self.deltas.add_gradients(step, grads)
 
     def save(self, loop: Loop, done: int, record: dict | None) -> None:
         """A checkpoint after `done` steps (loop.state() may be collective: every driving rank calls this)."""
@@ -323,6 +335,8 @@ class Run:
         """Rank 0: summary.json, the curves, the final status and the stop message."""
         if self.rank != 0:
             return None
+        if self.deltas is not None and not stopped:
+            self.deltas.finish(self.say)
         summary = {"kind": loop.kind, **(summary or {}), "stopped": stopped, "run_dir": str(self.dir.path)}
         self.log.close(summary)
         self.dir.write_json("summary.json", summary)

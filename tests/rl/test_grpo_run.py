@@ -20,8 +20,9 @@ import pytest
 
 from pcpc.errors import UserError
 from pcpc.kinds import run_experiment
+from pcpc.runtime import masks
 from pcpc.runtime.prompts import write_prompts
-from pcpc.runtime.run import checkpoint
+from pcpc.runtime.run import checkpoint, deltas
 from pcpc.runtime.run.status import read_status
 from runs import run_config_file, wait_for_lines
 
@@ -179,7 +180,7 @@ def test_outer_step_at_rate_1_is_plain_grpo(toy, learned, updates):
 
     root, config = toy
     grpo_config = {"num_iterations": 2, "updates_per_iteration": updates}
-    plain = config(f"plain{updates}", grpo_config=dict(grpo_config))
+    plain = config(f"plain{updates}", grpo_config=dict(grpo_config), delta_log={"steps": [2], "fisher_batches": 3})
     outer = config(f"outer{updates}", learning_rate=1.0, nesterov_momentum=1e-7, grpo_config=dict(grpo_config))
     run(plain), run(outer)
     a = checkpoint.load(checkpoint.path_in(plain.with_suffix("")), "grpo").state
@@ -190,6 +191,10 @@ def test_outer_step_at_rate_1_is_plain_grpo(toy, learned, updates):
     assert moved > 1e-4  # the run did train
     for p, q in zip(a["params"], b["params"]):
         np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+    # the Fisher sum of the learner's gradients: 3 batches, or the run's 2 when it has only those
+    fisher = deltas.read_index(plain.with_suffix(""))["fisher"]
+    assert (fisher["batches"], fisher["steps"]) == ((3, [1, 2]) if updates == 2 else (2, [1, 2]))
+    assert masks.find(plain.with_suffix(""), "fisher", 90.0, None)[1]["kept"] > 0
 
 
 def _meta(root: Path):

@@ -29,7 +29,7 @@ def toy(tmp_path_factory):
     raw.update(training_model_path=str(root / "models" / "dpo_toy.vmfb"), weights_path=str(root / "dpo_flat.bin"))
     raw["dpo_config"]["data_path"] = str(EXPERIMENTS / "dpo_tiny_prefs.jsonl")
     dense = copy.deepcopy(raw)
-    dense["delta_log"] = {"steps": [5, 10, 20, 30]}
+    dense["delta_log"] = {"steps": [1, 5, 10, 20, 30], "fisher_batches": 2}
     run(root, dense, "dense")
     return root, raw
 
@@ -70,6 +70,44 @@ def test_a_sparse_run_trains_only_the_mask_and_learns(toy):
     assert nnz <= moments <= 1.25 * nnz + 4 * len(mask)
     dense = json.loads((root / "dense" / "summary.json").read_text())
     assert summary["dataset_rewards_accuracies"] > 0.9 and dense["dataset_rewards_accuracies"] > 0.9
+
+
+def test_the_fisher_sum_is_the_compiled_gradients_of_the_first_batches_squared(toy):
+    """delta_log.fisher_batches 2: deltas/fisher.safetensors is g_1² + g_2², the gradients the compiled
+    dpo_value_and_grad returns at θ_0 and θ_1 on steps 1 and 2's batches; a fisher mask ranks by it."""
+    from safetensors.numpy import load_file
+
+    from pcpc.autodiff.dpo import loss_type_weights
+    from pcpc.runtime.module import CompiledModule, to_host
+    from pcpc.runtime.rl import dpo, setup
+    from pcpc.runtime.rl.dpo_config import parse_dpo
+
+    root, raw = toy
+    cfg = parse_dpo(raw)
+    T = json.loads((root / "dense" / "config.json").read_text())["seq_len"]
+    mod = CompiledModule(raw["training_model_path"])
+    tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, cfg.eos_token_ids)
+    eos = tok.eos_token_ids[0]
+    pairs = dpo.pairs_for(cfg, tok, eos, setup.vocab_size(mod.meta), EXPERIMENTS)
+    d, n = cfg.dpo_config, len(pairs.prompts)
+    w0 = initial_weights(root)
+    want = [np.zeros(w.shape, np.float32) for w in w0]
+    for k, weights in enumerate((w0, deltas.weights_at(root / "dense", 1))):
+        idx = dpo.order_for(k, n, d.batch_size, cfg.seed)
+        ids, mask = dpo.batch_rows(pairs, idx, T, eos)
+        ref = to_host(mod("sequence_logps", *w0, ids, mask)[0])  # the reference: θ_0's log-probs
+        out = mod("dpo_value_and_grad", *weights, ids, mask, ref.astype(np.float32),
+                  np.asarray(loss_type_weights(d.loss_type), np.float32), np.float32(d.beta))
+        for acc, g in zip(want, out[3:]):
+            acc += np.square(to_host(g))
+    index = deltas.read_index(root / "dense")
+    assert index["fisher"]["batches"] == 2 and index["fisher"]["steps"] == [1, 2]
+    summed = load_file(str(root / "dense" / "deltas" / "fisher.safetensors"))
+    for name, w in zip(index["names"], want):
+        np.testing.assert_allclose(summed[name], w, rtol=1e-5, atol=1e-12 + 1e-6 * float(w.max()), err_msg=name)
+    assert all(float(w.max()) > 0 for w in want[:-1])  # real gradients, not zeros
+    found, record = masks.find(root / "dense", "fisher", 95.0, None)
+    assert record["target_step"] == 2 and 0.05 <= record["density"] < 0.07
 
 
 def test_a_sparse_run_resumes_exactly(toy):

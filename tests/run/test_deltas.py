@@ -115,6 +115,12 @@ def test_the_errors_name_what_is_wrong(ws):
         (("deltas", "list", "runs/none"), "RUN runs/none: no such run directory"),
         (("run", write_config(ws, "bad.json", delta_log={"steps": [2], "interval": 2}), "--out", "runs/bad"),
          "delta_log: give steps or interval, not both"),
+        (("run", write_config(ws, "fish.json", delta_log={"fisher_batches": 4}), "--out", "runs/fish"),
+         "delta_log.fisher_batches: DiLoCo runs do not compute separate gradients"),
+        (("run", write_config(ws, "fish0.json", delta_log={"fisher_batches": 0}), "--out", "runs/fish0"),
+         "delta_log.fisher_batches must be an integer >= 1"),
+        (("masks", "find", "--deltas", "runs/half", "--method", "fisher", "--sparsity-percent", "90"),
+         "no Fisher sum (give the run's delta_log a \"fisher_batches\""),
     ]
     (ws / "full").mkdir(exist_ok=True)
     (ws / "full" / "keep.txt").write_text("mine")

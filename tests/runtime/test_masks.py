@@ -120,6 +120,55 @@ def test_bad_requests_are_named(run):
         masks.compare({"a": np.zeros(3, bool)}, {"b": np.zeros(3, bool)}, ("x", "y"))
 
 
+def fisher_log(run: Path, base: list[np.ndarray], grads: list[list[np.ndarray]], batches: int) -> DeltaLog:
+    log = DeltaLog(run, NAMES, base, start=0, fisher_batches=batches)
+    for step, g in enumerate(grads, 1):
+        log.add_gradients(step, g)
+        log.log(step, [b + np.float32(step) for b in base])
+    return log
+
+
+def test_fisher_ranks_by_the_squared_gradients_the_run_summed(tmp_path):
+    rng = np.random.default_rng(1)
+    base = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(3)]
+    log = fisher_log(tmp_path / "run", base, grads, batches=2)
+    assert not log.wants_gradients  # two batches summed; the third was not added
+    from safetensors.numpy import load_file
+
+    summed = load_file(str(tmp_path / "run" / "deltas" / "fisher.safetensors"))
+    want = [g1 * g1 + g2 * g2 for g1, g2 in zip(*grads[:2])]
+    for name, w in zip(NAMES, want):
+        np.testing.assert_allclose(summed[name], w, rtol=1e-6)
+    found, record = masks.find(tmp_path / "run", "fisher", 90.0, None, min_keep_percent=0.0)
+    assert record["target_step"] == 2 and record["fisher"]["batches"] == 2 and record["fisher"]["steps"] == [1, 2]
+    k = math.ceil(sum(math.prod(s) for s in SHAPES) * 0.1)
+    kept = np.concatenate([w.reshape(-1)[found[n].reshape(-1).astype(bool)] for n, w in zip(NAMES, want)])
+    dropped = np.concatenate([w.reshape(-1)[~found[n].reshape(-1).astype(bool)] for n, w in zip(NAMES, want)])
+    assert kept.size == k and kept.min() >= dropped.max()
+    with pytest.raises(UserError, match="Fisher sum covers steps 1..2"):
+        masks.find(tmp_path / "run", "fisher", 90.0, 3)
+    out = subprocess.run([PCPC, "masks", "find", "--deltas", str(tmp_path / "run"), "--method", "fisher",
+                          "--sparsity-percent", "90"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "masks" / "sparsity_90pct_fisher_step2.safetensors").is_file()
+    listing = subprocess.run([PCPC, "deltas", "list", str(tmp_path / "run")], capture_output=True, text=True)
+    assert "Fisher: squared gradients of 2 batches (steps 1..2)" in listing.stdout
+    # a resume from before the sum's end drops it and sums afresh from the resume point
+    said = []
+    log = DeltaLog(tmp_path / "run", NAMES, base, start=1, fisher_batches=2, say=said.append)
+    assert log.wants_gradients and "summed afresh from step 2" in said[0]
+    assert not (tmp_path / "run" / "deltas" / "fisher.safetensors").exists()
+
+
+def test_fisher_without_a_sum_and_target_steps_are_named(run):
+    run_dir, _, _ = run
+    with pytest.raises(UserError, match="no Fisher sum .*fisher_batches"):
+        masks.find(run_dir, "fisher", 90.0, None)
+    with pytest.raises(UserError, match="--target-step: required for --method magnitude"):
+        masks.find(run_dir, "magnitude", 90.0, None)
+
+
 def test_model_names_are_sanitised_as_the_reference_does():
     assert masks.sanitize("google/gemma-3-270m-it") == "google_gemma_3_270m_it"
     assert masks.sanitize("meta-llama/Llama-3.1-8B") == "meta_llama_llama_3_1_8b"
