@@ -197,6 +197,32 @@ def test_outer_step_at_rate_1_is_plain_grpo(toy, learned, updates):
     assert masks.find(plain.with_suffix(""), "fisher", 90.0, None)[1]["kept"] > 0
 
 
+def test_a_sparse_grpo_run_trains_only_its_fisher_mask(toy, learned):
+    """A dense run sums the learner's squared gradients (delta_log.fisher_batches), a fisher mask keeps the top
+    10%, and a GRPO run with that mask changes only masked weights: every other one stays bit-identical."""
+    import numpy as np
+
+    from pcpc.runtime.rl import setup
+
+    root, config = toy
+    dense = config("fisher_dense", grpo_config={"num_iterations": 3}, delta_log={"steps": [3], "fisher_batches": 3})
+    run(dense)
+    found, record = masks.find(dense.with_suffix(""), "fisher", 90.0, None)
+    assert record["target_step"] == 3 and record["fisher"]["batches"] == 3
+    path = masks.save(root / "masks" / "fisher90", found, record)
+    sparse = config("fisher_sparse", grpo_config={"num_iterations": 4}, mask=str(path))
+    run(sparse)
+    meta = _meta(root)
+    initial = setup.read_weights(root / "models" / "toy_flat.bin", meta)
+    changed = 0
+    for spec, w0, w in zip(meta.parameters, initial, final_arrays(sparse)["params"]):
+        m = found[spec.name].astype(bool)
+        w, w0 = np.asarray(w, np.float32), np.asarray(w0, np.float32)
+        assert np.array_equal(w[~m].view(np.uint32), w0[~m].view(np.uint32)), spec.name
+        changed += int(np.count_nonzero(w[m] != w0[m]))
+    assert 0 < changed <= record["kept"]
+
+
 def _meta(root: Path):
     from pcpc.mlir.signature import load_meta
 
