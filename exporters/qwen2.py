@@ -308,7 +308,10 @@ def _embed(params, input_ids):
 
 def _head(params, x, cfg):
     x = _rms_norm(params, "model.norm", x, cfg.rms_norm_eps)
-    w = params["model.embed_tokens.weight"] if cfg.tie_word_embeddings else params["lm_head.weight"]
+    # a tied model's head is the embedding, unless the caller hands it as lm_head.weight (an adapter module
+    # passes it transposed: mlir/frozen_layout.py)
+    w = params["lm_head.weight"] if "lm_head.weight" in params or not cfg.tie_word_embeddings \
+        else params["model.embed_tokens.weight"]
     rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (B*T, C)
     return F.linear(rows, w).float().view(*x.shape[:-1], w.shape[0])  # (B, T, V)
 

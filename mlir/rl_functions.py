@@ -49,8 +49,9 @@ every GRPO / DPO configuration.
 
 With `peft`, *P is the adapter's trainable tensors (the module's parameters:
 gradients, AdamW and outer chunks are theirs) followed by the frozen inputs:
-the base model's weights (role "frozen", param_specs order) and the adapter's
-shared tensors (VeRA's projections). Also exported:
+the base model's weights (role "frozen", param_specs order; those with a long output
+transposed, as mlir/frozen_layout.py lays them out) and the adapter's shared
+tensors (VeRA's projections). Also exported:
     merge_K             (*adapter chunk, *its modules' base weights, *shared) -> the merged weights of those
                         modules (the rollouts' weights), one function per chunk kind
 Gradients are derived by pcpc.autodiff.derive (torch.func), never written by hand.
@@ -66,6 +67,7 @@ from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_l
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import peft, qwen2
+from pcpc.mlir import frozen_layout
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.qwen_functions import model_config, param_specs
 from pcpc.mlir.signature import TensorSpec
@@ -120,8 +122,7 @@ def weight_specs(cfg: qwen2.Qwen2Config, pcfg) -> tuple[list[TensorSpec], list[T
         return base, []
     train, x = peft.shapes(cfg, pcfg)
     return ([TensorSpec(k, "param", s, "float32") for k, s in train.items()],
-            [TensorSpec(p.name, "frozen", p.shape, p.dtype) for p in base]
-            + [TensorSpec(k, "frozen", s, "float32") for k, s in x.items()])
+            frozen_layout.frozen_specs(base) + [TensorSpec(k, "frozen", s, "float32") for k, s in x.items()])
 
 
 def check_config(config: dict) -> None:
@@ -157,6 +158,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     def logits_of(weights: dict, ids):
         if pcfg is None:
             return qwen2.forward(weights, ids, None, cfg)
+        weights = frozen_layout.as_weights(weights)
         return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
 
     def with_frozen(loss_fn):
@@ -233,7 +235,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     def merge_function(kind: int, idx: list[int]) -> ExportFunction:
         """merge_K (*adapter chunk, *its modules' base weights, *vera projections) -> the merged weights."""
         modules = list(dict.fromkeys(peft.module_of(P[i].name) for i in idx))
-        base = {p.name: p for p in frozen}
+        base = {frozen_layout.source(p.name)[0]: p for p in frozen}  # a tied head's extra copy is no target
         targets = [base[f"{m}.weight"] for m in modules]
         xs = frozen[len(frozen) - len(peft.shapes(cfg, pcfg)[1]):]
         chunk = [TensorSpec(generic_name(P[i].name), "param", P[i].shape, "float32") for i in idx]
@@ -242,10 +244,11 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         def merge(*flat):
             k, t = len(idx), len(targets)
             tensors = {**dict(zip([P[i].name for i in idx], flat[:k])), **dict(zip([x.name for x in xs], flat[k + t:]))}
-            return tuple(peft.merged(w, m, tensors, pcfg) for w, m in zip(flat[k:k + t], modules))
+            ws = [w.t() if frozen_layout.source(s.name)[1] else w for w, s in zip(flat[k:k + t], targets)]
+            return tuple(peft.merged(w, m, tensors, pcfg).contiguous() for w, m in zip(ws, modules))
 
         return ExportFunction(f"merge_{kind}", merge, chunk + target_specs + xs,
-                              [(s.name, "output") for s in target_specs])
+                              [(frozen_layout.source(s.name)[0], "output") for s in target_specs])
 
     firsts = {}
     for kind, idx in update_groups(names, [p.shape for p in P]):

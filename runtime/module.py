@@ -120,6 +120,15 @@ def flat_layout(meta: ModuleMeta) -> list[tuple[str, int, int]]:
 def base_specs(meta: ModuleMeta) -> list:
     """The specs of the base model's weights (a flat weight file's layout, a checkpoint's params): a module's
     parameters, or the frozen weights of a training module that trains an adapter (exporters/peft.py)."""
+    from pcpc.mlir.frozen_layout import base_of
+
+    frozen = frozen_specs(meta)
+    return base_of(frozen) if frozen else list(meta.parameters)
+
+
+def frozen_specs(meta: ModuleMeta) -> list:
+    """The frozen base-model inputs of a training module that trains an adapter, as the module takes them
+    (some transposed: pcpc.mlir.frozen_layout); [] for any other module."""
     from pcpc.exporters.peft import SHARED
 
     for name in ("token_logprobs", "sequence_logps", "eval_loss"):
@@ -127,7 +136,7 @@ def base_specs(meta: ModuleMeta) -> list:
             frozen = [a for a in meta.functions[name].args if a.role == "frozen" and a.name not in SHARED]
             if frozen:
                 return frozen
-    return list(meta.parameters)
+    return []
 
 
 def base_bytes(meta: ModuleMeta) -> int:

@@ -70,10 +70,14 @@ def case(method):
     return cfg, base, pcfg, adapter0, adapter, frozen, residual, ids, mask
 
 
-def args_of(cfg, base, residual, adapter, frozen):
-    """The module's weight arguments: adapter, base (the residual for pissa), vera's projections."""
-    fb = {**base, **residual}
-    return ([v.numpy() for v in adapter.values()] + [fb[k].numpy() for k in qwen2.param_shapes(cfg)]
+def args_of(mod, base, residual, adapter, frozen):
+    """The module's weight arguments: adapter, base (the residual for pissa; the module's layout, some
+    transposed: mlir/frozen_layout.py), vera's projections."""
+    from pcpc.mlir.frozen_layout import frozen_arrays
+    from pcpc.runtime.module import frozen_specs
+
+    fb = {k: v.numpy() for k, v in {**base, **residual}.items()}
+    return ([v.numpy() for v in adapter.values()] + frozen_arrays(frozen_specs(mod.meta), fb)
             + [v.numpy() for v in frozen.values()])
 
 
@@ -87,7 +91,7 @@ def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
     mod = built(method)
     cfg, base, pcfg, adapter0, adapter, frozen, residual, ids, mask = case(method)
     assert [p.name for p in mod.meta.parameters] == list(adapter)  # only the adapter is trained
-    weights = args_of(cfg, base, residual, adapter, frozen)
+    weights = args_of(mod, base, residual, adapter, frozen)
 
     def peft_grad(pm, k):
         return dict(pm.named_parameters())[peft_name(k)].grad
@@ -139,6 +143,8 @@ def test_adamw_steps_the_adapter_and_merge_folds_it(built, method):
     mod = built(method)
     cfg, base, pcfg, _, adapter, frozen, residual, ids, _ = case(method)
     from pcpc.autodiff.optim import update_groups
+    from pcpc.mlir.frozen_layout import source
+    from pcpc.runtime.module import frozen_specs
 
     names = list(adapter)
     g = torch.Generator().manual_seed(9)
@@ -163,9 +169,43 @@ def test_adamw_steps_the_adapter_and_merge_folds_it(built, method):
         # merge: the adapter's modules of this chunk, folded into their (residual) base weights
         modules = list(dict.fromkeys(pcpc_peft.module_of(names[i]) for i in idx))
         fb = {**base, **residual}
+        stored = {source(s.name)[0]: source(s.name)[1] for s in frozen_specs(mod.meta)}  # transposed or not
         merged = mod.call_host(f"merge_{kind}", *[adapter[names[i]].numpy() for i in idx],
-                               *[fb[f"{m}.weight"].numpy() for m in modules], *[v.numpy() for v in frozen.values()])
+                               *[np.ascontiguousarray(fb[f"{m}.weight"].numpy().T) if stored[f"{m}.weight"]
+                                 else fb[f"{m}.weight"].numpy() for m in modules],
+                               *[v.numpy() for v in frozen.values()])
         pm = peft_model(cfg, base, pcfg, adapter, frozen, residual).merge_and_unload()
         want = dict(pm.named_parameters())
         for m, got in zip(modules, merged):
             assert rel_err(got, want[f"{m}.weight"].detach()) < TOL, m
+
+
+def test_the_frozen_layout_and_the_rollout_weights(tmp_path):
+    """An adapter module takes gate/up (output >= 2x input) transposed and a tied model's head as an extra
+    transposed copy of the embedding (mlir/frozen_layout.py); the rollout still gets every base weight in
+    the base's layout, merged or not (at init LoRA's B is zero: merged equals the base exactly)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.frozen_layout import base_of
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule, base_specs, frozen_specs, to_host
+    from pcpc.runtime.rl.policy import AdapterPolicy
+
+    target = rl_target("test-peft-layout", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       functions=["token_logprobs", "merge"],
+                       peft={"type": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})
+    mod = CompiledModule(build(target, tmp_path).vmfb)
+    cfg = qwen2.make_config("qwen2-tiny", **OVERRIDES)
+    shapes = qwen2.param_shapes(cfg)
+    frozen = {s.name: s.shape for s in frozen_specs(mod.meta)}
+    assert frozen["model.layers.0.mlp.gate_proj.weight.T"] == shapes["model.layers.0.mlp.gate_proj.weight"][::-1]
+    assert frozen["model.embed_tokens.weight.T"] == shapes["model.embed_tokens.weight"][::-1]
+    assert frozen["model.layers.0.mlp.down_proj.weight"] == shapes["model.layers.0.mlp.down_proj.weight"]
+    assert [(s.name, s.shape) for s in base_specs(mod.meta)] == list(shapes.items())
+    assert base_of(frozen_specs(mod.meta)) == base_specs(mod.meta)
+    base = {k: v.numpy() for k, v in qwen2.init_params(cfg, seed=3).items()}
+    policy = AdapterPolicy(mod, [base[k] for k in shapes], cfg, pcpc_peft.PeftConfig(
+        type="lora", r=4, lora_alpha=8, target_modules=("q_proj",)), seed=0, state=None, base_model="tiny")
+    rollout = [to_host(w) for w in policy.rollout_weights()]
+    assert len(rollout) == len(shapes)
+    for (name, shape), got in zip(shapes.items(), rollout):
+        assert got.shape == shape and np.array_equal(got, base[name]), name
