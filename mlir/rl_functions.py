@@ -155,11 +155,16 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     n, nw, nf = len(names), len(P) + len(frozen), len(frozen)
     W = P + frozen
 
-    def logits_of(weights: dict, ids):
+    def logits_of(weights: dict, ids, backward: bool = False):
+        """backward: the logits a gradient is taken through (a tied head then reads its transposed copy, whose
+        input gradient is the fast one; a forward alone reads the embedding itself, the faster forward)."""
         if pcfg is None:
             return qwen2.forward(weights, ids, None, cfg)
-        weights = frozen_layout.as_weights(weights)
+        weights = frozen_layout.as_weights(weights, tied_head=backward)
         return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
+
+    def logits_for_grad(weights: dict, ids):
+        return logits_of(weights, ids, backward=True)
 
     def with_frozen(loss_fn):
         """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
@@ -262,11 +267,11 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
         "grpo_value_and_grad": lambda: [ExportFunction(
             "grpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_for_grad)), names, has_aux=True),
             W + grpo_data, grpo_stats + grads)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_for_grad)), names, has_aux=True),
             W + dpo_data, dpo_stats + grads)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
         "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_")],
