@@ -5,21 +5,23 @@ mask length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (
 j's `count` tensors go through one call of each function (a call per tensor cost ~0.25 ms each, which at
 0.5B was most of a 99%-sparse step):
 
-    sq_j      (*g, idx (c, K), n (c,)) -> (sum of the masked g^2, gc (c, K))   the masked gradient's part of the
-              norm, and the gradient gathered at the mask (row r: g_r.flat[idx[r]])
-    update_j  (*p, gc, idx, m (c, K), v (c, K), n, step, lr, coef) -> gc[0, :1]   one AdamW step of the masked
-              entries: p_r.flat[idx[r]] and m, v written in place (role "inplace")
+    sq_j      (*g, idx (c, K), n (c,)) -> sum of the masked g^2           the masked gradient's part of the norm
+    gather_j  (*p, idx) -> vals (c, K)                                    row r: p_r.flat[idx[r]]
+    adamw_j   (vals, *g, idx, m (c, K), v (c, K), n, step, lr, coef) -> vals'   one AdamW step of the masked
+              entries; m, v written in place (role "inplace")
+    scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
-So each step reads the gradient at the mask once and reads and writes the weight at the mask once. IREE
-writes into the argument buffers in place, with no copy of them since mlir/compile.py alias_barriers (a
-copy of every written weight used to follow each call: the embedding's scatter took 154 ms, now 4.5 ms).
+The weight is read by one call and written by another, each O(K): IREE then writes the new entries into the
+argument buffers in place. Measured at Qwen2.5-0.5B (bench/sparse.py, 99.75% sparse): every group's scatter
+together takes ~27 ms, except the 544 MB embedding's, which IREE copies whole first (~300 ms; the tensors of
+17 MB and less are written in place), so that one tensor is most of a very sparse step.
 
-idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded
-entries write back the value they read); n holds the counts (int64); step, lr, coef are f32 scalars (coef:
-the clip factor, 1 for none). The update is autodiff/optim.py's `adamw` itself, on the gathered entries, so
-it compiles to the dense module's AdamW arithmetic: the two agree bit for bit on the masked entries (tested).
-IREE's llvm-cpu code contracts a * b + c into a fused multiply-add and folds the Python constants at double
-precision, so both differ from torch eager (and kernels/sparse.py's reference) by an ulp here and there.
+idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded entries write back the
+value they read); n holds the counts (int64); step, lr, coef are f32 scalars (coef: the clip factor, 1 for
+none). The update is autodiff/optim.py's `adamw` itself, on the gathered entries, so it compiles to the
+dense module's AdamW arithmetic: the two agree bit for bit on the masked entries (tested). IREE's llvm-cpu
+code contracts a * b + c into a fused multiply-add and folds the Python constants at double precision, so
+both differ from torch eager (and kernels/sparse.py's reference) by an ulp here and there.
 Weights outside the mask are never written, and weight decay touches only the masked entries.
 """
 
@@ -45,25 +47,39 @@ def _sq(c: int, K: int):
         gs, idx, n = flat[:c], flat[c], flat[c + 1]
         gi = _gathered(gs, idx)
         live = torch.arange(K)[None, :] < n[:, None]
-        return torch.where(live, gi * gi, torch.zeros_like(gi)).sum(), gi
+        return torch.where(live, gi * gi, torch.zeros_like(gi)).sum()
 
     return sq
 
 
-def _update(c: int, K: int, decay: bool, opt: AdamWConfig):
-    def update(*flat):
-        ps, (gi, idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
+def _gather(c: int):
+    def gather(*flat):
+        return _gathered(flat[:c], flat[c])
+
+    return gather
+
+
+def _adamw(c: int, K: int, decay: bool, opt: AdamWConfig):
+    def step_fn(vals, *flat):
+        gs, (idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
         live = torch.arange(K)[None, :] < n[:, None]
-        vals = _gathered(ps, idx)
+        gi = _gathered(gs, idx)
         (new_p,), (new_m,), (new_v,) = adamw([vals], [gi], [m], [v], step, lr, opt, [decay], coef=coef)
         m.copy_(torch.where(live, new_m, m))
         v.copy_(torch.where(live, new_v, v))
-        new_p = torch.where(live, new_p, vals)
-        for r, p in enumerate(ps):
-            p.view(-1).index_put_((idx[r],), new_p[r])
-        return gi[0, :1] * 1.0
+        return torch.where(live, new_p, vals)
 
-    return update
+    return step_fn
+
+
+def _scatter(c: int):
+    def scatter(*flat):
+        ps, idx, vals = flat[:c], flat[c], flat[c + 1]
+        for r, p in enumerate(ps):
+            p.view(-1).index_put_((idx[r],), vals[r])
+        return vals[0, :1] * 1.0
+
+    return scatter
 
 
 def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
@@ -83,11 +99,17 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             raise ValueError(f"sparse recipe: group {j}: K {K} must be in [1, numel {numel}], count {c} >= 1")
         gs = [f32(f"g{r}", shape) for r in range(c)]
         idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
-        fns.append(ExportFunction(f"sq_{j}", _sq(c, K), [*gs, idx, n], [("sumsq", "output"), ("gc", "output")]))
+        vals = f32("vals", (c, K))
+        fns.append(ExportFunction(f"sq_{j}", _sq(c, K), [*gs, idx, n], [("sumsq", "output")]))
+        fns.append(ExportFunction(f"gather_{j}", _gather(c), [*[f32(f"p{r}", shape) for r in range(c)], idx],
+                                  [("vals", "output")]))
         fns.append(ExportFunction(
-            f"update_{j}", _update(c, K, bool(decay), opt),
-            [*[TensorSpec(f"p{r}", "inplace", shape, "float32") for r in range(c)], f32("gc", (c, K)), idx,
-             TensorSpec("m", "inplace", (c, K), "float32"), TensorSpec("v", "inplace", (c, K), "float32"), n,
-             f32("step"), f32("lr"), f32("coef")],
+            f"adamw_{j}", _adamw(c, K, bool(decay), opt),
+            [vals, *gs, idx, TensorSpec("m", "inplace", (c, K), "float32"),
+             TensorSpec("v", "inplace", (c, K), "float32"), n, f32("step"), f32("lr"), f32("coef")],
+            [("vals", "output")], inplace=True))
+        fns.append(ExportFunction(
+            f"scatter_{j}", _scatter(c),
+            [*[TensorSpec(f"p{r}", "inplace", shape, "float32") for r in range(c)], idx, vals],
             [("first", "output")], inplace=True))
     return fns, []

@@ -179,20 +179,16 @@ class SparseOptimizer:
         if outer is not None:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
-        sums, gathered = [], []
-        for j, g in enumerate(self.groups):
-            sq, gc = self.mod(f"sq_{j}", *[grads[i] for i in g.members], self.idx[j], self.n[j])
-            sums.append(sq)
-            gathered.append(gc)
-            for i in g.members:
-                grads[i] = None  # the dense gradient is read once
         coef = 1.0
         if self.grad_clip > 0:
-            total = sum(float(to_host(x)) for x in sums)
+            total = sum(float(to_host(self.mod(f"sq_{j}", *[grads[i] for i in g.members], self.idx[j],
+                                               self.n[j])[0])) for j, g in enumerate(self.groups))
             coef = min(1.0, self.grad_clip / (math.sqrt(total) + 1e-6))
         step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
         for j, g in enumerate(self.groups):
-            self.mod(f"update_{j}", *[P[i] for i in g.members], gathered[j], self.idx[j], M[j], V[j], self.n[j],
-                     step_, lr_, coef_)
+            ps, gs = [P[i] for i in g.members], [grads[i] for i in g.members]
+            vals = self.mod(f"gather_{j}", *ps, self.idx[j])[0]
+            vals = self.mod(f"adamw_{j}", vals, *gs, self.idx[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
+            self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
         for i in range(len(grads)):
             grads[i] = None
