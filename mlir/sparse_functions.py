@@ -11,10 +11,11 @@ j's `count` tensors go through one call of each function (a call per tensor cost
               entries; m, v written in place (role "inplace")
     scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
-The weight is read by one call and written by another, each O(K): IREE then writes the new entries into the
-argument buffers in place. Measured at Qwen2.5-0.5B (bench/sparse.py, 99.75% sparse): every group's scatter
-together takes ~27 ms, except the 544 MB embedding's, which IREE copies whole first (~300 ms; the tensors of
-17 MB and less are written in place), so that one tensor is most of a very sparse step.
+The weight is read by one call and written by another, each O(K). IREE writes the new entries into the
+argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies each written argument
+whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
+One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
+214 at 99% (bench/NOTES.md, "Sparse step: in-place writes without a copy").
 
 idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded entries write back the
 value they read); n holds the counts (int64); step, lr, coef are f32 scalars (coef: the clip factor, 1 for
