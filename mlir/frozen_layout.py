@@ -50,6 +50,14 @@ def source(spec_name: str) -> tuple[str, bool]:
     return spec_name, False
 
 
+def index_of(frozen: list[TensorSpec]) -> dict[str, int]:
+    """{base weight name: position of the frozen input that holds it} (a tied head's extra copy is not it)."""
+    out: dict[str, int] = {}
+    for i, s in enumerate(frozen):
+        out.setdefault(source(s.name)[0], i)
+    return out
+
+
 def base_of(frozen: list[TensorSpec]) -> list[TensorSpec]:
     """The base weights' specs (the flat weight file's layout) from a module's frozen inputs."""
     present = {s.name for s in frozen}

@@ -240,8 +240,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     def merge_function(kind: int, idx: list[int]) -> ExportFunction:
         """merge_K (*adapter chunk, *its modules' base weights, *vera projections) -> the merged weights."""
         modules = list(dict.fromkeys(peft.module_of(P[i].name) for i in idx))
-        base = {frozen_layout.source(p.name)[0]: p for p in frozen}  # a tied head's extra copy is no target
-        targets = [base[f"{m}.weight"] for m in modules]
+        at = frozen_layout.index_of(frozen)
+        targets = [frozen[at[f"{m}.weight"]] for m in modules]
         xs = frozen[len(frozen) - len(peft.shapes(cfg, pcfg)[1]):]
         chunk = [TensorSpec(generic_name(P[i].name), "param", P[i].shape, "float32") for i in idx]
         target_specs = [TensorSpec(generic_name(t.name), "frozen", t.shape, t.dtype) for t in targets]

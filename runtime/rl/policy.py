@@ -104,9 +104,7 @@ class AdapterPolicy:
         self.A0 = mod.upload_all(self.initial)
         self.P = mod.upload_all(self.initial if state is None else state["params"])
         # which merge_K call makes each adapted base weight: {frozen index: (kind, adapter indices, modules)}
-        index = {}
-        for i, spec in enumerate(self.frozen):
-            index.setdefault(frozen_layout.source(spec.name)[0], i)
+        index = frozen_layout.index_of(self.frozen)
         self.merge_plan = {}
         for kind, idx in update_groups(self.adapter_names, [s.shape for s in mod.meta.parameters]):
             modules = list(dict.fromkeys(peft.module_of(self.adapter_names[i]) for i in idx))
