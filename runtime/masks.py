@@ -82,13 +82,6 @@ def _tensor_at(run_dir: Path, index: dict, name: str, step: int, base: np.ndarra
     return out.reshape(base.shape)
 
 
-def fisher_step(run_dir: str | Path) -> int:
-    """The last step a run's Fisher sum covers: a fisher mask's target step."""
-    from pcpc.runtime.run import deltas
-
-    return deltas.read_fisher(Path(run_dir), deltas.read_index(Path(run_dir)))[0]["steps"][1]
-
-
 def scores(run_dir: Path, method: str, target_step: int | None, window: int = 25, seed: int = 0):
     """Yields (name, score array) tensor by tensor."""
     from safetensors import safe_open
@@ -160,11 +153,12 @@ def find(run_dir: str | Path, method: str, sparsity_percent: float, target_step:
         for name, s in scores(run_dir, method, target_step, window, seed):
             yield name, (-s if invert else s)
 
-    from pcpc.runtime.run.deltas import read_index
+    from pcpc.runtime.run.deltas import read_fisher, read_index
 
     index = read_index(run_dir)
     if method == "fisher":
-        target_step = target_step if target_step is not None else fisher_step(run_dir)
+        # its target step: the last step the sum covers
+        target_step = target_step if target_step is not None else read_fisher(run_dir, index)[0]["steps"][1]
     shapes = {n: tuple(s) for n, s in zip(index["names"], index["shapes"])}
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     pool = sum(n for k, n in sizes.items() if eligible(k))
