@@ -47,8 +47,13 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     A single flat fp32 reduction over a 3M-parameter model drifts by ~1e-4
     relative when compiled as a sequential loop; summing rows in fp32 and the
     row sums in fp64 keeps the clip coefficient within 1e-6 of torch's.
+
+    |g| * |g| (the same values as g * g, bit for bit): IREE 3.13's llvm-cpu code for a row sum of
+    `x * x` with --iree-llvmcpu-reassociate-fp-reductions comes out scalar, 136 ms for Qwen2.5-0.5B's
+    embedding gradient on 2 cores; the sum of `|x| * |x|` is vectorized, 20 ms (bench/NOTES.md).
     """
-    sq = g.float() * g.float()
+    a = g.float().abs()
+    sq = a * a
     rows = sq.reshape(-1, sq.shape[-1]) if sq.dim() >= 2 else sq.reshape(1, -1)  # (R, C)
     return rows.sum(-1).double().sum()
 

@@ -8,8 +8,9 @@ Random weights, gradients and masks (uniform at each sparsity; no download). Eac
 subprocess, so its peak memory is its own:
 
   optimizer   dense: the training module's chunked AdamW over every weight (grad_clip_coef + adamw_K, as the
-              learner runs it); sparse: the sparse module's in-place AdamW over the mask (sq_K for the clip
-              factor + adamw_K per tensor). Steady-state medians of --reps steps, build and load excluded.
+              learner runs it); sparse: the sparse module's in-place AdamW over the mask (grad_K gathers the masked
+              gradient and its part of the clip norm, then gather_K, adamw_K, scatter_K per group of tensors).
+              Steady-state medians of --reps steps, build and load excluded.
   learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
               dense against a --learner-sparsity mask: best step time and peak RSS (from the weights' load,
               bench/grpo.py start_peak_rss).

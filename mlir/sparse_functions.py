@@ -5,13 +5,16 @@ mask length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (
 j's `count` tensors go through one call of each function (a call per tensor cost ~0.25 ms each, which at
 0.5B was most of a 99%-sparse step):
 
-    sq_j      (*g, idx (c, K), n (c,)) -> sum of the masked g^2           the masked gradient's part of the norm
+    grad_j    (*g, idx (c, K), n (c,)) -> gc (c, K), sum of the masked gc^2   the masked gradient, gathered once,
+              and its part of the norm
     gather_j  (*p, idx) -> vals (c, K)                                    row r: p_r.flat[idx[r]]
-    adamw_j   (vals, *g, idx, m (c, K), v (c, K), n, step, lr, coef) -> vals'   one AdamW step of the masked
-              entries; m, v written in place (role "inplace")
+    adamw_j   (vals, gc, m (c, K), v (c, K), n, step, lr, coef) -> vals'  one AdamW step of the masked entries;
+              m, v written in place (role "inplace")
     scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
-The weight is read by one call and written by another, each O(K). IREE writes the new entries into the
+Each call that reads a dense tensor at the mask's indices touches a cache line of it per index (a uniform 1%
+mask: 15% of the lines), so the step makes three such passes: the gradient once (grad_j; AdamW then reads
+the compact gc), the weight's read and its write. The weight is read by one call and written by another, each O(K). IREE writes the new entries into the
 argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies each written argument
 whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
 One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
@@ -43,14 +46,15 @@ def _gathered(ts, idx):
     return torch.stack([t.reshape(-1)[idx[r]] for r, t in enumerate(ts)])
 
 
-def _sq(c: int, K: int):
-    def sq(*flat):
+def _grad(c: int, K: int):
+    def grad(*flat):
         gs, idx, n = flat[:c], flat[c], flat[c + 1]
-        gi = _gathered(gs, idx)
+        gc = _gathered(gs, idx)
         live = torch.arange(K)[None, :] < n[:, None]
-        return torch.where(live, gi * gi, torch.zeros_like(gi)).sum()
+        a = gc.abs()  # |g| * |g|, not g * g: see autodiff/optim.py _sum_of_squares
+        return gc, torch.where(live, a * a, torch.zeros_like(a)).sum()
 
-    return sq
+    return grad
 
 
 def _gather(c: int):
@@ -61,11 +65,9 @@ def _gather(c: int):
 
 
 def _adamw(c: int, K: int, decay: bool, opt: AdamWConfig):
-    def step_fn(vals, *flat):
-        gs, (idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
+    def step_fn(vals, gc, m, v, n, step, lr, coef):
         live = torch.arange(K)[None, :] < n[:, None]
-        gi = _gathered(gs, idx)
-        (new_p,), (new_m,), (new_v,) = adamw([vals], [gi], [m], [v], step, lr, opt, [decay], coef=coef)
+        (new_p,), (new_m,), (new_v,) = adamw([vals], [gc], [m], [v], step, lr, opt, [decay], coef=coef)
         m.copy_(torch.where(live, new_m, m))
         v.copy_(torch.where(live, new_v, v))
         return torch.where(live, new_p, vals)
@@ -101,12 +103,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         gs = [f32(f"g{r}", shape) for r in range(c)]
         idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
         vals = f32("vals", (c, K))
-        fns.append(ExportFunction(f"sq_{j}", _sq(c, K), [*gs, idx, n], [("sumsq", "output")]))
+        fns.append(ExportFunction(f"grad_{j}", _grad(c, K), [*gs, idx, n], [("gc", "output"), ("sumsq", "output")]))
         fns.append(ExportFunction(f"gather_{j}", _gather(c), [*[f32(f"p{r}", shape) for r in range(c)], idx],
                                   [("vals", "output")]))
         fns.append(ExportFunction(
             f"adamw_{j}", _adamw(c, K, bool(decay), opt),
-            [vals, *gs, idx, TensorSpec("m", "inplace", (c, K), "float32"),
+            [vals, f32("gc", (c, K)), TensorSpec("m", "inplace", (c, K), "float32"),
              TensorSpec("v", "inplace", (c, K), "float32"), n, f32("step"), f32("lr"), f32("coef")],
             [("vals", "output")], inplace=True))
         fns.append(ExportFunction(

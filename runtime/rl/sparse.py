@@ -179,16 +179,23 @@ class SparseOptimizer:
         if outer is not None:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
+        compact, sums = [], []
+        for j, g in enumerate(self.groups):  # the masked gradient, read once; the dense one is let go
+            gc, sumsq = self.mod(f"grad_{j}", *[grads[i] for i in g.members], self.idx[j], self.n[j])
+            compact.append(gc)
+            sums.append(sumsq)
+            for i in g.members:
+                grads[i] = None
+        for i in range(len(grads)):
+            grads[i] = None
         coef = 1.0
         if self.grad_clip > 0:
-            total = sum(float(to_host(self.mod(f"sq_{j}", *[grads[i] for i in g.members], self.idx[j],
-                                               self.n[j])[0])) for j, g in enumerate(self.groups))
+            total = sum(float(to_host(s)) for s in sums)
             coef = min(1.0, self.grad_clip / (math.sqrt(total) + 1e-6))
         step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
         for j, g in enumerate(self.groups):
-            ps, gs = [P[i] for i in g.members], [grads[i] for i in g.members]
+            ps = [P[i] for i in g.members]
             vals = self.mod(f"gather_{j}", *ps, self.idx[j])[0]
-            vals = self.mod(f"adamw_{j}", vals, *gs, self.idx[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
+            vals = self.mod(f"adamw_{j}", vals, compact[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
             self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
-        for i in range(len(grads)):
-            grads[i] = None
+            compact[j] = None
