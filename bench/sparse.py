@@ -9,7 +9,7 @@ subprocess, so its peak memory is its own:
 
   optimizer   dense: the training module's chunked AdamW over every weight (grad_clip_coef + adamw_K, as the
               learner runs it); sparse: the sparse module's in-place AdamW over the mask (grad_K gathers the masked
-              gradient and its part of the clip norm, then gather_K, adamw_K, scatter_K per group of tensors).
+              gradient and its part of the clip norm, then adamw_K and scatter_K per group of tensors).
               Steady-state medians of --reps steps, build and load excluded.
   learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
               dense against a --learner-sparsity mask: best step time and peak RSS (from the weights' load,

@@ -7,14 +7,14 @@ j's `count` tensors go through one call of each function (a call per tensor cost
 
     grad_j    (*g, idx (c, K), n (c,)) -> gc (c, K), sum of the masked gc^2   the masked gradient, gathered once,
               and its part of the norm
-    gather_j  (*p, idx) -> vals (c, K)                                    row r: p_r.flat[idx[r]]
-    adamw_j   (vals, gc, m (c, K), v (c, K), n, step, lr, coef) -> vals'  one AdamW step of the masked entries;
-              m, v written in place (role "inplace")
+    adamw_j   (*p, gc, idx, m (c, K), v (c, K), n, step, lr, coef) -> vals (c, K)   one AdamW step of the masked
+              entries of p (row r: p_r.flat[idx[r]]); m, v written in place (role "inplace")
     scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
 Each call that reads a dense tensor at the mask's indices touches a cache line of it per index (a uniform 1%
 mask: 15% of the lines), so the step makes three such passes: the gradient once (grad_j; AdamW then reads
-the compact gc), the weight's read and its write. The weight is read by one call and written by another, each O(K). IREE writes the new entries into the
+the compact gc), the weight's read (adamw_j) and its write (scatter_j). The weight is read by one call and
+written by another, each O(K). IREE writes the new entries into the
 argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies each written argument
 whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
 One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
@@ -57,15 +57,10 @@ def _grad(c: int, K: int):
     return grad
 
 
-def _gather(c: int):
-    def gather(*flat):
-        return _gathered(flat[:c], flat[c])
-
-    return gather
-
-
 def _adamw(c: int, K: int, decay: bool, opt: AdamWConfig):
-    def step_fn(vals, gc, m, v, n, step, lr, coef):
+    def step_fn(*flat):
+        ps, (gc, idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
+        vals = _gathered(ps, idx)
         live = torch.arange(K)[None, :] < n[:, None]
         (new_p,), (new_m,), (new_v,) = adamw([vals], [gc], [m], [v], step, lr, opt, [decay], coef=coef)
         m.copy_(torch.where(live, new_m, m))
@@ -104,12 +99,11 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
         vals = f32("vals", (c, K))
         fns.append(ExportFunction(f"grad_{j}", _grad(c, K), [*gs, idx, n], [("gc", "output"), ("sumsq", "output")]))
-        fns.append(ExportFunction(f"gather_{j}", _gather(c), [*[f32(f"p{r}", shape) for r in range(c)], idx],
-                                  [("vals", "output")]))
+        ps = [f32(f"p{r}", shape) for r in range(c)]
+        moments = [TensorSpec(name, "inplace", (c, K), "float32") for name in ("m", "v")]
         fns.append(ExportFunction(
             f"adamw_{j}", _adamw(c, K, bool(decay), opt),
-            [vals, f32("gc", (c, K)), TensorSpec("m", "inplace", (c, K), "float32"),
-             TensorSpec("v", "inplace", (c, K), "float32"), n, f32("step"), f32("lr"), f32("coef")],
+            [*ps, f32("gc", (c, K)), idx, *moments, n, f32("step"), f32("lr"), f32("coef")],
             [("vals", "output")], inplace=True))
         fns.append(ExportFunction(
             f"scatter_{j}", _scatter(c),

@@ -195,7 +195,6 @@ class SparseOptimizer:
         step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
         for j, g in enumerate(self.groups):
             ps = [P[i] for i in g.members]
-            vals = self.mod(f"gather_{j}", *ps, self.idx[j])[0]
-            vals = self.mod(f"adamw_{j}", vals, compact[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
+            vals = self.mod(f"adamw_{j}", *ps, compact[j], self.idx[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
             self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
             compact[j] = None
