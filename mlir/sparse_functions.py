@@ -14,9 +14,9 @@ j's `count` tensors go through one call of each function (a call per tensor cost
 Each call that reads a dense tensor at the mask's indices touches a cache line of it per index (a uniform 1%
 mask: 15% of the lines), so the step makes three such passes: the gradient once (grad_j; AdamW then reads
 the compact gc), the weight's read (adamw_j) and its write (scatter_j). The weight is read by one call and
-written by another, each O(K). IREE writes the new entries into the
-argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies each written argument
-whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
+written by another, each O(K). IREE writes the new entries into the argument buffers in place, and since
+mlir/compile.py alias_barriers it no longer copies each written argument whole after the call (the
+embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
 One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
 214 at 99% (bench/NOTES.md, "Sparse step: in-place writes without a copy").
 

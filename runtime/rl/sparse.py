@@ -180,14 +180,13 @@ class SparseOptimizer:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
         compact, sums = [], []
-        for j, g in enumerate(self.groups):  # the masked gradient, read once; the dense one is let go
+        for j, g in enumerate(self.groups):  # the masked gradient, read once; each dense one let go after
             gc, sumsq = self.mod(f"grad_{j}", *[grads[i] for i in g.members], self.idx[j], self.n[j])
             compact.append(gc)
             sums.append(sumsq)
             for i in g.members:
                 grads[i] = None
-        for i in range(len(grads)):
-            grads[i] = None
+        grads[:] = [None] * len(grads)  # the untrained tensors' too
         coef = 1.0
         if self.grad_clip > 0:
             total = sum(float(to_host(s)) for s in sums)
