@@ -41,7 +41,7 @@ class AdamWConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
-def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
+def sum_of_squares(g: torch.Tensor) -> torch.Tensor:
     """sum(g*g) accurate to fp32 rounding for millions of elements.
 
     A single flat fp32 reduction over a 3M-parameter model drifts by ~1e-4
@@ -60,7 +60,7 @@ def _sum_of_squares(g: torch.Tensor) -> torch.Tensor:
 
 def global_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The L2 norm of all of grads together (fp32), as clip_grad_norm_ computes it."""
-    return torch.sqrt(sum(_sum_of_squares(g) for g in grads)).float()
+    return torch.sqrt(sum(sum_of_squares(g) for g in grads)).float()
 
 
 def clip_coef(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from pcpc.autodiff.optim import AdamWConfig, adamw
+from pcpc.autodiff.optim import AdamWConfig, adamw, sum_of_squares
 from pcpc.config import from_dict
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.signature import TensorSpec
@@ -51,8 +51,7 @@ def _grad(c: int, K: int):
         gs, idx, n = flat[:c], flat[c], flat[c + 1]
         gc = _gathered(gs, idx)
         live = torch.arange(K)[None, :] < n[:, None]
-        a = gc.abs()  # |g| * |g|, not g * g: see autodiff/optim.py _sum_of_squares
-        return gc, torch.where(live, a * a, torch.zeros_like(a)).sum()
+        return gc, sum_of_squares(torch.where(live, gc, torch.zeros_like(gc))).float()
 
     return grad
 
