@@ -34,8 +34,11 @@ def padded(n: int, numel: int) -> int:
         e += 1
 
 
-MAX_GROUP = 8
-"""Tensors per group: a call binds each member's weight or gradient, and IREE allows 32 bindings a dispatch."""
+def max_group(target: str) -> int:
+    """Tensors per group on a compile target. A call binds each member's weight or gradient (grad_K: two
+    buffers a member and one more, in one dispatch), and IREE allows a dispatch 32 bindings on llvm-cpu,
+    16 on cuda (more there fail at load: "binding_flags count 17 exceeds maximum of 16")."""
+    return 8 if target == "llvm-cpu" else 6
 
 
 @dataclass
@@ -69,8 +72,10 @@ class Group:
         return [list(self.shape), self.K, self.decay, len(self.members)]
 
 
-def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorMask], list[Group]]:
-    """Each tensor's padded indices, and the groups of trained tensors the sparse module steps together."""
+def layout(mask: dict[str, np.ndarray], specs, where: str, target: str = "llvm-cpu"
+           ) -> tuple[list[TensorMask], list[Group]]:
+    """Each tensor's padded indices, and the groups of trained tensors the sparse module steps together (for
+    the compile target's binding limit)."""
     names = [s.name for s in specs]
     missing, extra = [n for n in names if n not in mask], sorted(set(mask) - set(names))
     if missing or extra:
@@ -91,7 +96,7 @@ def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorM
                 t.idx = np.concatenate([flat, np.full(K - flat.size, outside, np.int64)])
             key = (t.shape, K, decay)
             part = 0
-            while (*key, part) in groups and len(groups[(*key, part)].members) >= MAX_GROUP:
+            while (*key, part) in groups and len(groups[(*key, part)].members) >= max_group(target):
                 part += 1
             g = groups.setdefault((*key, part), Group(t.shape, K, decay, []))
             t.group, t.row = list(groups).index((*key, part)), len(g.members)
@@ -104,10 +109,10 @@ def layout(mask: dict[str, np.ndarray], specs, where: str) -> tuple[list[TensorM
     return tensors, out
 
 
-def load_mask(path: str | Path, specs) -> tuple[list[TensorMask], list]:
+def load_mask(path: str | Path, specs, target: str) -> tuple[list[TensorMask], list]:
     from pcpc.runtime import masks
 
-    return layout(masks.load(path), specs, f"mask {path}")
+    return layout(masks.load(path), specs, f"mask {path}", target)
 
 
 def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
@@ -121,7 +126,7 @@ def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
     from pcpc.mlir.targets import sparse_target
     from pcpc.runtime.run.artifacts import build_artifact
 
-    tensors, groups = load_mask(cfg.mask, train_meta.parameters)
+    tensors, groups = load_mask(cfg.mask, train_meta.parameters, cfg.target)
     target = sparse_target("sparse", [g.key for g in groups], optimizer)
     train = Path(cfg.training_model_path)
     name = f"{train.stem}-sparse-{sha256_bytes(json.dumps(target.config, sort_keys=True).encode())[:10]}"
@@ -138,7 +143,8 @@ def make_optimizer(mod, sparse_vmfb: str | None, cfg, threads: int):
         return ChunkedOptimizer(mod)
     from pcpc.runtime.module import CompiledModule
 
-    return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads), *load_mask(cfg.mask, mod.meta.parameters))
+    return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads),
+                           *load_mask(cfg.mask, mod.meta.parameters, cfg.target))
 
 
 def describe(tensors: list[TensorMask]) -> str:

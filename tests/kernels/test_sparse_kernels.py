@@ -21,7 +21,7 @@ try:
     from pcpc.kernels import sparse
 finally:
     if _before is None:
-        del os.environ["TRITON_INTERPRET"]
+        os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _before
 
@@ -95,6 +95,9 @@ def _kernels_against_references(device):
     ref = run_sparse(p0.clone(), idx, grads, lrs, sparse.sparse_adamw_reference)
     for a, b in zip(ours, ref):  # p, m, v: bit for bit
         assert torch.equal(a, b)
+    ours32 = run_sparse(p0.clone(), idx.int(), grads, lrs, sparse.sparse_adamw_)  # an int32 index list
+    for a, b in zip(ours32, ref):
+        assert torch.equal(a, b)
     mask = torch.zeros(N, dtype=torch.bool, device=device)
     mask[idx] = True
     assert torch.equal(ours[0][~mask], p0[~mask]) and not torch.equal(ours[0][mask], p0[mask])
@@ -125,6 +128,6 @@ def test_the_kernels_on_a_gpu_equal_the_references():
 def test_bad_arguments_are_named():
     p, idx, grads = problem(4)
     with pytest.raises(ValueError, match="idx must be a flat int64"):
-        sparse.sparse_adamw_(p, grads[0], idx.int(), torch.zeros(NNZ), torch.zeros(NNZ), 1, 1e-3)
+        sparse.sparse_adamw_(p, grads[0], idx.short(), torch.zeros(NNZ), torch.zeros(NNZ), 1, 1e-3)
     with pytest.raises(ValueError, match="m and v must have nnz = 1237"):
         sparse.sparse_adamw_(p, grads[0], idx, torch.zeros(N), torch.zeros(N), 1, 1e-3)

@@ -211,3 +211,17 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
             assert np.array_equal(to_host(M[t.group])[t.row, :t.n], DM[i].reshape(-1)[sel])
             assert np.array_equal(to_host(V[t.group])[t.row, :t.n], DV[i].reshape(-1)[sel])
     assert np.array_equal(to_host(P[2]), P0[2])
+
+
+def test_groups_fit_each_targets_binding_limit():
+    """A group's grad_K binds 2 buffers a member + 1 in one dispatch: 8 members on llvm-cpu (IREE allows 32
+    bindings there), 6 on GPU targets (16 on cuda; 8 failed to load on an H200)."""
+    from pcpc.mlir.signature import TensorSpec
+    from pcpc.runtime.rl.sparse import layout
+
+    specs = [TensorSpec(f"w{i}", "param", (16, 16), "float32") for i in range(20)]
+    mask = {s.name: np.eye(16, dtype=bool) for s in specs}  # one shape, one nnz: all may share a group
+    for target, size in (("llvm-cpu", 8), ("cuda", 6), ("rocm", 6), ("vulkan", 6)):
+        tensors, groups = layout(mask, specs, "test", target)
+        assert [len(g.members) for g in groups] == [size] * (20 // size) + [20 % size]
+        assert sorted(i for g in groups for i in g.members) == list(range(20))
