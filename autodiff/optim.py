@@ -8,6 +8,7 @@ tensor inputs so schedules never recompile.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,17 @@ class AdamWConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+def bias_correction(beta: float, step: torch.Tensor) -> torch.Tensor:
+    """1 - beta^step, as -expm1(step * log(beta)): no cancellation. The direct form loses ~10 bits in fp32 at
+    beta 0.999 and small steps (fp32(0.999) itself is 1.3e-5 off 0.999 relative to 1 - 0.999), and IREE's
+    pow is a few ulps off libm's, which the cancellation turns into a 5e-5 relative error in the update;
+    this form stays within 2e-7 of the exact value (1 - beta ** step in double, as torch.optim computes it),
+    compiled or eager."""
+    if beta == 0.0:
+        return torch.ones_like(step)
+    return -torch.expm1(step * math.log(beta))
 
 
 def sum_of_squares(g: torch.Tensor) -> torch.Tensor:
@@ -98,8 +110,8 @@ def adamw(
         grads = [g * coef for g in grads]
     elif cfg.grad_clip > 0:
         grads = clip_by_global_norm(grads, cfg.grad_clip)
-    bc1 = 1.0 - torch.pow(cfg.beta1, step)
-    bc2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step))
+    bc1 = bias_correction(cfg.beta1, step)
+    bc2_sqrt = torch.sqrt(bias_correction(cfg.beta2, step))
     new_p, new_m, new_v = [], [], []
     for j, (p, g, m_i, v_i, d) in enumerate(zip(params, grads, m, v, decay)):
         lr_j = lr * lr_scale[j] if lr_scale is not None and lr_scale[j] != 1.0 else lr

@@ -1,8 +1,10 @@
-"""The cuda target end to end: a nanoGPT train step compiled for the GPU and run on IREE's cuda driver equals
-torch autograd + torch.optim.AdamW (+ clip_grad_norm_) over three steps, in fp32.
+"""The GPU targets end to end: a nanoGPT train step compiled for cuda (and for vulkan) and run on IREE's
+driver for it equals torch autograd + torch.optim.AdamW (+ clip_grad_norm_) over three steps, in fp32.
 
-Marked gpu: skipped unless IREE's cuda driver sees a device. `build_module` and `check_module` are separate so
-that the check can also run where the module was not built (a GPU machine without the compiler).
+Marked gpu: skipped unless IREE's cuda driver sees an NVIDIA device (and, for vulkan, its vulkan driver too;
+the Vulkan target is IREE's "ampere", which NVIDIA GPUs from Ampere on run). `build_module` and
+`check_module` are separate so that the check can also run where the module was not built (a GPU machine
+without the compiler).
 """
 
 from __future__ import annotations
@@ -21,22 +23,26 @@ OVERRIDES = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_s
 BATCH, STEPS, LR = 4, 3, 6e-4
 
 
-def cuda_device_seen() -> bool:
+GPU_TARGETS = {"cuda": None, "vulkan": "ampere"}
+"""Compile target -> architecture (None: detected)."""
+
+
+def device_seen(driver: str) -> bool:
     try:
         import iree.runtime as rt
 
-        return bool(rt.get_driver("cuda").query_available_devices())
-    except Exception:  # no cuda driver in this IREE runtime, or no device
+        return bool(rt.get_driver(driver).query_available_devices())
+    except Exception:  # no such driver in this IREE runtime (or its library is missing), or no device
         return False
 
 
-def build_module(out: Path, arch: str | None = None):
+def build_module(out: Path, target: str = "cuda", arch: str | None = None):
     from pcpc.mlir.build import build
     from pcpc.mlir.targets import nanogpt_target
 
-    target = nanogpt_target("gpu-train", "nanogpt-small", BATCH, model_overrides=OVERRIDES,
+    module = nanogpt_target("gpu-train", "nanogpt-small", BATCH, model_overrides=OVERRIDES,
                             functions=["train_step"])
-    return build(target, out, compile_target="cuda", arch=arch).vmfb
+    return build(module, out, compile_target=target, arch=arch).vmfb
 
 
 def reference(params, batches, cfg):
@@ -58,7 +64,8 @@ def reference(params, batches, cfg):
 
 
 def check_module(vmfb) -> dict[str, float]:
-    """Run the module's train_step on the cuda driver; relative errors against the torch reference."""
+    """Run the module's train_step on its target's GPU driver; relative errors against the torch reference."""
+    from pcpc.mlir.compile import DRIVERS
     from pcpc.runtime.module import CompiledModule, to_host
 
     cfg = nanogpt.make_config("nanogpt-small", **OVERRIDES)
@@ -67,7 +74,7 @@ def check_module(vmfb) -> dict[str, float]:
     batches = [(torch.randint(0, cfg.vocab_size, (BATCH, cfg.block_size), generator=gen),
                 torch.randint(0, cfg.vocab_size, (BATCH, cfg.block_size), generator=gen)) for _ in range(STEPS)]
     mod = CompiledModule(vmfb)
-    assert mod.driver == "cuda"
+    assert mod.driver == DRIVERS[mod.meta.provenance.compile_target] != "local-task"
     n = len(params)
     P = mod.upload_all([p.numpy() for p in params.values()])
     M = mod.upload_all([np.zeros(p.shape, np.float32) for p in params.values()])
@@ -88,8 +95,13 @@ def check_module(vmfb) -> dict[str, float]:
 
 
 @pytest.mark.gpu
-def test_cuda_train_step_equals_torch(tmp_path):
-    if not cuda_device_seen():
-        pytest.skip("IREE's cuda driver sees no GPU")
-    errors = check_module(build_module(tmp_path))
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_gpu_train_step_equals_torch(target, tmp_path):
+    from pcpc.mlir.compile import DRIVERS
+
+    if not device_seen("cuda"):
+        pytest.skip("IREE's cuda driver sees no NVIDIA GPU")
+    if not device_seen(DRIVERS[target]):
+        pytest.skip(f"IREE's {DRIVERS[target]} driver sees no GPU")
+    errors = check_module(build_module(tmp_path, target, GPU_TARGETS[target]))
     assert errors["loss"] < 1e-5 and errors["params"] < 1e-5, errors
