@@ -54,8 +54,10 @@ def _config(driver: str, threads: int | None):
             if driver in ("local-task", "local-sync"):
                 _configs[driver] = rt.Config(driver)
             else:
-                count = len(rt.get_driver(driver).query_available_devices())
-                _configs[driver] = rt.Config(device=rt.get_device(device_uri(driver, count)))
+                hal = rt.get_driver(driver)
+                devices = hal.query_available_devices()
+                # by its entry, not a `driver://N` URI: the vulkan driver names devices by UUID only
+                _configs[driver] = rt.Config(device=hal.create_device(devices[device_index(driver, len(devices))]))
         except (RuntimeError, ValueError) as e:
             raise UserError(f"IREE driver {driver!r} is not available here: {e}") from None
     return _configs[driver]
@@ -72,15 +74,14 @@ def default_driver(compile_target: str, threads: int | None) -> str:
     return "local-sync" if driver == "local-task" and threads == 1 else driver
 
 
-def device_uri(driver: str, available: int, env=None) -> str:
+def device_index(driver: str, available: int, env=None) -> int:
     """The GPU of this process: device LOCAL_RANK of the node (each local worker its own), wrapping
     around when there are more local processes than devices (GRPO's learner and a rollout worker
     may share one). Without LOCAL_RANK (a plain process) device 0."""
     env = os.environ if env is None else env
     if available < 1:
         raise UserError(f"IREE driver {driver!r} sees no device")
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    return f"{driver}://{local_rank % available}"
+    return int(env.get("LOCAL_RANK", 0)) % available
 
 
 def _np_dtype(spec: TensorSpec):

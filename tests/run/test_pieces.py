@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pcpc.errors import UserError
-from pcpc.runtime.module import device_uri
+from pcpc.runtime.module import device_index
 from pcpc.runtime.run import checkpoint, metrics
 from pcpc.runtime.run.checkpoint import Checkpoint
 from pcpc.runtime.run.launch import WorkerFailure, launch_local
@@ -229,8 +229,8 @@ def test_launch_reports_how_a_worker_failed(target, kind, message):
 
 
 def test_each_local_worker_gets_its_own_gpu():
-    assert device_uri("cuda", 4, {"LOCAL_RANK": "2"}) == "cuda://2"
-    assert device_uri("cuda", 8, {}) == "cuda://0"
-    assert device_uri("hip", 2, {"LOCAL_RANK": "3"}) == "hip://1"  # more local processes than devices: shared
+    assert device_index("cuda", 4, {"LOCAL_RANK": "2"}) == 2
+    assert device_index("cuda", 8, {}) == 0
+    assert device_index("hip", 2, {"LOCAL_RANK": "3"}) == 1  # more local processes than devices: shared
     with pytest.raises(UserError, match="sees no device"):
-        device_uri("cuda", 0, {"LOCAL_RANK": "0"})
+        device_index("cuda", 0, {"LOCAL_RANK": "0"})
