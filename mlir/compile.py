@@ -120,7 +120,16 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
         return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
     if target == "rocm":
         return ("--iree-hal-target-backends=rocm", f"--iree-rocm-target={arch or DEFAULT_ARCH['rocm']}")
-    return ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={arch or DEFAULT_ARCH['vulkan']}")
+    return ("--iree-hal-target-backends=vulkan-spirv", f"--iree-vulkan-target={arch or _vulkan_arch()}")
+
+
+def _vulkan_arch() -> str:
+    """IREE's Vulkan target for this machine's GPU: an NVIDIA one by its generation (nvidia-smi; "ampere"
+    ran nanoGPT's train step on an H200), else DEFAULT_ARCH's (AMD RDNA3)."""
+    detected = detect_cuda_arch()
+    if detected is None:
+        return DEFAULT_ARCH["vulkan"]
+    return "ampere" if int(detected.removeprefix("sm_").rstrip("a") or 0) >= 80 else "turing"
 
 
 def iree_compile_exe() -> str:

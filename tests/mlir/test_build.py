@@ -169,6 +169,15 @@ def test_detected_cuda_arch_newer_than_compiler_falls_back(monkeypatch):
     assert "--iree-cuda-target=sm_75" in compile_mod.compile_flags("cuda", "sm_75")
 
 
+def test_vulkan_target_follows_an_nvidia_gpu(monkeypatch):
+    from pcpc.mlir import compile as compile_mod
+
+    for detected, want in (("sm_90", "ampere"), ("sm_80", "ampere"), ("sm_75", "turing"), (None, "rdna3")):
+        monkeypatch.setattr(compile_mod, "detect_cuda_arch", lambda d=detected: d)
+        assert f"--iree-vulkan-target={want}" in compile_mod.compile_flags("vulkan")
+    assert "--iree-vulkan-target=valhall" in compile_mod.compile_flags("vulkan", "valhall")
+
+
 def test_merge_identical_globals():
     from pcpc.mlir.compile import merge_identical_globals
 
