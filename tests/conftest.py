@@ -47,3 +47,29 @@ def tiny_target(name="tiny", functions=("forward_loss",), **overrides):
     return nanogpt_target(
         name, "nanogpt-small", 2, model_overrides={**TINY_OVERRIDES, **overrides}, functions=list(functions)
     )
+
+
+def torch_adamw_reference(params: dict, batches, cfg, lr: float):
+    """nanoGPT trained in torch eager on `batches` ((x, y) pairs), one torch.optim.AdamW step each with
+    nanoGPT's param groups (decay on matrices only) and clip_grad_norm_: what a compiled train_step must
+    match. Returns (losses, leaves, optimizer)."""
+    import torch
+
+    from pcpc.autodiff.losses import cross_entropy
+    from pcpc.autodiff.optim import AdamWConfig
+    from pcpc.exporters import nanogpt
+
+    opt_cfg = AdamWConfig()
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    groups = [{"params": [p for p in leaves.values() if p.dim() >= 2], "weight_decay": opt_cfg.weight_decay},
+              {"params": [p for p in leaves.values() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps, foreach=False)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = cross_entropy(nanogpt.forward(leaves, x, cfg), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(leaves.values()), opt_cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+    return losses, leaves, opt

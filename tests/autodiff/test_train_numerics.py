@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import NUMERICS_CASES
+from conftest import NUMERICS_CASES, torch_adamw_reference
 from pcpc.autodiff.losses import cross_entropy
 from pcpc.autodiff.optim import AdamWConfig
 from pcpc.exporters import nanogpt
@@ -63,24 +63,9 @@ def test_value_and_grad_matches_autograd(case, numerics_module):
 @pytest.mark.parametrize("case", list(NUMERICS_CASES))
 def test_train_step_matches_torch_adamw(case, numerics_module):
     cfg, params, x, y, mod = setup(case, numerics_module)
-    opt_cfg = AdamWConfig()
     names = list(params)
     n = len(names)
-    # Reference: one step of torch.optim.AdamW with nanoGPT's param groups and clipping.
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    groups = [
-        {"params": [p for p in leaves.values() if p.dim() >= 2], "weight_decay": opt_cfg.weight_decay},
-        {"params": [p for p in leaves.values() if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps, foreach=False)
-    ref_losses = []
-    for _ in range(1):
-        opt.zero_grad()
-        loss = cross_entropy(nanogpt.forward(leaves, x, cfg), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(leaves.values()), opt_cfg.grad_clip)
-        opt.step()
-        ref_losses.append(loss.item())
+    ref_losses, leaves, opt = torch_adamw_reference(params, [(x, y)], cfg, LR)
 
     P = mod.upload_all([p.numpy() for p in params.values()])
     M = mod.upload_all([np.zeros(p.shape, np.float32) for p in params.values()])

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pcpc.autodiff.losses import cross_entropy
-from pcpc.autodiff.optim import AdamWConfig
+from conftest import torch_adamw_reference
 from pcpc.exporters import nanogpt
 
 OVERRIDES = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_size": 65}
@@ -45,24 +44,6 @@ def build_module(out: Path, target: str = "cuda", arch: str | None = None):
     return build(module, out, compile_target=target, arch=arch).vmfb
 
 
-def reference(params, batches, cfg):
-    """Losses and final weights of torch.optim.AdamW with nanoGPT's groups and clipping."""
-    opt_cfg = AdamWConfig()
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    groups = [{"params": [p for p in leaves.values() if p.dim() >= 2], "weight_decay": opt_cfg.weight_decay},
-              {"params": [p for p in leaves.values() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=(opt_cfg.beta1, opt_cfg.beta2), eps=opt_cfg.eps, foreach=False)
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = cross_entropy(nanogpt.forward(leaves, x, cfg), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(leaves.values()), opt_cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-    return np.array(losses), np.concatenate([p.detach().numpy().ravel() for p in leaves.values()])
-
-
 def check_module(vmfb) -> dict[str, float]:
     """Run the module's train_step on its target's GPU driver; relative errors against the torch reference."""
     from pcpc.mlir.compile import DRIVERS
@@ -84,7 +65,8 @@ def check_module(vmfb) -> dict[str, float]:
         out = mod("train_step", *P, *M, *V, np.float32(step), np.float32(LR), x.numpy(), y.numpy())
         losses.append(float(to_host(out[0])))
         P, M, V = out[1:1 + n], out[1 + n:1 + 2 * n], out[1 + 2 * n:]
-    want_losses, want_params = reference(params, batches, cfg)
+    want_losses, leaves, _ = torch_adamw_reference(params, batches, cfg, LR)
+    want_params = np.concatenate([p.detach().numpy().ravel() for p in leaves.values()])
     got_params = np.concatenate([to_host(p).ravel() for p in P])
 
     def rel(got, want):
