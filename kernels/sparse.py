@@ -1,8 +1,8 @@
 """Sparse updates over a fixed mask: Triton kernels, each with its torch reference beside it.
 
 A mask is a sorted int64 list of flat indices into one parameter (its nnz entries); int32 where the
-parameter has fewer than 2^31 entries, which saves a third of the bytes the index list costs. The optimizer state is
-compact: m and v have nnz entries, never the parameter's size.
+parameter has fewer than 2^31 entries, which halves the bytes the index list costs. The optimizer state
+is compact: m and v have nnz entries, never the parameter's size.
 
     sparse_adamw_(p, g, idx, m, v, step, lr, ...)   p[idx], m, v <- one AdamW step on the masked entries
     gather(x, idx)                                  x[idx]           (the masked gradient, compact)
