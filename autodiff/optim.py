@@ -9,6 +9,7 @@ tensor inputs so schedules never recompile.
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,14 @@ class AdamWConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
 
 
+def f32(x: float) -> float:
+    """x rounded to the nearest fp32, as a Python float. A Python constant in a traced graph reaches IREE as
+    an f64, which it converts to f32 toward zero (x * 0.999 compiled to x * 0.99899995, where torch uses
+    0.99900001); one already representable converts exactly, so compiled and eager code use the same
+    number. Eager results do not change: torch rounds a Python scalar to the nearest fp32 itself."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def bias_correction(beta: float, step: torch.Tensor) -> torch.Tensor:
     """1 - beta^step, as -expm1(step * log(beta)): no cancellation. The direct form loses ~10 bits in fp32 at
     beta 0.999 and small steps (fp32(0.999) itself is 1.3e-5 off 0.999 relative to 1 - 0.999), and IREE's
@@ -50,7 +59,7 @@ def bias_correction(beta: float, step: torch.Tensor) -> torch.Tensor:
     compiled or eager."""
     if beta == 0.0:
         return torch.ones_like(step)
-    return -torch.expm1(step * math.log(beta))
+    return -torch.expm1(step * f32(math.log(beta)))
 
 
 def sum_of_squares(g: torch.Tensor) -> torch.Tensor:
@@ -112,14 +121,15 @@ def adamw(
         grads = clip_by_global_norm(grads, cfg.grad_clip)
     bc1 = bias_correction(cfg.beta1, step)
     bc2_sqrt = torch.sqrt(bias_correction(cfg.beta2, step))
+    b1, b2, eps, wd = f32(cfg.beta1), f32(cfg.beta2), f32(cfg.eps), f32(cfg.weight_decay)
     new_p, new_m, new_v = [], [], []
     for j, (p, g, m_i, v_i, d) in enumerate(zip(params, grads, m, v, decay)):
-        lr_j = lr * lr_scale[j] if lr_scale is not None and lr_scale[j] != 1.0 else lr
-        if d and cfg.weight_decay:
-            p = p * (1.0 - lr_j * cfg.weight_decay)
-        m_i = cfg.beta1 * m_i + (1.0 - cfg.beta1) * g
-        v_i = cfg.beta2 * v_i + (1.0 - cfg.beta2) * g * g
-        denom = torch.sqrt(v_i) / bc2_sqrt + cfg.eps
+        lr_j = lr * f32(lr_scale[j]) if lr_scale is not None and lr_scale[j] != 1.0 else lr
+        if d and wd:
+            p = p * (1.0 - lr_j * wd)
+        m_i = b1 * m_i + f32(1.0 - cfg.beta1) * g
+        v_i = b2 * v_i + f32(1.0 - cfg.beta2) * g * g
+        denom = torch.sqrt(v_i) / bc2_sqrt + eps
         p = p - (lr_j / bc1) * m_i / denom
         new_p.append(p)
         new_m.append(m_i)

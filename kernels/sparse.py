@@ -14,8 +14,8 @@ same way (`adamw_scalars`), with IEEE round-to-nearest sqrt and division and no 
 kernel (sqrt_rn, div_rn, enable_fp_fusion=False) and the reference agree bit for bit, on a GPU and under
 the interpreter. The compiled sparse step (mlir/sparse_functions.py) agrees bit for bit with the compiled
 dense AdamW; against the reference it differs at the ulp level, since IREE's llvm-cpu code contracts
-a * b + c into fused multiply-adds and folds the Python constants its own way (20 steps at beta2 0.95:
-update error 1.4e-6 normwise; with weight decay 0.1, 3.8e-5, the decay factor rounded differently). The
+a * b + c into fused multiply-adds (20 steps at beta2 0.95: update error 1.2e-6 normwise; with weight
+decay 0.1, 3.8e-5: the decay factor 1 - lr * wd is contracted too). The
 reference takes its sqrt in float64 and rounds it (exact: sqrt is correctly rounded through a double);
 torch's own vectorised CPU sqrt is not correctly rounded (it differs in ~20% of fp32 inputs).
 Weight decay touches only the masked entries: dense AdamW given a masked gradient would still decay every
