@@ -9,15 +9,14 @@ is compact: m and v have nnz entries, never the parameter's size.
     apply_delta(base, idx, delta)                   base with base[idx] + delta at idx (a new tensor)
 
 Every implementation does the update autodiff/optim.py's dense `adamw` makes, restricted to the mask: the
-same fp32 operations in the same order, its scalars (bias corrections, step size, decay factor) computed the
-same way (`adamw_scalars`), with IEEE round-to-nearest sqrt and division and no FMA contraction. The Triton
-kernel (sqrt_rn, div_rn, enable_fp_fusion=False) and the reference agree bit for bit, on a GPU and under
-the interpreter. The compiled sparse step (mlir/sparse_functions.py) agrees bit for bit with the compiled
-dense AdamW; against the reference it differs at the ulp level, since IREE's llvm-cpu code contracts
-a * b + c into fused multiply-adds (20 steps at beta2 0.95: update error 1.2e-6 normwise; with weight
-decay 0.1, 3.8e-5: the decay factor 1 - lr * wd is contracted too). The
-reference takes its sqrt in float64 and rounds it (exact: sqrt is correctly rounded through a double);
-torch's own vectorised CPU sqrt is not correctly rounded (it differs in ~20% of fp32 inputs).
+same fp32 operations in the same order (`adamw_entries`), its scalars (bias corrections, step size, decay
+factor) computed the same way (`adamw_scalars`), with IEEE round-to-nearest sqrt and division and no FMA
+contraction. The Triton kernel (sqrt_rn, div_rn, enable_fp_fusion=False) and the reference agree bit for bit,
+on a GPU and under the interpreter; so does the compiled sparse step (mlir/sparse_functions.py) on x86, whose
+module is compiled without FMA and takes these scalars as runtime values. The compiled dense AdamW of the
+training modules keeps FMA contraction and IREE's transcendentals, so it differs from all three at the ulp
+level. The reference takes its sqrt in float64 and rounds it (exact: sqrt is correctly rounded through a
+double); torch's own vectorised CPU sqrt is not correctly rounded (it differs in ~20% of fp32 inputs).
 Weight decay touches only the masked entries: dense AdamW given a masked gradient would still decay every
 frozen weight. Learning rate and step are runtime values, so no step recompiles a kernel.
 
@@ -31,7 +30,7 @@ import os
 
 import torch
 
-from pcpc.autodiff.optim import bias_correction
+from pcpc.autodiff.optim import bias_correction, f32
 
 BLOCK = 512
 """Entries of the mask per Triton program."""
@@ -80,17 +79,28 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).to(x.dtype)
 
 
+def adamw_entries(p, g, m, v, keep, step_size, bc2_sqrt, beta1: float, beta2: float, eps: float,
+                  sqrt=torch.sqrt):
+    """One AdamW step of gathered entries (p, g, m, v alike), op by op: the arithmetic every implementation
+    here makes, the compiled sparse step (mlir/sparse_functions.py) included. keep, step_size and bc2_sqrt
+    are adamw_scalars' (tensors, or floats where eager torch rounds them to fp32 itself); bc2_sqrt divides as
+    a tensor (CUDA divides by a scalar's reciprocal). Returns the new (p, m, v)."""
+    p = p * keep
+    m = f32(beta1) * m + f32(1.0 - beta1) * g
+    v = f32(beta2) * v + f32(1.0 - beta2) * g * g
+    denom = sqrt(v) / bc2_sqrt + f32(eps)
+    return p - step_size * m / denom, m, v
+
+
 def sparse_adamw_reference(p, g, idx, m, v, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,
                            eps: float = 1e-8, weight_decay: float = 0.0, decay: bool = True) -> None:
     """In place: p (flat, its size) at idx, and the compact m, v (nnz), after one AdamW step."""
     s = adamw_scalars(step, lr, beta1, beta2, weight_decay, decay)
-    pi, gi = p[idx], g[idx]
-    if s["keep"] != 1.0:
-        pi = pi * s["keep"]
-    m.copy_(beta1 * m + (1.0 - beta1) * gi)
-    v.copy_(beta2 * v + (1.0 - beta2) * gi * gi)
-    denom = sqrt_rn(v) / torch.full_like(v, s["bc2_sqrt"]) + eps  # a tensor: CUDA divides by a scalar's reciprocal
-    p[idx] = pi - s["step_size"] * m / denom
+    new_p, new_m, new_v = adamw_entries(p[idx], g[idx], m, v, s["keep"], s["step_size"],
+                                        torch.full_like(v, s["bc2_sqrt"]), beta1, beta2, eps, sqrt=sqrt_rn)
+    m.copy_(new_m)
+    v.copy_(new_v)
+    p[idx] = new_p
 
 
 def sparse_adamw_(p, g, idx, m, v, step: int, lr: float, beta1: float = 0.9, beta2: float = 0.999,

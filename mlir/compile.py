@@ -10,6 +10,7 @@ their architecture flags.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import tempfile
@@ -69,6 +70,19 @@ def isa_flags(flags: tuple[str, ...]) -> tuple[str, ...]:
     if target_cpu().isa == "avx2" and set(TRAINING_CPU_FLAGS) <= set(flags):
         return (*flags, *AVX2_TRAINING_FLAGS)
     return tuple(flags)
+
+
+def exact_fp_flags() -> tuple[str, ...]:
+    """llvm-cpu flags under which each fp32 multiply and add rounds once, as eager torch's ops do: on x86 the
+    target's instruction set without FMA (x86-64-v3, i.e. AVX2, or x86-64-v2 below it). LLVM contracts
+    a * b + c into a fused multiply-add wherever the target has one, and iree-compile has no switch for it
+    (an FMA rounds once where torch rounds twice: AdamW's moments differed from torch in ~30% of entries).
+    For memory-bound code (the sparse step) the narrower vectors cost nothing measurable (bench/NOTES.md).
+    Elsewhere (aarch64) there is no such target and contraction stays."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    cpu = "x86-64-v2" if target_cpu().isa == "baseline" else "x86-64-v3"
+    return (f"--iree-llvmcpu-target-cpu={cpu}", "--iree-llvmcpu-target-cpu-features=-fma")
 
 
 ADAPTER_TRAINING_CPU_FLAGS = ("--iree-opt-data-tiling=false", *(f for f in TRAINING_CPU_FLAGS if f != DATA_TILING))

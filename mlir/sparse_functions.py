@@ -7,8 +7,8 @@ j's `count` tensors go through one call of each function (a call per tensor cost
 
     grad_j    (*g, idx (c, K), n (c,)) -> gc (c, K), sum of the masked gc^2   the masked gradient, gathered once,
               and its part of the norm
-    adamw_j   (*p, gc, idx, m (c, K), v (c, K), n, step, lr, coef) -> vals (c, K)   one AdamW step of the masked
-              entries of p (row r: p_r.flat[idx[r]]); m, v written in place (role "inplace")
+    adamw_j   (*p, gc, idx, m (c, K), v (c, K), n, coef, keep, step_size, bc2_sqrt) -> vals (c, K)   one AdamW
+              step of the masked entries of p (row r: p_r.flat[idx[r]]); m, v written in place (role "inplace")
     scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
 Each call that reads a dense tensor at the mask's indices touches a cache line of it per index (a uniform 1%
@@ -20,12 +20,14 @@ embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
 One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
 214 at 99% (bench/NOTES.md, "Sparse step: in-place writes without a copy").
 
-idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded entries write back the
-value they read); n holds the counts (int64); step, lr, coef are f32 scalars (coef: the clip factor, 1 for
-none). The update is autodiff/optim.py's `adamw` itself, on the gathered entries, so it compiles to the
-dense module's AdamW arithmetic: the two agree bit for bit on the masked entries (tested). IREE's llvm-cpu
-code contracts a * b + c into a fused multiply-add and folds the Python constants at double precision, so
-both differ from torch eager (and kernels/sparse.py's reference) by an ulp here and there.
+idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded
+entries write back the value they read); n holds the counts (int64). coef (the clip factor, 1 for none) and
+the per-step scalars keep (1 - lr * wd, 1 without decay), step_size (lr / bias correction 1) and bc2_sqrt are
+f32 runtime values, computed by the caller as kernels/sparse.py's adamw_scalars computes them: no step
+recompiles, and IREE's own expm1 and pow never enter the update. The update is kernels/sparse.py's
+`adamw_entries`, the arithmetic of its torch reference and its Triton kernel, op by op; on x86 the module is
+compiled without FMA (mlir/compile.exact_fp_flags), so it equals the reference, and dense AdamW restricted to
+the mask, bit for bit (tested over 20 steps, with and without weight decay).
 Weights outside the mask are never written, and weight decay touches only the masked entries.
 """
 
@@ -35,8 +37,9 @@ import math
 
 import torch
 
-from pcpc.autodiff.optim import AdamWConfig, adamw, sum_of_squares
+from pcpc.autodiff.optim import AdamWConfig, sum_of_squares
 from pcpc.config import from_dict
+from pcpc.kernels.sparse import adamw_entries
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.signature import TensorSpec
 
@@ -56,12 +59,13 @@ def _grad(c: int, K: int):
     return grad
 
 
-def _adamw(c: int, K: int, decay: bool, opt: AdamWConfig):
+def _adamw(c: int, K: int, opt: AdamWConfig):
     def step_fn(*flat):
-        ps, (gc, idx, m, v, n, step, lr, coef) = flat[:c], flat[c:]
+        ps, (gc, idx, m, v, n, coef, keep, step_size, bc2_sqrt) = flat[:c], flat[c:]
         vals = _gathered(ps, idx)
         live = torch.arange(K)[None, :] < n[:, None]
-        (new_p,), (new_m,), (new_v,) = adamw([vals], [gc], [m], [v], step, lr, opt, [decay], coef=coef)
+        new_p, new_m, new_v = adamw_entries(vals, gc * coef, m, v, keep, step_size, bc2_sqrt,
+                                            opt.beta1, opt.beta2, opt.eps)
         m.copy_(torch.where(live, new_m, m))
         v.copy_(torch.where(live, new_v, v))
         return torch.where(live, new_p, vals)
@@ -101,8 +105,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         ps = [f32(f"p{r}", shape) for r in range(c)]
         moments = [TensorSpec(name, "inplace", (c, K), "float32") for name in ("m", "v")]
         fns.append(ExportFunction(
-            f"adamw_{j}", _adamw(c, K, bool(decay), opt),
-            [*ps, f32("gc", (c, K)), idx, *moments, n, f32("step"), f32("lr"), f32("coef")],
+            f"adamw_{j}", _adamw(c, K, opt),
+            [*ps, f32("gc", (c, K)), idx, *moments, n, *map(f32, ("coef", "keep", "step_size", "bc2_sqrt"))],
             [("vals", "output")], inplace=True))
         fns.append(ExportFunction(
             f"scatter_{j}", _scatter(c),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pcpc.errors import UserError
 from pcpc.mlir.build import Target
-from pcpc.mlir.compile import ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS
+from pcpc.mlir.compile import (ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS,
+                               exact_fp_flags)
 
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
@@ -124,7 +125,7 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
 
 
 SPARSE_RECIPE = "pcpc.mlir.sparse_functions:build"
-SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.mlir.lower", "pcpc.mlir.sparse_functions")
+SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.kernels.sparse", "pcpc.mlir.lower", "pcpc.mlir.sparse_functions")
 
 
 def sparse_target(name: str, groups: list, optimizer: dict | None = None) -> Target:
@@ -132,7 +133,7 @@ def sparse_target(name: str, groups: list, optimizer: dict | None = None) -> Tar
     config = {"groups": [[list(shape), int(k), bool(decay), int(count)] for shape, k, decay, count in groups],
               "optimizer": dict(optimizer or {})}
     return Target(name, SPARSE_RECIPE, config, SPARSE_SOURCES,
-                  f"sparse AdamW step, {len(groups)} tensor kinds", tuple(QWEN_CPU_FLAGS))
+                  f"sparse AdamW step, {len(groups)} tensor kinds", (*QWEN_CPU_FLAGS, *exact_fp_flags()))
 
 
 def _registry() -> dict[str, Target]:

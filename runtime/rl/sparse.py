@@ -161,7 +161,7 @@ class SparseOptimizer:
         from pcpc.config import from_dict
 
         opt = from_dict(AdamWConfig, sparse_mod.meta.provenance.config.get("optimizer", {}), where="optimizer")
-        self.mod, self.tensors, self.groups, self.grad_clip = sparse_mod, tensors, groups, opt.grad_clip
+        self.mod, self.tensors, self.groups, self.opt = sparse_mod, tensors, groups, opt
         self.idx = [sparse_mod.upload(g.idx) for g in groups]
         self.n = [sparse_mod.upload(g.n) for g in groups]
 
@@ -180,6 +180,7 @@ class SparseOptimizer:
 
     def step(self, P: list, M: list, V: list, grads: list, step: int, lr: float, outer=None) -> None:
         """One AdamW update of the masked entries of P (written in place) and of M, V; `grads` is emptied."""
+        from pcpc.kernels.sparse import adamw_scalars
         from pcpc.runtime.module import to_host
 
         if outer is not None:
@@ -193,13 +194,16 @@ class SparseOptimizer:
             for i in g.members:
                 grads[i] = None
         grads[:] = [None] * len(grads)  # the untrained tensors' too
-        coef = 1.0
-        if self.grad_clip > 0:
+        coef, opt = 1.0, self.opt
+        if opt.grad_clip > 0:
             total = sum(float(to_host(s)) for s in sums)
-            coef = min(1.0, self.grad_clip / (math.sqrt(total) + 1e-6))
-        step_, lr_, coef_ = np.float32(step), np.float32(lr), np.float32(coef)
+            coef = min(1.0, opt.grad_clip / (math.sqrt(total) + 1e-6))
+        scalars = {}  # coef, keep, step_size, bc2_sqrt: computed here as the Triton kernel takes them
+        for decay in (False, True):
+            s = adamw_scalars(step, lr, opt.beta1, opt.beta2, opt.weight_decay, decay)
+            scalars[decay] = [np.float32(x) for x in (coef, s["keep"], s["step_size"], s["bc2_sqrt"])]
         for j, g in enumerate(self.groups):
             ps = [P[i] for i in g.members]
-            vals = self.mod(f"adamw_{j}", *ps, compact[j], self.idx[j], M[j], V[j], self.n[j], step_, lr_, coef_)[0]
+            vals = self.mod(f"adamw_{j}", *ps, compact[j], self.idx[j], M[j], V[j], self.n[j], *scalars[g.decay])[0]
             self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
             compact[j] = None
