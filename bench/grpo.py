@@ -94,13 +94,23 @@ def start_peak_rss() -> None:
         pass  # not Linux/glibc: the peak then includes the set-up
 
 
+def dense_optimizer(train_t, mod, out_dir: Path, threads: int):
+    """The full fine-tuning optimizer a run uses: the chunked AdamW, in place through the training target's
+    optimizer module (runtime/rl/update.py). The policy's weights must be its own (P = upload_all)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import optimizer_target
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    return ChunkedOptimizer(mod, CompiledModule(build(optimizer_target(train_t), out_dir).vmfb, threads=threads))
+
+
 def run_pcpc(a) -> dict:
     from pcpc.autodiff.grpo import loss_type_weights
     from pcpc.mlir.build import build
     from pcpc.runtime.generate import QwenModel, import_host_array
     from pcpc.runtime.rl.rows import pack_rows
     from pcpc.runtime.module import CompiledModule, to_host
-    from pcpc.runtime.rl.update import ChunkedOptimizer
     from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
 
     preset = PRESETS[a.shape]
@@ -129,9 +139,9 @@ def run_pcpc(a) -> dict:
     del model, gen
 
     mod = CompiledModule(train_b.vmfb, threads=threads)
-    opt = ChunkedOptimizer(mod)
-    ref = [import_host_array(mod, h) for h in host]  # the learner's frozen reference, shared with P at first
-    P = list(ref)
+    opt = dense_optimizer(train_t, mod, out_dir, threads)
+    ref = [import_host_array(mod, h) for h in host]  # the learner's frozen reference
+    P = mod.upload_all(host)  # the policy's own copy, which AdamW writes in place (as the run does)
     M = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     V = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     del host

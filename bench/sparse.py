@@ -7,8 +7,8 @@ GRPO learner step with a 99% mask against the dense one, in one run.
 Random weights, gradients and masks (uniform at each sparsity; no download). Each contender runs in its own
 subprocess, so its peak memory is its own:
 
-  optimizer   dense: the training module's chunked AdamW over every weight (grad_clip_coef + adamw_K, as the
-              learner runs it); sparse: the sparse module's in-place AdamW over the mask (grad_K gathers the masked
+  optimizer   dense: the chunked AdamW over every weight as the learner runs it (grad_clip_coef, then the
+              optimizer module's adamw_inplace_K, runtime/rl/update.py); sparse: the sparse module's in-place AdamW over the mask (grad_K gathers the masked
               gradient and its part of the clip norm, then adamw_K and scatter_K per group of tensors).
               Steady-state medians of --reps steps, build and load excluded.
   learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
@@ -81,7 +81,6 @@ def _sparse_optimizer(a, mod, train_t, sparsity: float):
 def run_optimizer(a) -> dict:
     """Dense chunked AdamW against the sparse step at each sparsity, on the same weights and gradients."""
     from pcpc.runtime.module import CompiledModule
-    from pcpc.runtime.rl.update import ChunkedOptimizer
 
     built, train_t = _training_module(a)
     mod = CompiledModule(built.vmfb, threads=os.cpu_count())
@@ -98,7 +97,7 @@ def run_optimizer(a) -> dict:
             times.append(time.perf_counter() - t0)
         return float(np.median(times[1:]))
 
-    dense = ChunkedOptimizer(mod)
+    dense = grpo.dense_optimizer(train_t, mod, Path(a.artifacts), os.cpu_count())  # in place, as the runs use it
     out = {"dense_s": timed(dense, mod.upload_all(dense.zeros()), mod.upload_all(dense.zeros())),
            "params": int(sum(np.prod(s.shape) for s in specs)), "sparse": {}}
     for sp in a.sparsities:
@@ -114,7 +113,6 @@ def run_learner(a) -> dict:
     from pcpc.autodiff.grpo import loss_type_weights
     from pcpc.runtime.generate import import_host_array
     from pcpc.runtime.module import CompiledModule, to_host
-    from pcpc.runtime.rl.update import ChunkedOptimizer
 
     built, train_t = _training_module(a)
     cfg, params, prompt = grpo.inputs(grpo.PRESETS[a.shape], a.group, a.prompt_len)
@@ -126,8 +124,8 @@ def run_learner(a) -> dict:
         opt, _ = _sparse_optimizer(a, mod, train_t, a.sparsity)
         P = mod.upload_all(host)  # the sparse step writes into its own copy; the reference stays
     else:
-        opt = ChunkedOptimizer(mod)
-        P = list(ref)  # shared until the first dense step replaces them, as the run does
+        opt = grpo.dense_optimizer(train_t, mod, Path(a.artifacts), os.cpu_count())
+        P = mod.upload_all(host)  # AdamW writes into its own copy in place, as the run does
     M, V = opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())
     grpo.start_peak_rss()
     T = a.prompt_len + a.max_tokens

@@ -19,6 +19,8 @@ optimizer state, then scalars, then data. Rows are laid out
     dpo_value_and_grad  (*P, <dpo data>) -> loss, chosen_rewards (B/2,), rejected_rewards (B/2,), *grads
     grad_clip_coef      (*grads) -> coef: min(1, max_grad_norm / (global norm + 1e-6)); 1 without clipping
     adamw_K             (*p, *g, *m, *v, step, lr, coef) -> *p', *m', *v'  AdamW on one chunk of kind K
+    adamw_inplace_K     (*p, *g, *m, *v, step, lr, coef) -> coef   the same AdamW, p, m and v written in place
+                        (not in FUNCTIONS: the optimizer module of optimizer_target, see mlir/targets.py)
     outer_K             (*p, *b, *local, lr, mu) -> *p', *b'  Nesterov on one chunk of kind K, on the
                         pseudo-gradient delta = p - local (the learner's update of the iteration):
                         b <- mu b + delta; p <- p - lr (delta + mu b)
@@ -58,6 +60,8 @@ Gradients are derived by pcpc.autodiff.derive (torch.func), never written by han
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -134,7 +138,7 @@ def check_config(config: dict) -> None:
             raise ValueError(f"rl recipe: {key} must be a positive integer, got {config.get(key)!r}")
     if config["seq_len"] < 2:
         raise ValueError("rl recipe: seq_len must be >= 2")
-    bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS]
+    bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS + ("adamw_inplace",)]
     if bad:
         raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
     wanted = config.get("functions", FUNCTIONS)
@@ -222,6 +226,14 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             new_p, new_m, new_v = adamw(p, g, m, v, step, lr, opt, decay, coef=c, lr_scale=scale)
             return (*new_p, *new_m, *new_v)
 
+        def adamw_inplace_chunk(*flat):
+            p, g, m, v = (list(flat[j * k:(j + 1) * k]) for j in range(4))
+            step, lr, c = flat[4 * k:]
+            new_p, new_m, new_v = adamw(p, g, m, v, step, lr, opt, decay, coef=c, lr_scale=scale)
+            for old, new in zip(p + m + v, new_p + new_m + new_v):
+                old.copy_(new)
+            return c * 1.0
+
         def outer_chunk(*flat):
             p, b, local = (list(flat[j * k:(j + 1) * k]) for j in range(3))
             new_p, new_b = nesterov_outer(p, b, [x - y for x, y in zip(p, local)], flat[3 * k], flat[3 * k + 1])
@@ -235,6 +247,10 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
                            [(s.name, s.role) for s in specs + m + v]),
             ExportFunction(f"outer_{kind}", outer_chunk, specs + mom + local + [scalar("lr"), scalar("mu")],
                            [(s.name, s.role) for s in specs + mom]),
+            ExportFunction(f"adamw_inplace_{kind}", adamw_inplace_chunk,
+                           [replace(s, role="inplace") for s in specs] + g
+                           + [replace(s, role="inplace") for s in m + v] + [scalar("step"), scalar("lr"), scalar("coef")],
+                           [("coef", "output")], inplace=True),
         ]
 
     def merge_function(kind: int, idx: list[int]) -> ExportFunction:
@@ -274,8 +290,9 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_for_grad)), names, has_aux=True),
             W + dpo_data, dpo_stats + grads)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
-        "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_")],
+        "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_") and "inplace" not in f.name],
         "outer": lambda: [f for f in chunked if f.name.startswith("outer_")],
+        "adamw_inplace": lambda: [f for f in chunked if f.name.startswith("adamw_inplace_")],
         "merge": lambda: [merge_function(kind, idx) for kind, idx in firsts.items()] if pcfg else [],
     }
     return [f for name in config.get("functions", FUNCTIONS) for f in fns[name]()], P

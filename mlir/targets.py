@@ -124,6 +124,22 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
                   ADAPTER_TRAINING_CPU_FLAGS if config.get("peft") else TRAINING_CPU_FLAGS)
 
 
+OPTIMIZER_CPU_FLAGS = ("--iree-opt-data-tiling=false", "--iree-dispatch-creation-enable-aggressive-fusion")
+"""The in-place AdamW module: aggressive fusion makes each tensor's update one dispatch (reading p, g, m, v once
+and writing p, m, v in place); without it IREE computes m' and v' in one dispatch and p' in a second that reads
+them, so the in-place results went through a transient and two copies. Over the 151936 x 896 embedding, 2
+threads: 118 ms, against 474 ms for the training module's adamw_K returning new buffers (torch's fused AdamW:
+110 ms). Not for the training modules: it fails to compile nanoGPT's train step (bench/NOTES.md)."""
+
+
+def optimizer_target(train: Target) -> Target:
+    """The in-place AdamW of an RL training target (its adamw_inplace_K functions, mlir/rl_functions.py), as a
+    module of its own: compiled with OPTIMIZER_CPU_FLAGS, which the training functions must not get."""
+    config = {k: v for k, v in train.config.items() if k != "functions"}
+    return Target(f"{train.name}-adamw", RL_RECIPE, {**config, "functions": ["adamw_inplace"]}, RL_SOURCES,
+                  "AdamW in place, chunk by chunk", OPTIMIZER_CPU_FLAGS)
+
+
 SPARSE_RECIPE = "pcpc.mlir.sparse_functions:build"
 SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.kernels.sparse", "pcpc.mlir.lower", "pcpc.mlir.sparse_functions")
 

@@ -94,8 +94,10 @@ def _np_dtype(spec: TensorSpec):
 
 def is_resident(meta: ModuleMeta) -> bool:
     """True when the module's weights are parameter-backed globals: it has parameters, but no
-    function takes one as an argument (see pcpc.mlir.lower.ExportFunction.globals)."""
-    return bool(meta.parameters) and not any(a.role == "param" for sig in meta.functions.values() for a in sig.args)
+    function takes one as an argument (see pcpc.mlir.lower.ExportFunction.globals); a weight written in place
+    (role "inplace", the in-place AdamW module's) is an argument too."""
+    return bool(meta.parameters) and not any(a.role in ("param", "inplace") for sig in meta.functions.values()
+                                             for a in sig.args)
 
 
 def to_host(array) -> np.ndarray:

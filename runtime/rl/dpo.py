@@ -29,6 +29,7 @@ import numpy as np
 from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.sparse import plan_sparse
+from pcpc.runtime.rl.update import plan_inplace
 from pcpc.runtime.rl.dpo_config import DPOConfig
 from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.run.skeleton import Loop
@@ -48,6 +49,8 @@ class Plan:
     """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
     config_dir: str = "."
     """The config file's folder (a relative dataset.path may be there)."""
+    inplace_vmfb: str | None = None
+    """The in-place AdamW module of a full fine-tuning run (runtime/rl/update.py), or None."""
 
 
 @dataclass
@@ -193,13 +196,14 @@ class DPO(Loop):
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(built.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
         sparse_vmfb = plan_sparse(cfg, load_meta(built.meta), target.config["optimizer"], ctx.say)
+        inplace_vmfb = plan_inplace(cfg, target, built.vmfb, ctx.say)
         ctx.write_config(training_vmfb=str(built.vmfb), seq_len=T, pairs=n_pairs)
         cut = f" ({pairs.truncated} completions cut to max_length)" if pairs.truncated else ""
         ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} "
                 f"({setup.describe_training(cfg, load_meta(built.meta))}), {n_pairs} pairs{cut}"
                 f", {steps} steps of {d.batch_size} pairs, rows of {T} tokens; run dir {ctx.dir.path}")
         return Plan(str(built.vmfb), str(weights), str(data_path), tuple(tok.eos_token_ids), T, sparse_vmfb,
-                    str(ctx.config_dir))
+                    str(ctx.config_dir), inplace_vmfb)
 
     @classmethod
     def check_inputs(cls, cfg: DPOConfig, config_dir: Path) -> None:
@@ -225,7 +229,7 @@ class DPO(Loop):
 
         cfg, d = self.cfg, self.cfg.dpo_config
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
-        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
+        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads(), self.plan.inplace_vmfb)
         tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
         self.pairs = pairs_for(cfg, tok, self.plan.eos_token_ids[0], setup.vocab_size(mod.meta),
                                Path(self.plan.config_dir))

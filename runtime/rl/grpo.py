@@ -35,6 +35,7 @@ from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.grpo_config import GRPOConfig
 from pcpc.runtime.rl.sparse import plan_sparse
+from pcpc.runtime.rl.update import plan_inplace
 from pcpc.runtime.run.artifacts import build_artifact
 from pcpc.runtime.run.skeleton import Loop
 
@@ -52,6 +53,8 @@ class Plan:
     """Where file.py reward functions are found (the config file's folder)."""
     sparse_vmfb: str | None = None
     """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
+    inplace_vmfb: str | None = None
+    """The in-place AdamW module of a full fine-tuning run (runtime/rl/update.py), or None."""
 
 
 def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
@@ -139,6 +142,7 @@ class GRPO(Loop):
         train_t = training_target(cfg, src, seq_len)
         train = build_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
         sparse_vmfb = plan_sparse(cfg, load_meta(train.meta), train_t.config["optimizer"], ctx.say)
+        inplace_vmfb = plan_inplace(cfg, train_t, train.vmfb, ctx.say)
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
         ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "
@@ -151,7 +155,7 @@ class GRPO(Loop):
         if cfg.outer_step_note():
             ctx.say("  " + cfg.outer_step_note())
         return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
-                    str(ctx.config_dir), sparse_vmfb)
+                    str(ctx.config_dir), sparse_vmfb, inplace_vmfb)
 
     @classmethod
     def check_inputs(cls, cfg: GRPOConfig, config_dir: Path) -> None:
@@ -195,7 +199,7 @@ class GRPO(Loop):
 
         cfg, g, r = self.cfg, self.cfg.grpo_config, self.cfg.rollout_config
         self.mod = mod = CompiledModule(self.plan.training_vmfb, threads=self.threads())
-        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads())
+        self.opt = make_optimizer(mod, self.plan.sparse_vmfb, cfg, self.threads(), self.plan.inplace_vmfb)
         self.tok = setup.load_tokenizer(cfg.tokenizer, cfg.model, self.plan.eos_token_ids)
         self.prompt_set = load_prompts(cfg, self.tok, setup.vocab_size(mod.meta), Path(self.plan.reward_dir),
                                        lambda m: None)

@@ -40,8 +40,8 @@ class FullPolicy:
         from pcpc.runtime.generate import import_host_array
 
         # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
-        # fresh start, the first policy share them; `private`: the policy gets its own copy (the sparse step
-        # writes into its weights in place).
+        # fresh start, the first policy share them; `private`: the policy gets its own copy (the sparse step and
+        # the in-place AdamW write into its weights, runtime/rl/update.py).
         ref = [import_host_array(mod, a) for a in initial] if mod.driver == "local-task" else mod.upload_all(initial)
         if state is not None:
             self.P = mod.upload_all(state["params"])
@@ -195,8 +195,12 @@ def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool
     the run's optimizer steps, AdaLoRA's schedule)."""
     from pcpc.runtime.rl import setup
 
+    from pcpc.runtime.rl.update import writes_in_place
+
     base = setup.read_weights(weights_path, mod.meta)
     if cfg.peft is None:
-        return FullPolicy(mod, base, state, keep_reference, private=cfg.mask is not None)
+        # weights written in place must not be the reference's (the initial arrays, read into memory)
+        return FullPolicy(mod, base, state, keep_reference,
+                          private=cfg.mask is not None or (keep_reference and writes_in_place(cfg)))
     src = setup.model_source(cfg.model, cfg.model_overrides)
     return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model, total_steps)

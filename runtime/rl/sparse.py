@@ -135,13 +135,14 @@ def plan_sparse(cfg, train_meta, optimizer: dict, say) -> str | None:
     return str(built.vmfb)
 
 
-def make_optimizer(mod, sparse_vmfb: str | None, cfg, threads: int):
-    """The learner's optimizer: the chunked dense AdamW, or (a mask) the sparse one."""
+def make_optimizer(mod, sparse_vmfb: str | None, cfg, threads: int, inplace_vmfb: str | None = None):
+    """The learner's optimizer: the chunked dense AdamW (in place with the optimizer module `inplace_vmfb`,
+    runtime/rl/update.py), or (a mask) the sparse one."""
+    from pcpc.runtime.module import CompiledModule
     from pcpc.runtime.rl.update import ChunkedOptimizer
 
     if sparse_vmfb is None:
-        return ChunkedOptimizer(mod)
-    from pcpc.runtime.module import CompiledModule
+        return ChunkedOptimizer(mod, CompiledModule(inplace_vmfb, threads=threads) if inplace_vmfb else None)
 
     return SparseOptimizer(CompiledModule(sparse_vmfb, threads=threads),
                            *load_mask(cfg.mask, mod.meta.parameters, cfg.target))

@@ -21,7 +21,7 @@ import pytest
 import torch
 import trl
 
-from rl_reference import B, L, T, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
+from rl_reference import B, L, OVERRIDES, T, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
 from trl_reference import TRL_VERSION, grpo_per_token_logps, grpo_self, trl_advantages, trl_grpo, trl_model
 from pcpc.autodiff import derive
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_advantages
@@ -131,6 +131,42 @@ def test_grpo_update_matches_torch_adamw(rl_module, setup):
         want = named[name].detach().numpy()
         update = np.abs(want - params[name].numpy()).max()
         assert np.abs(P[i].to_host() - want).max() <= 1e-4 * update + 2 * f32 * np.abs(want).max(), name
+
+
+def test_the_in_place_adamw_module_is_the_training_modules_adamw(rl_module, setup, tmp_path):
+    """The optimizer module (mlir/targets.optimizer_target: adamw_inplace_K, aggressive fusion) against the
+    training module's adamw_K on the same inputs, 3 steps with weight decay and clipping: bit for bit, written
+    into the arrays it was given (the same device arrays after the step)."""
+    from dataclasses import replace
+
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import optimizer_target, rl_target
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.rl.update import ChunkedOptimizer
+
+    _, params, _, _, _ = setup
+    opt = {"beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 0.5}
+    train = rl_target("test-inplace", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                      functions=["grad_clip_coef", "adamw"], optimizer=opt)
+    mod = CompiledModule(build(train, tmp_path).vmfb)
+    inplace = CompiledModule(build(optimizer_target(train), tmp_path).vmfb)
+    assert sorted(inplace.meta.functions) == sorted(f.replace("adamw_", "adamw_inplace_") for f in mod.meta.functions
+                                                   if f.startswith("adamw_"))
+    gen = torch.Generator().manual_seed(11)
+    zeros = [np.zeros(p.shape, np.float32) for p in params.values()]
+    dense, fused = ChunkedOptimizer(mod), ChunkedOptimizer(mod, inplace)
+    P, M, V = mod.upload_all(_np(params)), mod.upload_all(zeros), mod.upload_all(zeros)
+    P2, M2, V2 = mod.upload_all(_np(params)), mod.upload_all(zeros), mod.upload_all(zeros)
+    same = [*P2, *M2, *V2]
+    for step in range(1, 4):
+        grads = [(torch.randn(p.shape, generator=gen) * 0.1).numpy() for p in params.values()]
+        dense.step(P, M, V, mod.upload_all(grads), step, 1e-2)
+        fused.step(P2, M2, V2, mod.upload_all(grads), step, 1e-2)
+    assert all(a is b for a, b in zip([*P2, *M2, *V2], same))  # written in place
+    for a, b in zip([*P, *M, *V], [*P2, *M2, *V2]):
+        x, y = a.to_host(), b.to_host()
+        assert np.array_equal(x.view(np.uint32), y.view(np.uint32))
+    assert not np.array_equal(P2[0].to_host(), _np(params)[0])  # it trained
 
 
 def test_outer_step_per_chunk_matches_sgd_nesterov(rl_module, setup):
