@@ -2,7 +2,8 @@
 GRPO learner step with a 99% mask against the dense one, in one run.
 
     .venv/bin/python bench/sparse.py [--shape 0.5b] [--sparsities 90,95,97.5,99,99.75] [--reps 5]
-                                     [--learner-sparsity 99] [--group 4] [--prompt-len 16] [--max-tokens 32]
+                                     [--learner-sparsity 99] [--repeat 1] [--group 4] [--prompt-len 16]
+                                     [--max-tokens 32]
 
 Random weights, gradients and masks (uniform at each sparsity; no download). Each contender runs in its own
 subprocess, so its peak memory is its own:
@@ -13,7 +14,9 @@ subprocess, so its peak memory is its own:
               Steady-state medians of --reps steps, build and load excluded.
   learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
               dense against a --learner-sparsity mask: best step time and peak RSS (from the weights' load,
-              bench/grpo.py start_peak_rss).
+              bench/grpo.py start_peak_rss). On a noisy machine use --repeat N: the dense and sparse learners
+              then alternate N times and each figure is the median of its N. `--sparsities ""` skips the
+              optimizer table.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -173,6 +177,8 @@ def main() -> None:
     ap.add_argument("--shape", default="0.5b", choices=sorted(grpo.PRESETS))
     ap.add_argument("--sparsities", default="90,95,97.5,99,99.75")
     ap.add_argument("--learner-sparsity", type=float, default=99.0)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the dense and sparse learners this many times "
+                    "(medians)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -188,14 +194,25 @@ def main() -> None:
     print(f"bench/sparse.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
           f"load average {os.getloadavg()[0]:.1f}; {grpo.PRESETS[a.shape]}, "
           f"medians of {a.reps} steps")
-    o = _run("optimizer", a)
-    print(f"\noptimizer step over {o['params']:,} weights: dense AdamW {o['dense_s'] * 1e3:.1f} ms")
-    for sp, r in o["sparse"].items():
-        print(f"  {float(sp):6.2f}% sparse ({r['nnz']:>11,} trained): {r['s'] * 1e3:8.2f} ms  "
-              f"{o['dense_s'] / r['s']:7.1f}x faster   (module built in {r['build_s']}s)")
-    dense = _run("learner", a, sparsity=0)
-    sparse = _run("learner", a, sparsity=a.learner_sparsity)
-    print(f"\nGRPO learner step (group {a.group}, {a.prompt_len} + {a.max_tokens} tokens): dense {dense['best_s']:.3f} s, "
+    if a.sparsities:
+        o = _run("optimizer", a)
+        print(f"\noptimizer step over {o['params']:,} weights: dense AdamW {o['dense_s'] * 1e3:.1f} ms")
+        for sp, r in o["sparse"].items():
+            print(f"  {float(sp):6.2f}% sparse ({r['nnz']:>11,} trained): {r['s'] * 1e3:8.2f} ms  "
+                  f"{o['dense_s'] / r['s']:7.1f}x faster   (module built in {r['build_s']}s)")
+    rounds = {"dense": [], "sparse": []}
+    for _ in range(a.repeat):
+        rounds["dense"].append(_run("learner", a, sparsity=0))
+        rounds["sparse"].append(_run("learner", a, sparsity=a.learner_sparsity))
+    if a.repeat > 1:
+        for w, rs in rounds.items():
+            print(f"\n  {w} learner rounds: step s {[round(r['best_s'], 3) for r in rs]}, "
+                  f"peak RSS GB {[round(r['peak_rss_gb'], 2) for r in rs]}", end="")
+        print()
+    dense, sparse = ({k: statistics.median(r[k] for r in rs) for k in ("best_s", "peak_rss_gb")}
+                     for rs in (rounds["dense"], rounds["sparse"]))
+    print(f"\nGRPO learner step (group {a.group}, {a.prompt_len} + {a.max_tokens} tokens; median of {a.repeat} "
+          f"alternating round(s)): dense {dense['best_s']:.3f} s, "
           f"{a.learner_sparsity:g}% sparse {sparse['best_s']:.3f} s ({dense['best_s'] / sparse['best_s']:.2f}x); "
           f"peak RSS dense {dense['peak_rss_gb']:.2f} GB, sparse {sparse['peak_rss_gb']:.2f} GB "
           f"({sparse['peak_rss_gb'] / dense['peak_rss_gb']:.2f}x)")
