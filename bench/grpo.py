@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--contender", choices=("pcpc", "eager"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error(f"--repeat: expected 1 or more, got {a.repeat}")
     if a.contender:
         print(json.dumps(run_pcpc(a) if a.contender == "pcpc" else run_eager(a)))
         return

@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--contender", choices=("optimizer", "learner"), help=argparse.SUPPRESS)
     ap.add_argument("--sparsity", type=float, default=0.0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error(f"--repeat: expected 1 or more, got {a.repeat}")
     a.sparsities = [float(x) for x in str(a.sparsities).split(",") if x]
     if a.contender:
         print(json.dumps(run_optimizer(a) if a.contender == "optimizer" else run_learner(a)))
