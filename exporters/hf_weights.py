@@ -66,16 +66,17 @@ def find_in_hub_cache(repo: str) -> Path | None:
     return None
 
 
-def find_preset(model: str) -> tuple[str, Path | None]:
-    """(HF repo, its snapshot in the HF cache or None) of a preset name; an unknown name is a UserError."""
+def find_preset(model: str, option: str = "--model") -> tuple[str, Path | None]:
+    """(HF repo, its snapshot in the HF cache or None) of a preset name; an unknown name is a UserError that
+    names `option`, the argument or config field the name came from."""
     repo = HUB_REPOS.get(model)
     if repo is None:
-        raise UserError(f"--model {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
+        raise UserError(f"{option} {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
     return repo, find_in_hub_cache(repo)
 
 
-def find_model_dir(model: str, weights: str | Path | None = None) -> Path:
-    """The HF directory holding the weights of `model` (a preset name or a path)."""
+def find_model_dir(model: str, weights: str | Path | None = None, option: str = "--model") -> Path:
+    """The HF directory holding the weights of `model` (a preset name or a path); errors name `option`."""
     if weights is not None:
         path = Path(weights)
         if not _is_model_dir(path):
@@ -84,9 +85,9 @@ def find_model_dir(model: str, weights: str | Path | None = None) -> Path:
     path = Path(model)
     if path.is_dir():
         if not _is_model_dir(path):
-            raise UserError(f"--model {path}: expected a HF model directory with config.json and *.safetensors")
+            raise UserError(f"{option} {path}: expected a HF model directory with config.json and *.safetensors")
         return path
-    repo, found = find_preset(model)
+    repo, found = find_preset(model, option)
     if found is None:
         raise UserError(
             f"no weights for {model}: download {repo} (config.json, model.safetensors, tokenizer.json, "

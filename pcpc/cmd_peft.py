@@ -51,7 +51,7 @@ def merge_dir(adapter: str | Path, base: str, out: Path) -> list[str]:
 
     from pcpc.exporters import hf_weights, peft as pcpc_peft, qwen2
 
-    model_dir = hf_weights.find_model_dir(base)
+    model_dir = hf_weights.find_model_dir(base, option="--base")
     qcfg = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
     raw = hf_weights.read_safetensors(model_dir)
     weights = {k: hf_weights.to_f32(v) for k, v in raw.items()}

@@ -149,7 +149,7 @@ def check_weights_source(path: str | Path, src: ModelSource, init_weights: str) 
     if path.exists() or init_weights == "random":
         return
     try:
-        hf_weights.find_model_dir(src.model)
+        hf_weights.find_model_dir(src.model, option="model")
     except UserError as e:
         repo = hf_weights.HUB_REPOS.get(src.model)
         if repo is None:  # a directory without weights: its own message says what is missing
@@ -179,7 +179,7 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
             tensors = [(k, v.numpy()) for k, v in qwen2.init_params(cfg, seed).items()]
         else:
             check_weights_source(path, src, init_weights)
-            model_dir = hf_weights.find_model_dir(src.model)
+            model_dir = hf_weights.find_model_dir(src.model, option="model")
             found = qwen2.config_from_hf(hf_weights.read_hf_config(model_dir), where=str(model_dir / "config.json"))
             if found != cfg:
                 raise UserError(f"{model_dir}: config.json describes a different model than {src.model!r}")

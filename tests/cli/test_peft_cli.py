@@ -91,3 +91,16 @@ def test_a_foreign_adapter_is_refused(env, tmp_path):
     assert res.exit_code == 2 and "does not fit this model" in res.output
     res = run("peft", "merge", tmp_path, "--base", hf_dir, "--out", tmp_path / "m")
     assert res.exit_code == 2 and "not a peft adapter directory" in res.output
+
+
+def test_merge_names_its_base_option(env, tmp_path):
+    """An unknown --base is reported as --base, the option the user gave, not another command's --model."""
+    _, _, adapters = env
+    path, _ = adapters["lora"]
+    res = run("peft", "merge", path, "--base", "gpt-17", "--out", tmp_path / "m")
+    assert res.exit_code == 2 and "--base 'gpt-17': not a directory and not a known model" in res.output
+    assert not (tmp_path / "m").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run("peft", "merge", path, "--base", empty, "--out", tmp_path / "m")
+    assert res.exit_code == 2 and f"--base {empty}: expected a HF model directory" in res.output
