@@ -6,19 +6,19 @@ j's `count` tensors go through one call of each function (a call per tensor cost
 0.5B was most of a 99%-sparse step):
 
     grad_j    (*g, idx (c, K), n (c,)) -> gc (c, K), sum of the masked gc^2   the masked gradient, gathered once,
-              and its part of the norm
-    adamw_j   (*p, gc, idx, m (c, K), v (c, K), n, coef, keep, step_size, bc2_sqrt) -> vals (c, K)   one AdamW
-              step of the masked entries of p (row r: p_r.flat[idx[r]]); m, v written in place (role "inplace")
+              and its part of the norm (also, once, the gather of the weights' masked entries: runtime/rl/sparse.py)
+    adamw_j   (pc, gc, m (c, K), v (c, K), n, coef, keep, step_size, bc2_sqrt) -> vals (c, K)   one AdamW step of
+              the masked entries pc (row r: p_r.flat[idx[r]], kept compact by the optimizer); m, v in place
     scatter_j (*p, idx, vals) -> vals[0, :1]                              p_r.flat[idx[r]] = vals[r], in place
 
-Each call that reads a dense tensor at the mask's indices touches a cache line of it per index (a uniform 1%
-mask: 15% of the lines), so the step makes three such passes: the gradient once (grad_j; AdamW then reads
-the compact gc), the weight's read (adamw_j) and its write (scatter_j). The weight is read by one call and
-written by another, each O(K). IREE writes the new entries into the argument buffers in place, and since
-mlir/compile.py alias_barriers it no longer copies each written argument whole after the call (the
-embedding's scatter, 544 MB with 0.25% written, took ~155 ms, now ~3-4.5 ms).
-One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster: 619 ms against
-214 at 99% (bench/NOTES.md, "Sparse step: in-place writes without a copy").
+Each call that reads or writes a dense tensor at the mask's indices touches a cache line of it per index (a
+uniform 1% mask: 15% of the lines), so the step makes two such passes: the gradient's read (grad_j) and the
+weight's write (scatter_j). AdamW reads and writes only compact (c, K) arrays: the optimizer keeps the masked
+entries of the weights it writes (the previous step's vals), so no step reads the weight back. IREE writes the
+new entries into the argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies
+each written argument whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms,
+now ~3-4.5 ms). One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster:
+619 ms against 214 at 99% (bench/NOTES.md, "Sparse step: in-place writes without a copy").
 
 idx (flat indices) is int64, each row sorted, padded from n to K with an index outside the mask (the padded
 entries write back the value they read); n holds the counts (int64). coef (the clip factor, 1 for none) and
@@ -59,10 +59,8 @@ def _grad(c: int, K: int):
     return grad
 
 
-def _adamw(c: int, K: int, opt: AdamWConfig):
-    def step_fn(*flat):
-        ps, (gc, idx, m, v, n, coef, keep, step_size, bc2_sqrt) = flat[:c], flat[c:]
-        vals = _gathered(ps, idx)
+def _adamw(K: int, opt: AdamWConfig):
+    def step_fn(vals, gc, m, v, n, coef, keep, step_size, bc2_sqrt):
         live = torch.arange(K)[None, :] < n[:, None]
         new_p, new_m, new_v = adamw_entries(vals, gc * coef, m, v, keep, step_size, bc2_sqrt,
                                             opt.beta1, opt.beta2, opt.eps)
@@ -102,11 +100,10 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
         vals = f32("vals", (c, K))
         fns.append(ExportFunction(f"grad_{j}", _grad(c, K), [*gs, idx, n], [("gc", "output"), ("sumsq", "output")]))
-        ps = [f32(f"p{r}", shape) for r in range(c)]
         moments = [TensorSpec(name, "inplace", (c, K), "float32") for name in ("m", "v")]
         fns.append(ExportFunction(
-            f"adamw_{j}", _adamw(c, K, opt),
-            [*ps, f32("gc", (c, K)), idx, *moments, n, *map(f32, ("coef", "keep", "step_size", "bc2_sqrt"))],
+            f"adamw_{j}", _adamw(K, opt),
+            [f32("pc", (c, K)), f32("gc", (c, K)), *moments, n, *map(f32, ("coef", "keep", "step_size", "bc2_sqrt"))],
             [("vals", "output")], inplace=True))
         fns.append(ExportFunction(
             f"scatter_{j}", _scatter(c),

@@ -1,10 +1,11 @@
 """Sparse fine-tuning: a GRPO / DPO learner that trains only the weights of a mask (`mask` in the config).
 
 The gradient module is the dense one; the optimizer step is the sparse module's (mlir/sparse_functions.py):
-per trained tensor one compiled call that reads the masked entries of the weight and its gradient, steps
-compact AdamW moments of nnz entries (never the weight's size) and writes the new values into the weight in
-place. Every weight outside the mask stays bit-identical to the start. The clip factor is the masked
-gradient's global norm (the gradient the step applies), as dense AdamW given the masked gradient would clip.
+per group of trained tensors one compiled call gathers the masked entries of the gradients, one steps compact
+AdamW moments of nnz entries (never the weight's size) and the masked entries of the weights (which the
+optimizer keeps compact, gathered once), and one writes the new values into the weights in place. Every
+weight outside the mask stays bit-identical to the start. The clip factor is the masked gradient's global norm
+(the gradient the step applies), as dense AdamW given the masked gradient would clip.
 
 Layout: each tensor's mask is a sorted list of flat indices, padded to K (4, 5, 6 or 7 x 2^e, the next
 such size up: at most 25% padding) with an index outside the mask, so tensors of one shape share few compiled
@@ -155,7 +156,12 @@ def describe(tensors: list[TensorMask]) -> str:
 
 
 class SparseOptimizer:
-    """AdamW on the masked entries, in place; M and V are the compact moments, one (count, K) array per group."""
+    """AdamW on the masked entries, in place; M and V are the compact moments, one (count, K) array per group.
+
+    It keeps the masked entries of the weights it steps, compact, as the last step wrote them, so a step never
+    reads a weight back: they are gathered on the first step, and again whenever `step` is handed weights that
+    are not the buffers it wrote last (a resumed or replaced policy).
+    """
 
     def __init__(self, sparse_mod, tensors: list[TensorMask], groups: list[Group]):
         from pcpc.autodiff.optim import AdamWConfig
@@ -165,6 +171,8 @@ class SparseOptimizer:
         self.mod, self.tensors, self.groups, self.opt = sparse_mod, tensors, groups, opt
         self.idx = [sparse_mod.upload(g.idx) for g in groups]
         self.n = [sparse_mod.upload(g.n) for g in groups]
+        self._weights: list = []  # the weight buffers the compact values below were last written into
+        self._compact: list = []  # per group the masked entries of those weights, (count, K)
 
     def zeros(self) -> list[np.ndarray]:
         """Initial compact moments: one (count, K) array per group."""
@@ -187,6 +195,11 @@ class SparseOptimizer:
         if outer is not None:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
+        trained = [P[i] for g in self.groups for i in g.members]
+        if len(trained) != len(self._weights) or any(a is not b for a, b in zip(trained, self._weights)):
+            self._compact = [self.mod(f"grad_{j}", *[P[i] for i in g.members], self.idx[j], self.n[j])[0]
+                             for j, g in enumerate(self.groups)]  # a gather: grad_j's first result
+            self._weights = trained
         compact, sums = [], []
         for j, g in enumerate(self.groups):  # the masked gradient, read once; each dense one let go after
             gc, sumsq = self.mod(f"grad_{j}", *[grads[i] for i in g.members], self.idx[j], self.n[j])
@@ -204,7 +217,7 @@ class SparseOptimizer:
             s = adamw_scalars(step, lr, opt.beta1, opt.beta2, opt.weight_decay, decay)
             scalars[decay] = [np.float32(x) for x in (coef, s["keep"], s["step_size"], s["bc2_sqrt"])]
         for j, g in enumerate(self.groups):
-            ps = [P[i] for i in g.members]
-            vals = self.mod(f"adamw_{j}", *ps, compact[j], self.idx[j], M[j], V[j], self.n[j], *scalars[g.decay])[0]
-            self.mod(f"scatter_{j}", *ps, self.idx[j], vals)
+            vals = self.mod(f"adamw_{j}", self._compact[j], compact[j], M[j], V[j], self.n[j], *scalars[g.decay])[0]
+            self.mod(f"scatter_{j}", *[P[i] for i in g.members], self.idx[j], vals)
+            self._compact[j] = vals
             compact[j] = None

@@ -153,7 +153,8 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
     entry, given the masked gradient) kept only on the mask: bit for bit, weights and moments. Dense AdamW would
     decay and move frozen weights; the sparse step never writes them. Exact because the step's bias corrections
     are runtime values computed as the reference computes them and its module is compiled without FMA
-    (mlir/compile.exact_fp_flags); with FMA contraction, 255 of 308 updated weights differed after 20 steps."""
+    (mlir/compile.exact_fp_flags); with FMA contraction, 255 of 308 updated weights differed after 20 steps.
+    Halfway the step is handed new weight buffers, whose masked entries it gathers again."""
     import torch
 
     from pcpc.kernels.sparse import sparse_adamw_reference
@@ -185,6 +186,11 @@ def test_the_compiled_sparse_step_is_dense_adamw_restricted_to_the_mask(tmp_path
     DP = [torch.from_numpy(p.reshape(-1).copy()) for p in P0]
     DM, DV = ([torch.zeros(p.size) for p in P0] for _ in range(2))
     for step in range(1, 21):
+        if step == 11:  # other weight buffers (a resumed policy): the step must read them, not what it wrote last
+            host = [to_host(p) for p in P]
+            host[0] = host[0] + np.float32(0.5)
+            P = mod.upload_all(host)
+            DP[0] = torch.from_numpy(host[0].reshape(-1).copy())
         G = [rng.standard_normal(s.shape).astype(np.float32) for s in specs]
         opt.step(P, M, V, mod.upload_all(G), step, 1e-2)
         for i, (s, t) in enumerate(zip(specs, tensors)):
