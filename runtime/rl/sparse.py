@@ -172,7 +172,7 @@ class SparseOptimizer:
         self.idx = [sparse_mod.upload(g.idx) for g in groups]
         self.n = [sparse_mod.upload(g.n) for g in groups]
         self._weights: list = []  # the weight buffers the compact values below were last written into
-        self._compact: list = []  # per group the masked entries of those weights, (count, K)
+        self._compact: list = []  # per group the masked entries of those weights, (count, K), stepped in place
 
     def zeros(self) -> list[np.ndarray]:
         """Initial compact moments: one (count, K) array per group."""
@@ -217,7 +217,6 @@ class SparseOptimizer:
             s = adamw_scalars(step, lr, opt.beta1, opt.beta2, opt.weight_decay, decay)
             scalars[decay] = [np.float32(x) for x in (coef, s["keep"], s["step_size"], s["bc2_sqrt"])]
         for j, g in enumerate(self.groups):
-            vals = self.mod(f"adamw_{j}", self._compact[j], compact[j], M[j], V[j], self.n[j], *scalars[g.decay])[0]
-            self.mod(f"scatter_{j}", *[P[i] for i in g.members], self.idx[j], vals)
-            self._compact[j] = vals
+            self.mod(f"adamw_{j}", self._compact[j], compact[j], M[j], V[j], self.n[j], *scalars[g.decay])
+            self.mod(f"scatter_{j}", *[P[i] for i in g.members], self.idx[j], self._compact[j])
             compact[j] = None
