@@ -71,7 +71,8 @@ def find_preset(model: str, option: str = "--model") -> tuple[str, Path | None]:
     names `option`, the argument or config field the name came from."""
     repo = HUB_REPOS.get(model)
     if repo is None:
-        raise UserError(f"{option} {model!r}: not a directory and not a known model; valid names: {', '.join(HUB_REPOS)}")
+        raise UserError(f"{option} {model!r}: not a directory and not a known model; "
+                        f"valid names: {', '.join(HUB_REPOS)}")
     return repo, find_in_hub_cache(repo)
 
 

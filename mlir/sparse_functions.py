@@ -16,8 +16,8 @@ Each call that reads or writes a dense tensor at the mask's indices touches a ca
 uniform 1% mask: 15% of the lines), so the step makes two such passes: the gradient's read (grad_j) and the
 weight's write (scatter_j). AdamW reads and writes only compact (c, K) arrays, in place: the optimizer keeps
 the masked entries of the weights it writes, so no step reads a weight back, and a step allocates only the
-compact gradient. (New (c, K) values each step, with the previous ones alive until the scatter, made the process
-fault ~470 MB of fresh pages a step at 90%: 120k minor faults, the step 2.4x slower.) IREE writes the
+compact gradient. (New (c, K) values each step, with the previous ones alive until the scatter, made the
+process fault ~470 MB of fresh pages a step at 90%: 120k minor faults, the step 2.4x slower.) IREE writes the
 new entries into the argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies
 each written argument whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms,
 now ~3-4.5 ms). One fused in-place call per group (gather, AdamW and scatter together) was slower, not faster:

@@ -219,7 +219,8 @@ def test_the_sparse_steps_norm_is_the_masked_gradients(tmp_path):
     from pcpc.runtime.rl.sparse import SparseOptimizer, layout
 
     rng = np.random.default_rng(1)
-    specs = [TensorSpec("a.weight", "param", (64, 256), "float32"), TensorSpec("b.weight", "param", (40, 30), "float32")]
+    specs = [TensorSpec("a.weight", "param", (64, 256), "float32"),
+             TensorSpec("b.weight", "param", (40, 30), "float32")]
     mask = {"a.weight": np.zeros((64, 256), bool), "b.weight": rng.random((40, 30)) < 0.1}
     mask["a.weight"].reshape(-1)[rng.choice(64 * 256, 4096, replace=False)] = True  # K = 4096, no padding
     tensors, groups = layout(mask, specs, "test")
