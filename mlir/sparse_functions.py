@@ -1,22 +1,28 @@
 """The sparse optimizer step as a compiled module: AdamW on a mask's entries, in place, O(nnz).
 
 Config keys (JSON): groups ([[shape, K, decay, count], ...]: the trained tensors grouped by shape, padded
-mask length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (AdamWConfig fields). Group
-j's `count` tensors go through one call of each function (a call per tensor cost ~0.25 ms each, which at
-0.5B was most of a 99%-sparse step):
+mask length and weight-decay flag; runtime/rl/sparse.py makes them), optimizer (AdamWConfig fields). A step
+is three calls, each over every group (G of them; group j holds c_j tensors, in order):
 
-    grad_j    (*g, idx (c, K), n (c,)) -> gc (c, K), sum of the masked gc^2   the masked gradient, gathered once,
-              and its part of the norm (also, once, the gather of the weights' masked entries: runtime/rl/sparse.py)
-    adamw_j   (pc (c, K), gc, m (c, K), v (c, K), n, coef, keep, step_size, bc2_sqrt) -> pc[0, :1]   one AdamW
-              step of the masked entries pc (row r: p_r.flat[idx[r]], kept compact by the optimizer); pc, m, v
-              written in place (role "inplace")
-    scatter_j (*p, idx, pc) -> pc[0, :1]                                  p_r.flat[idx[r]] = pc[r], in place
+    grad    (*g (every member of every group), *idx_j (c_j, K_j), *n_j (c_j,)) -> *gc_j (c_j, K_j), sumsq (G,)
+            the masked gradients, gathered once, and each group's part of the clip norm (also, once, the
+            gather of the weights' masked entries: runtime/rl/sparse.py)
+    adamw   (*pc_j, *gc_j, *m_j, *v_j, *n_j, coef, keep, step_size, bc2_sqrt) -> pc_0[0, :1]   one AdamW step
+            of the masked entries pc_j (row r: p_r.flat[idx_j[r]], kept compact by the optimizer); pc, m, v
+            written in place (role "inplace"); keep applies to the groups with weight decay
+    scatter (*p, *idx_j, *pc_j) -> pc_0[0, :1]                    p_r.flat[idx_j[r]] = pc_j[r], in place
 
-Each call that reads or writes a dense tensor at the mask's indices touches a cache line of it per index (a
-uniform 1% mask: 15% of the lines), so the step makes two such passes: the gradient's read (grad_j) and the
-weight's write (scatter_j). AdamW reads and writes only compact (c, K) arrays, in place: the optimizer keeps
+A group is one dispatch of each kind: its members share a shape and K, and IREE allows a dispatch 32
+bindings on llvm-cpu (16 on cuda), which bounds a group's size. The calls are not per group: a call costs
+~0.2 ms whatever it does, and at 0.5B (46 groups, 138 calls a step) that was a third of a 99%-sparse step
+(bench/NOTES.md, "The sparse step in three calls"); one call runs its groups' dispatches back to back on
+IREE's workers.
+
+Each dispatch that reads or writes a dense tensor at the mask's indices touches a cache line of it per index
+(a uniform 1% mask: 15% of the lines), so the step makes two such passes: the gradient's read (grad) and the
+weight's write (scatter). AdamW reads and writes only compact (c, K) arrays, in place: the optimizer keeps
 the masked entries of the weights it writes, so no step reads a weight back, and a step allocates only the
-compact gradient. (New (c, K) values each step, with the previous ones alive until the scatter, made the
+compact gradients. (New (c, K) values each step, with the previous ones alive until the scatter, made the
 process fault ~470 MB of fresh pages a step at 90%: 120k minor faults, the step 2.4x slower.) IREE writes the
 new entries into the argument buffers in place, and since mlir/compile.py alias_barriers it no longer copies
 each written argument whole after the call (the embedding's scatter, 544 MB with 0.25% written, took ~155 ms,
@@ -52,39 +58,59 @@ def _gathered(ts, idx):
     return torch.stack([t.reshape(-1)[idx[r]] for r, t in enumerate(ts)])
 
 
-def _grad(c: int, K: int):
+def _live(n, K: int):
+    return torch.arange(K)[None, :] < n[:, None]
+
+
+def _grad(counts: list[int], Ks: list[int]):
+    G = len(counts)
+    starts = [sum(counts[:j]) for j in range(G)]
+
     def grad(*flat):
-        gs, idx, n = flat[:c], flat[c], flat[c + 1]
-        gc = _gathered(gs, idx)
-        live = torch.arange(K)[None, :] < n[:, None]
-        masked = torch.where(live, gc, torch.zeros_like(gc))
-        # Rows of 1024: IREE gives each row of a row sum one workgroup, so the embedding's group (one row of
-        # 1.57M at 99%) summed on one core (gather + norm 10.1 -> 7.2 ms, bench/NOTES.md).
-        rows = masked.reshape(-1, 1024) if K % 1024 == 0 else masked
-        return gc, sum_of_squares(rows).float()
+        gs, idx, n = flat[:sum(counts)], flat[-2 * G:-G], flat[-G:]
+        gathered, sums = [], []
+        for j, (c, K) in enumerate(zip(counts, Ks)):
+            gc = _gathered(gs[starts[j]:starts[j] + c], idx[j])
+            masked = torch.where(_live(n[j], K), gc, torch.zeros_like(gc))
+            # Rows of 1024: IREE gives each row of a row sum one workgroup, so the embedding's group (one row of
+            # 1.57M at 99%) summed on one core (gather + norm 10.1 -> 7.2 ms, bench/NOTES.md).
+            rows = masked.reshape(-1, 1024) if K % 1024 == 0 else masked
+            gathered.append(gc)
+            sums.append(sum_of_squares(rows).float())
+        return (*gathered, torch.stack(sums))
 
     return grad
 
 
-def _adamw(K: int, opt: AdamWConfig):
-    def step_fn(pc, gc, m, v, n, coef, keep, step_size, bc2_sqrt):
-        live = torch.arange(K)[None, :] < n[:, None]
-        new_p, new_m, new_v = adamw_entries(pc, gc * coef, m, v, keep, step_size, bc2_sqrt,
-                                            opt.beta1, opt.beta2, opt.eps)
-        m.copy_(torch.where(live, new_m, m))
-        v.copy_(torch.where(live, new_v, v))
-        pc.copy_(torch.where(live, new_p, pc))
-        return pc[0, :1] * 1.0
+def _adamw(Ks: list[int], decays: list[bool], opt: AdamWConfig):
+    G = len(Ks)
+
+    def step_fn(*flat):
+        pc, gc, m, v, n = (flat[k * G:(k + 1) * G] for k in range(5))
+        coef, keep, step_size, bc2_sqrt = flat[5 * G:]
+        for j, K in enumerate(Ks):
+            live = _live(n[j], K)
+            new_p, new_m, new_v = adamw_entries(pc[j], gc[j] * coef, m[j], v[j], keep if decays[j] else 1.0,
+                                                step_size, bc2_sqrt, opt.beta1, opt.beta2, opt.eps)
+            m[j].copy_(torch.where(live, new_m, m[j]))
+            v[j].copy_(torch.where(live, new_v, v[j]))
+            pc[j].copy_(torch.where(live, new_p, pc[j]))
+        return pc[0][0, :1] * 1.0
 
     return step_fn
 
 
-def _scatter(c: int):
+def _scatter(counts: list[int]):
+    G, total = len(counts), sum(counts)
+
     def scatter(*flat):
-        ps, idx, vals = flat[:c], flat[c], flat[c + 1]
-        for r, p in enumerate(ps):
-            p.view(-1).index_put_((idx[r],), vals[r])
-        return vals[0, :1] * 1.0
+        ps, idx, vals = flat[:total], flat[total:total + G], flat[total + G:]
+        at = 0
+        for j, c in enumerate(counts):
+            for r in range(c):
+                ps[at + r].view(-1).index_put_((idx[j][r],), vals[j][r])
+            at += c
+        return vals[0][0, :1] * 1.0
 
     return scatter
 
@@ -94,28 +120,33 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     groups = config["groups"]
     if not groups:
         raise ValueError("sparse recipe: no groups (an empty mask trains nothing)")
-    fns = []
 
     def f32(name, shape=()):
         return TensorSpec(name, "scalar" if not shape else "data", shape, "float32")
 
     for j, (shape, K, decay, c) in enumerate(groups):
-        shape = tuple(shape)
         numel = math.prod(shape)
         if not 0 < K <= numel or c < 1:
             raise ValueError(f"sparse recipe: group {j}: K {K} must be in [1, numel {numel}], count {c} >= 1")
-        gs = [f32(f"g{r}", shape) for r in range(c)]
-        idx, n = TensorSpec("idx", "data", (c, K), "int64"), TensorSpec("n", "data", (c,), "int64")
-        vals = f32("vals", (c, K))
-        fns.append(ExportFunction(f"grad_{j}", _grad(c, K), [*gs, idx, n], [("gc", "output"), ("sumsq", "output")]))
-        moments = [TensorSpec(name, "inplace", (c, K), "float32") for name in ("m", "v")]
-        fns.append(ExportFunction(
-            f"adamw_{j}", _adamw(K, opt),
-            [TensorSpec("pc", "inplace", (c, K), "float32"), f32("gc", (c, K)), *moments, n,
-             *map(f32, ("coef", "keep", "step_size", "bc2_sqrt"))],
-            [("first", "output")], inplace=True))
-        fns.append(ExportFunction(
-            f"scatter_{j}", _scatter(c),
-            [*[TensorSpec(f"p{r}", "inplace", shape, "float32") for r in range(c)], idx, vals],
-            [("first", "output")], inplace=True))
-    return fns, []
+    shapes = [tuple(shape) for shape, _, _, _ in groups]
+    Ks, decays, counts = [K for _, K, _, _ in groups], [bool(d) for _, _, d, _ in groups], [c for *_, c in groups]
+    G = len(groups)
+
+    def per_group(prefix, role, dtype="float32", rows=True):
+        return [TensorSpec(f"{prefix}{j}", role, (counts[j], Ks[j]) if rows else (counts[j],), dtype)
+                for j in range(G)]
+
+    def members(prefix, role):
+        return [TensorSpec(f"{prefix}{j}_{r}", role, shapes[j], "float32") for j in range(G) for r in range(counts[j])]
+
+    idx, n = per_group("idx", "data", "int64"), per_group("n", "data", "int64", rows=False)
+    grad = ExportFunction("grad", _grad(counts, Ks), [*members("g", "data"), *idx, *n],
+                          [*((f"gc{j}", "output") for j in range(G)), ("sumsq", "output")])
+    adamw = ExportFunction(
+        "adamw", _adamw(Ks, decays, opt),
+        [*per_group("pc", "inplace"), *per_group("gc", "data"), *per_group("m", "inplace"),
+         *per_group("v", "inplace"), *n, *map(f32, ("coef", "keep", "step_size", "bc2_sqrt"))],
+        [("first", "output")], inplace=True)
+    scatter = ExportFunction("scatter", _scatter(counts), [*members("p", "inplace"), *idx, *per_group("pc", "data")],
+                             [("first", "output")], inplace=True)
+    return [grad, adamw, scatter], []

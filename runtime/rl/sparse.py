@@ -1,15 +1,15 @@
 """Sparse fine-tuning: a GRPO / DPO learner that trains only the weights of a mask (`mask` in the config).
 
-The gradient module is the dense one; the optimizer step is the sparse module's (mlir/sparse_functions.py):
-per group of trained tensors one compiled call gathers the masked entries of the gradients, one steps compact
-AdamW moments of nnz entries (never the weight's size) and the masked entries of the weights (which the
-optimizer keeps compact, gathered once), and one writes the new values into the weights in place. Every
+The gradient module is the dense one; the optimizer step is the sparse module's (mlir/sparse_functions.py),
+three compiled calls over every group of trained tensors: one gathers the masked entries of the gradients, one
+steps compact AdamW moments of nnz entries (never the weight's size) and the masked entries of the weights
+(which the optimizer keeps compact, gathered once), and one writes the new values into the weights in place. Every
 weight outside the mask stays bit-identical to the start. The clip factor is the masked gradient's global norm
 (the gradient the step applies), as dense AdamW given the masked gradient would clip.
 
 Layout: each tensor's mask is a sorted list of flat indices, padded to K (4, 5, 6 or 7 x 2^e, the next
-such size up: at most 25% padding) with an index outside the mask, so tensors of one shape share few compiled
-functions (groups), and shapes stay static.
+such size up: at most 25% padding) with an index outside the mask, so tensors of one shape share few
+dispatches (groups), and shapes stay static.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def padded(n: int, numel: int) -> int:
 
 
 def max_group(target: str) -> int:
-    """Tensors per group on a compile target. A call binds each member's weight or gradient (grad_K: two
+    """Tensors per group on a compile target. A dispatch binds each member's weight or gradient (grad: two
     buffers a member and one more, in one dispatch), and IREE allows a dispatch 32 bindings on llvm-cpu,
     16 on cuda (more there fail at load: "binding_flags count 17 exceeds maximum of 16")."""
     return 8 if target == "llvm-cpu" else 6
@@ -195,28 +195,20 @@ class SparseOptimizer:
         if outer is not None:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
+        G = len(self.groups)
         trained = [P[i] for g in self.groups for i in g.members]
         if len(trained) != len(self._weights) or any(a is not b for a, b in zip(trained, self._weights)):
-            self._compact = [self.mod(f"grad_{j}", *[P[i] for i in g.members], self.idx[j], self.n[j])[0]
-                             for j, g in enumerate(self.groups)]  # a gather: grad_j's first result
+            self._compact = self.mod("grad", *trained, *self.idx, *self.n)[:G]  # a gather: grad's first results
             self._weights = trained
-        compact, sums = [], []
-        for j, g in enumerate(self.groups):  # the masked gradient, read once; each dense one let go after
-            gc, sumsq = self.mod(f"grad_{j}", *[grads[i] for i in g.members], self.idx[j], self.n[j])
-            compact.append(gc)
-            sums.append(sumsq)
-            for i in g.members:
-                grads[i] = None
-        grads[:] = [None] * len(grads)  # the untrained tensors' too
+        out = self.mod("grad", *[grads[i] for g in self.groups for i in g.members], *self.idx, *self.n)
+        compact, sums = out[:G], out[G]
+        grads[:] = [None] * len(grads)  # the dense gradients, read once, let go
         coef, opt = 1.0, self.opt
         if opt.grad_clip > 0:
-            total = sum(float(to_host(s)) for s in sums)
+            total = sum(float(x) for x in to_host(sums))
             coef = min(1.0, opt.grad_clip / (math.sqrt(total) + 1e-6))
-        scalars = {}  # coef, keep, step_size, bc2_sqrt: computed here as the Triton kernel takes them
-        for decay in (False, True):
-            s = adamw_scalars(step, lr, opt.beta1, opt.beta2, opt.weight_decay, decay)
-            scalars[decay] = [np.float32(x) for x in (coef, s["keep"], s["step_size"], s["bc2_sqrt"])]
-        for j, g in enumerate(self.groups):
-            self.mod(f"adamw_{j}", self._compact[j], compact[j], M[j], V[j], self.n[j], *scalars[g.decay])
-            self.mod(f"scatter_{j}", *[P[i] for i in g.members], self.idx[j], self._compact[j])
-            compact[j] = None
+        # coef, keep, step_size, bc2_sqrt: computed here as the Triton kernel takes them (keep: the decayed groups')
+        s = adamw_scalars(step, lr, opt.beta1, opt.beta2, opt.weight_decay, True)
+        scalars = [np.float32(x) for x in (coef, s["keep"], s["step_size"], s["bc2_sqrt"])]
+        self.mod("adamw", *self._compact, *compact, *M, *V, *self.n, *scalars)
+        self.mod("scatter", *trained, *self.idx, *self._compact)
