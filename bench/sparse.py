@@ -9,8 +9,9 @@ Random weights, gradients and masks (uniform at each sparsity; no download). Eac
 subprocess, so its peak memory is its own:
 
   optimizer   dense: the chunked AdamW over every weight as the learner runs it (grad_clip_coef, then the
-              optimizer module's adamw_inplace_K, runtime/rl/update.py); sparse: the sparse module's in-place AdamW over the mask (grad_K gathers the masked
-              gradient and its part of the clip norm, then adamw_K and scatter_K per group of tensors).
+              optimizer module's adamw_inplace_K, runtime/rl/update.py); sparse: the sparse module's in-place
+              AdamW over the mask (three calls, each over every group of tensors: grad gathers the masked
+              gradient and its part of the clip norm, adamw steps the compact entries, scatter writes them).
               Steady-state medians of --reps steps, build and load excluded.
   learner     reference log-probs + grpo_value_and_grad + the optimizer step (bench/grpo.py's rows and loss),
               dense against a --learner-sparsity mask: best step time and peak RSS (from the weights' load,
