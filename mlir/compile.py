@@ -112,15 +112,19 @@ def detect_cuda_arch() -> str | None:
 
 # Highest CUDA architecture iree-base-compiler 3.13 has target details for: sm_90 and
 # newer fail with "missing GPU target" (iree-org/iree#22147). PTX is forward
-# compatible, so a detected newer GPU gets sm_89 PTX, which its driver JIT-compiles.
+# compatible, so a newer GPU, detected or named by --arch, gets sm_89 PTX, which its
+# driver JIT-compiles.
 NEWEST_CUDA_ARCH = 89
+_CUDA_ARCH = re.compile(r"sm_(\d+)a?")
 
 
-def _compilable_cuda_arch(detected: str | None) -> str | None:
-    if detected is None:
+def _compilable_cuda_arch(arch: str | None) -> str | None:
+    if arch is None:
         return None
-    number = int(detected.removeprefix("sm_").rstrip("a") or 0)
-    return detected if number <= NEWEST_CUDA_ARCH else f"sm_{NEWEST_CUDA_ARCH}"
+    m = _CUDA_ARCH.fullmatch(arch)
+    if m is None:
+        raise UserError(f"--arch: expected a CUDA architecture such as sm_80 or sm_90 for --target cuda, got {arch!r}")
+    return arch if int(m.group(1)) <= NEWEST_CUDA_ARCH else f"sm_{NEWEST_CUDA_ARCH}"
 
 
 def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[str, ...]:
@@ -130,7 +134,7 @@ def compile_flags(target: str = "llvm-cpu", arch: str | None = None) -> tuple[st
     if target == "llvm-cpu":
         return (*LLVM_CPU_FLAGS, f"--iree-llvmcpu-target-cpu={target_cpu().name}")
     if target == "cuda":
-        arch = arch or _compilable_cuda_arch(detect_cuda_arch()) or DEFAULT_ARCH["cuda"]
+        arch = _compilable_cuda_arch(arch or detect_cuda_arch()) or DEFAULT_ARCH["cuda"]
         return ("--iree-hal-target-backends=cuda", f"--iree-cuda-target={arch}")
     if target == "rocm":
         return ("--iree-hal-target-backends=rocm", f"--iree-rocm-target={arch or DEFAULT_ARCH['rocm']}")
@@ -167,7 +171,7 @@ def compile_failure(src: Path, flags, stderr: str, code: int) -> str:
                                                         "--iree-rocm-target=", "--iree-vulkan-target=")))
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit status {code}")
-    first = re.sub(r"^\S*?(\.mlir)?:\d+:\d+: ", "", first)
+    first = re.sub(r"^\S*?(\.mlir)?:\d+(:\d+)?: ", "", first)  # file:line:col, or <unknown>:0
     return (f"iree-compile could not compile {src.name} for {target or 'its target'}: {first[:300]} "
             f"(pcpc --debug shows the compiler's output)")
 

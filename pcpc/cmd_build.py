@@ -20,7 +20,8 @@ def register(cli: click.Group, data: click.Group) -> None:
 @click.option("--list", "list_", is_flag=True, help="List the known targets.")
 @click.option("--target", default="llvm-cpu", type=click.Choice(TARGETS), show_default=True,
               help="Compile target (llvm-cpu compiles for this host's CPU).")
-@click.option("--arch", default=None, help="GPU architecture, e.g. sm_90 or gfx942 (detected for cuda).")
+@click.option("--arch", default=None, help="GPU architecture, e.g. sm_90 or gfx942 (detected for cuda; "
+              "past sm_89, cuda gets sm_89 PTX, which the driver JIT-compiles).")
 @click.option("--out-dir", default="artifacts", show_default=True, type=click.Path(file_okay=False))
 def build(names, list_, target, arch, out_dir):
     """Build targets into artifacts/ (cached: unchanged inputs rebuild nothing)."""

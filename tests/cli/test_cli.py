@@ -60,10 +60,17 @@ def test_inspect_missing_file(tmp_path):
 
 
 def test_a_target_the_compiler_rejects_is_one_line_and_debug_shows_its_output(tmp_path):
-    args = ("build", "nanogpt-small", "--target", "cuda", "--arch", "sm_bogus", "--out-dir", str(tmp_path))
+    args = ("build", "nanogpt-small", "--target", "rocm", "--arch", "gfx_bogus", "--out-dir", str(tmp_path))
     assert_user_error(pcpc(*args), "iree-compile could not compile nanogpt-small.mlir for "
-                                   "--iree-hal-target-backends=cuda --iree-cuda-target=sm_bogus: error:")
+                                   "--iree-hal-target-backends=rocm --iree-rocm-target=gfx_bogus: error:")
     debug = pcpc("--debug", *args)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert len(debug.stderr.splitlines()) > 10  # the compiler's whole report
+    assert not list(tmp_path.glob("*.vmfb"))
+
+
+def test_a_cuda_arch_that_is_not_one_is_named_before_anything_is_built(tmp_path):
+    proc = pcpc("build", "nanogpt-small", "--target", "cuda", "--arch", "gfx942", "--out-dir", str(tmp_path))
+    assert_user_error(proc, "--arch: expected a CUDA architecture such as sm_80 or sm_90 for --target cuda, "
+                            "got 'gfx942'")
     assert not list(tmp_path.glob("*.vmfb"))

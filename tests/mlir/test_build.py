@@ -167,6 +167,12 @@ def test_detected_cuda_arch_newer_than_compiler_falls_back(monkeypatch):
     monkeypatch.setattr(compile_mod, "detect_cuda_arch", lambda: "sm_86")
     assert "--iree-cuda-target=sm_86" in compile_mod.compile_flags("cuda")
     assert "--iree-cuda-target=sm_75" in compile_mod.compile_flags("cuda", "sm_75")
+    # named by --arch: the compiler knows nothing past sm_89 ("missing GPU target"), so the same fallback
+    assert "--iree-cuda-target=sm_89" in compile_mod.compile_flags("cuda", "sm_90")
+    assert "--iree-cuda-target=sm_89" in compile_mod.compile_flags("cuda", "sm_100a")
+    for bad in ("gfx942", "90", "sm_x"):
+        with pytest.raises(UserError, match="--arch: expected a CUDA architecture"):
+            compile_mod.compile_flags("cuda", bad)
 
 
 def test_vulkan_target_follows_an_nvidia_gpu(monkeypatch):
