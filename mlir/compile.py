@@ -105,9 +105,8 @@ def detect_cuda_arch() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    return "sm_" + out.stdout.split()[0].replace(".", "")
+    cap = out.stdout.split()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    return "sm_" + cap.replace(".", "") if re.fullmatch(r"\d+\.\d+", cap) else None
 
 
 # Highest CUDA architecture iree-base-compiler 3.13 has target details for: sm_90 and

@@ -175,6 +175,18 @@ def test_detected_cuda_arch_newer_than_compiler_falls_back(monkeypatch):
             compile_mod.compile_flags("cuda", bad)
 
 
+def test_the_detected_cuda_arch_is_nvidia_smis_compute_capability_or_none(monkeypatch):
+    from pcpc.mlir import compile as compile_mod
+
+    for stdout, code, want in (("9.0\n", 0, "sm_90"), ("8.6\n8.6\n", 0, "sm_86"), ("[N/A]\n", 0, None), ("", 0, None),
+                               ("9.0\n", 9, None)):
+        monkeypatch.setattr(compile_mod.subprocess, "run",
+                            lambda *a, out=stdout, rc=code, **k: subprocess.CompletedProcess(a, rc, out, ""))
+        assert compile_mod.detect_cuda_arch() == want, stdout
+        if want is None:  # no GPU seen: the default, not an --arch error
+            assert "--iree-cuda-target=sm_80" in compile_mod.compile_flags("cuda")
+
+
 def test_vulkan_target_follows_an_nvidia_gpu(monkeypatch):
     from pcpc.mlir import compile as compile_mod
 
