@@ -62,15 +62,20 @@ def _live(n, K: int):
     return torch.arange(K)[None, :] < n[:, None]
 
 
+def _by_group(members, counts: list[int]) -> list:
+    """The flat list of every group's members (in group order), as one list per group."""
+    starts = [sum(counts[:j]) for j in range(len(counts) + 1)]
+    return [members[a:b] for a, b in zip(starts, starts[1:])]
+
+
 def _grad(counts: list[int], Ks: list[int]):
     G = len(counts)
-    starts = [sum(counts[:j]) for j in range(G)]
 
     def grad(*flat):
-        gs, idx, n = flat[:sum(counts)], flat[-2 * G:-G], flat[-G:]
+        gs, idx, n = _by_group(flat[:sum(counts)], counts), flat[-2 * G:-G], flat[-G:]
         gathered, sums = [], []
-        for j, (c, K) in enumerate(zip(counts, Ks)):
-            gc = _gathered(gs[starts[j]:starts[j] + c], idx[j])
+        for j, K in enumerate(Ks):
+            gc = _gathered(gs[j], idx[j])
             masked = torch.where(_live(n[j], K), gc, torch.zeros_like(gc))
             # Rows of 1024: IREE gives each row of a row sum one workgroup, so the embedding's group (one row of
             # 1.57M at 99%) summed on one core (gather + norm 10.1 -> 7.2 ms, bench/NOTES.md).
@@ -104,12 +109,10 @@ def _scatter(counts: list[int]):
     G, total = len(counts), sum(counts)
 
     def scatter(*flat):
-        ps, idx, vals = flat[:total], flat[total:total + G], flat[total + G:]
-        at = 0
-        for j, c in enumerate(counts):
-            for r in range(c):
-                ps[at + r].view(-1).index_put_((idx[j][r],), vals[j][r])
-            at += c
+        ps, idx, vals = _by_group(flat[:total], counts), flat[total:total + G], flat[total + G:]
+        for j, group in enumerate(ps):
+            for r, p in enumerate(group):
+                p.view(-1).index_put_((idx[j][r],), vals[j][r])
         return vals[0][0, :1] * 1.0
 
     return scatter

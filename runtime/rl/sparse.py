@@ -169,6 +169,7 @@ class SparseOptimizer:
 
         opt = from_dict(AdamWConfig, sparse_mod.meta.provenance.config.get("optimizer", {}), where="optimizer")
         self.mod, self.tensors, self.groups, self.opt = sparse_mod, tensors, groups, opt
+        self.members = [i for g in groups for i in g.members]  # the trained tensors, in the module's order
         self.idx = [sparse_mod.upload(g.idx) for g in groups]
         self.n = [sparse_mod.upload(g.n) for g in groups]
         self._weights: list = []  # the weight buffers the compact values below were last written into
@@ -196,11 +197,11 @@ class SparseOptimizer:
             raise UserError("mask: a sparse run takes no outer Nesterov step (set learning_rate 1.0 and "
                             "nesterov_momentum 0.0)")
         G = len(self.groups)
-        trained = [P[i] for g in self.groups for i in g.members]
+        trained = [P[i] for i in self.members]
         if len(trained) != len(self._weights) or any(a is not b for a, b in zip(trained, self._weights)):
             self._compact = self.mod("grad", *trained, *self.idx, *self.n)[:G]  # a gather: grad's first results
             self._weights = trained
-        out = self.mod("grad", *[grads[i] for g in self.groups for i in g.members], *self.idx, *self.n)
+        out = self.mod("grad", *[grads[i] for i in self.members], *self.idx, *self.n)
         compact, sums = out[:G], out[G]
         grads[:] = [None] * len(grads)  # the dense gradients, read once, let go
         coef, opt = 1.0, self.opt
