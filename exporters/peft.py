@@ -528,7 +528,7 @@ def load(adapter_dir: str | Path) -> tuple[PeftConfig, dict[str, torch.Tensor], 
             raise UserError(f"{cfg_file}: MiSS init_weights {raw['init_weights']!r} is not supported (only True)")
         cfg = PeftConfig(type="miss", r=int(raw["r"]), target_modules=targets_)
     else:
-        raise UserError(f"{cfg_file}: peft_type {kind!r} is not supported (LORA, VERA, MISS)")
+        raise UserError(f"{cfg_file}: peft_type {kind!r} is not supported (LORA, VERA, ADALORA or MISS)")
     state = load_file(str(weights))
     adapter, frozen = {}, {}
     for k, v in state.items():

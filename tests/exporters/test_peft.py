@@ -171,6 +171,11 @@ def test_bad_configs_and_files_name_the_field(qcfg, tmp_path):
         pcpc_peft.PeftConfig(lora_dropout=0.1)
     with pytest.raises(UserError, match="adapter_config.json is missing"):
         pcpc_peft.load(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3", "target_modules": ["k_proj"]}')
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"adapter_config.json: peft_type 'IA3' is not supported "
+                                        r"\(LORA, VERA, ADALORA or MISS\)"):
+        pcpc_peft.load(tmp_path)
     cfg = pcpc_cfg("lora")
     base = base_params(hf_model(CASE))
     adapter, frozen, _ = pcpc_peft.init(base, qcfg, cfg)
