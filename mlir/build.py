@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -150,15 +151,18 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-@contextmanager
-def _lock(path: Path):
+def _acquire(path: Path):
+    """An exclusive lock on the file `path` (made if missing), held until _release: a target's builds, one at a
+    time across processes and threads."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    f = open(path, "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
+def _release(f) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
 
 
 def _load_json(path: Path) -> dict | None:
@@ -225,6 +229,39 @@ def bf16_warning(target: Target, compile_target: str) -> str | None:
             f"avx512_bf16: its matmuls are emulated, about 10x slower than float32 (bench/NOTES.md); use float32")
 
 
+MAX_COMPILES = 2
+"""iree-compile processes one process runs at once (start_build). A compile keeps ~1.2 of two cores busy, an
+export (Python) one: two compiles, or an export beside a compile, fill a 2-core machine (bench/NOTES.md,
+"Builds side by side")."""
+_compiles = threading.BoundedSemaphore(MAX_COMPILES)
+
+
+class PendingBuild:
+    """A build whose export is done and whose compile (an iree-compile process) runs in a thread, so the
+    caller can export the next target meanwhile. `wait()` returns the BuildResult or raises the compile's
+    error. The target's lock is held until the compile ends, waited for or not."""
+
+    def __init__(self, result: BuildResult, compile_step: Callable[[], None] | None = None):
+        self.result, self._error = result, None
+        self._thread = None
+        if compile_step is not None:
+            self._thread = threading.Thread(target=self._run, args=(compile_step,), name=f"compile {result.vmfb.name}")
+            self._thread.start()
+
+    def _run(self, compile_step) -> None:
+        try:
+            compile_step()
+        except BaseException as e:  # handed to wait(), in the caller's thread
+            self._error = e
+
+    def wait(self) -> BuildResult:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.result
+
+
 def build(
     target: Target,
     out_dir: Path | str = ARTIFACTS,
@@ -233,6 +270,18 @@ def build(
     log: Callable[[str], None] | None = None,
 ) -> BuildResult:
     """Bring `out_dir/<name>.{mlir,vmfb,meta.json}` up to date; run only the steps whose inputs changed."""
+    return start_build(target, out_dir, compile_target, arch, log).wait()
+
+
+def start_build(
+    target: Target,
+    out_dir: Path | str = ARTIFACTS,
+    compile_target: str = "llvm-cpu",
+    arch: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PendingBuild:
+    """build(), returning once the export is done: the compile, if one is needed, goes on in a thread
+    (at most MAX_COMPILES at once). Start a run's modules one after another, then wait for each."""
     out_dir = Path(out_dir)
     log = log or (lambda msg: None)
     mlir_path, sidecar, vmfb_path, meta_path = paths_for(target.name, out_dir)
@@ -242,7 +291,8 @@ def build(
     cpu = features_hash()
     result = BuildResult(mlir_path, vmfb_path, meta_path)
 
-    with _lock(out_dir / ".locks" / f"{target.name}.lock"):
+    lock = _acquire(out_dir / ".locks" / f"{target.name}.lock")
+    try:
         ekey = export_key(target, versions)
         record = _load_json(sidecar)
         mlir_ok = (
@@ -259,52 +309,71 @@ def build(
             result.ran.append("export")
 
         ckey = compile_key(record["mlir_sha256"], compile_target, flags, versions, cpu)
-        meta = _load_json(meta_path)
-        prov = (meta or {}).get("provenance", {})
-        vmfb_ok = (
-            prov.get("compile_key") == ckey
-            and prov.get("export_key") == ekey
-            and vmfb_path.is_file()
-            and sha256_file(vmfb_path) == prov.get("vmfb_sha256")
-            and (not prov.get("encoder_sha256") or (encoder_path.is_file()
-                                                    and sha256_file(encoder_path) == prov["encoder_sha256"]))
-        )
-        if vmfb_ok:
-            return result
+        if _compiled(meta_path, vmfb_path, encoder_path, ckey, ekey):
+            _release(lock)
+            return PendingBuild(result)
 
         log(f"compile {target.name} -> {vmfb_path} ({compile_target})")
         warning = bf16_warning(target, compile_target)
         if warning:
             print(warning, file=sys.stderr)
-        t0 = time.perf_counter()
-        encodes = packs_at_export(flags)
-        with atomic_path(vmfb_path) as out, (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
-            compile_mlir(mlir_path, out, flags, encoder_out)
-        result.seconds["compile"] = time.perf_counter() - t0
-        result.ran.append("compile")
+    except BaseException:
+        _release(lock)
+        raise
 
-        meta_obj = parse_meta(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "functions": record["functions"],
-                "parameters": record["parameters"],
-                "parameter_bytes": sum(TensorSpec(**{**p, "shape": tuple(p["shape"])}).nbytes for p in record["parameters"]),
-                "provenance": {
-                    "target_name": target.name,
-                    "recipe": target.recipe,
-                    "config": target.config,
-                    "export_key": ekey,
-                    "compile_key": ckey,
-                    "mlir_sha256": record["mlir_sha256"],
-                    "vmfb_sha256": sha256_file(vmfb_path),
-                    "versions": versions,
-                    "compile_target": compile_target,
-                    "compile_flags": list(flags),
-                    "cpu_features": cpu,
-                    "encoder_sha256": sha256_file(encoder_path) if encodes else "",
-                },
+    def compile_step() -> None:
+        try:
+            with _compiles:
+                t0 = time.perf_counter()
+                encodes = packs_at_export(flags)
+                with atomic_path(vmfb_path) as out, (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
+                    compile_mlir(mlir_path, out, flags, encoder_out)
+                result.seconds["compile"] = time.perf_counter() - t0
+            result.ran.append("compile")
+            _write_meta(meta_path, target, record, ekey, ckey, versions, compile_target, flags, cpu,
+                        vmfb_path, encoder_path if encodes else None)
+        finally:
+            _release(lock)
+
+    return PendingBuild(result, compile_step)
+
+
+def _compiled(meta_path: Path, vmfb_path: Path, encoder_path: Path, ckey: str, ekey: str) -> bool:
+    """Whether the VMFB (and encoder) on disk are the ones meta.json records for these keys."""
+    prov = (_load_json(meta_path) or {}).get("provenance", {})
+    return (
+        prov.get("compile_key") == ckey
+        and prov.get("export_key") == ekey
+        and vmfb_path.is_file()
+        and sha256_file(vmfb_path) == prov.get("vmfb_sha256")
+        and (not prov.get("encoder_sha256") or (encoder_path.is_file()
+                                                and sha256_file(encoder_path) == prov["encoder_sha256"]))
+    )
+
+
+def _write_meta(meta_path: Path, target: Target, record: dict, ekey: str, ckey: str, versions: dict,
+                compile_target: str, flags, cpu: str, vmfb_path: Path, encoder_path: Path | None) -> None:
+    meta_obj = parse_meta(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "functions": record["functions"],
+            "parameters": record["parameters"],
+            "parameter_bytes": sum(TensorSpec(**{**p, "shape": tuple(p["shape"])}).nbytes for p in record["parameters"]),
+            "provenance": {
+                "target_name": target.name,
+                "recipe": target.recipe,
+                "config": target.config,
+                "export_key": ekey,
+                "compile_key": ckey,
+                "mlir_sha256": record["mlir_sha256"],
+                "vmfb_sha256": sha256_file(vmfb_path),
+                "versions": versions,
+                "compile_target": compile_target,
+                "compile_flags": list(flags),
+                "cpu_features": cpu,
+                "encoder_sha256": sha256_file(encoder_path) if encoder_path else "",
             },
-            where=f"{meta_path} (being written)",
-        )
-        write_atomic(meta_path, meta_obj.to_json())
-    return result
+        },
+        where=f"{meta_path} (being written)",
+    )
+    write_atomic(meta_path, meta_obj.to_json())

@@ -29,9 +29,9 @@ import numpy as np
 from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.sparse import plan_sparse
-from pcpc.runtime.rl.update import plan_inplace
+from pcpc.runtime.rl.update import start_inplace
 from pcpc.runtime.rl.dpo_config import DPOConfig
-from pcpc.runtime.run.artifacts import build_artifact
+from pcpc.runtime.run.artifacts import start_artifact
 from pcpc.runtime.run.skeleton import Loop
 
 
@@ -192,11 +192,13 @@ class DPO(Loop):
                "grad_clip": d.max_grad_norm}
         target = rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=2 * d.batch_size, seq_len=T,
                            **setup.adapter_recipe(cfg, DPO_FUNCTIONS), optimizer=opt)
-        built = build_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
+        train_b = start_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
+        inplace_b = start_inplace(cfg, target, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)
+        built = train_b.wait()
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(built.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
         sparse_vmfb = plan_sparse(cfg, load_meta(built.meta), target.config["optimizer"], ctx.say)
-        inplace_vmfb = plan_inplace(cfg, target, built.vmfb, ctx.say)
+        inplace_vmfb = str(inplace_b.wait().vmfb) if inplace_b else None
         ctx.write_config(training_vmfb=str(built.vmfb), seq_len=T, pairs=n_pairs)
         cut = f" ({pairs.truncated} completions cut to max_length)" if pairs.truncated else ""
         ctx.say(f"DPO ({d.loss_type}, beta {d.beta}): {cfg.model} "

@@ -35,8 +35,8 @@ from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.grpo_config import GRPOConfig
 from pcpc.runtime.rl.sparse import plan_sparse
-from pcpc.runtime.rl.update import plan_inplace
-from pcpc.runtime.run.artifacts import build_artifact
+from pcpc.runtime.rl.update import start_inplace
+from pcpc.runtime.run.artifacts import start_artifact
 from pcpc.runtime.run.skeleton import Loop
 
 
@@ -131,18 +131,23 @@ class GRPO(Loop):
             raise UserError(f"rollout_config.max_tokens: the longest prompt ({prefill_len} tokens, rounded) plus "
                             f"{r.max_tokens} new tokens exceeds the model's {src.config.max_position_embeddings} "
                             f"positions")
-        ctx.claim(g.num_iterations)
-        gen = build_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
-                             cfg.target, ctx.say)
-        weights = setup.ensure_weights(cfg.weights_path, src, load_meta(gen.meta), cfg.init_weights, cfg.seed,
-                                       ctx.say)
         if cfg.mask is not None and cfg.outer_step_active:
             raise UserError("mask: a sparse run takes no outer Nesterov step; set learning_rate 1.0 and "
                             "nesterov_momentum 0.0")
+        ctx.claim(g.num_iterations)
+        # The modules are started one after another, the longest compile first: each export runs beside the
+        # compiles before it.
         train_t = training_target(cfg, src, seq_len)
-        train = build_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
+        train_b = start_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
+        gen_b = start_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
+                               cfg.target, ctx.say)
+        inplace_b = start_inplace(cfg, train_t, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)
+        gen = gen_b.wait()
+        weights = setup.ensure_weights(cfg.weights_path, src, load_meta(gen.meta), cfg.init_weights, cfg.seed,
+                                       ctx.say)
+        train = train_b.wait()
         sparse_vmfb = plan_sparse(cfg, load_meta(train.meta), train_t.config["optimizer"], ctx.say)
-        inplace_vmfb = plan_inplace(cfg, train_t, train.vmfb, ctx.say)
+        inplace_vmfb = str(inplace_b.wait().vmfb) if inplace_b else None
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
         ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "

@@ -31,18 +31,19 @@ def writes_in_place(cfg) -> bool:
     return cfg.mask is not None or (cfg.peft is None and not getattr(cfg, "outer_step_active", False))
 
 
-def plan_inplace(cfg, train_target, train_vmfb, say) -> str | None:
-    """Launcher side: build (or find) the in-place AdamW module beside the training module; its .vmfb, or None
-    where the run keeps the training module's adamw_K (a mask, an adapter, an outer step)."""
+def start_inplace(cfg, train_target, train_vmfb, say):
+    """Launcher side: start building (or find) the in-place AdamW module beside the training module `train_vmfb`
+    (runtime/run/artifacts.py PendingArtifact; its compile goes on beside the caller), or None where the run
+    keeps the training module's adamw_K (a mask, an adapter, an outer step)."""
     if cfg.mask is not None or not writes_in_place(cfg):
         return None
     from pathlib import Path
 
     from pcpc.mlir.targets import optimizer_target
-    from pcpc.runtime.run.artifacts import build_artifact
+    from pcpc.runtime.run.artifacts import start_artifact
 
     path = Path(train_vmfb).with_name(f"{Path(train_vmfb).stem}-adamw.vmfb")
-    return str(build_artifact("training_model_path", path, optimizer_target(train_target), cfg.target, say).vmfb)
+    return start_artifact("training_model_path", path, optimizer_target(train_target), cfg.target, say)
 
 
 class ChunkedOptimizer:

@@ -43,11 +43,35 @@ def check_not_foreign(field: str, path: Path, why: str) -> None:
             f"file away and pcpc builds {path.name} there.")
 
 
+WHY_DERIVED = ("pcpc derives the gradient and generation functions from its functional models before lowering, "
+               "so it cannot use an MLIR/VMFB file it did not build.")
+
+
+class PendingArtifact:
+    """An artifact whose compile goes on (mlir/build.py PendingBuild); `wait()` says it is built and returns the
+    BuildResult."""
+
+    def __init__(self, pending, say: Callable[[str], None]):
+        self._pending, self._say = pending, say
+
+    def wait(self):
+        result = self._pending.wait()
+        if result.ran:
+            self._say(f"  built {result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())})")
+        return result
+
+
 def build_artifact(field: str, path: str | Path, target, compile_target: str, say: Callable[[str], None],
-                   why: str = "pcpc derives the gradient and generation functions from its functional models "
-                              "before lowering, so it cannot use an MLIR/VMFB file it did not build."):
+                   why: str = WHY_DERIVED):
     """Build (or find up to date) the artifact `path` names; returns the BuildResult."""
-    from pcpc.mlir.build import build
+    return start_artifact(field, path, target, compile_target, say, why).wait()
+
+
+def start_artifact(field: str, path: str | Path, target, compile_target: str, say: Callable[[str], None],
+                   why: str = WHY_DERIVED) -> PendingArtifact:
+    """build_artifact, returning once the export is done while the compile goes on: a run starts its modules
+    one after another, each export beside the compiles before it, then waits for them."""
+    from pcpc.mlir.build import start_build
 
     path = Path(path)
     check_not_foreign(field, path, why)
@@ -59,8 +83,6 @@ def build_artifact(field: str, path: str | Path, target, compile_target: str, sa
         say(f"building {path.with_suffix('.vmfb')} (once, cached afterwards)")
     with warnings.catch_warnings():  # tracing's FutureWarnings are noise to someone running an experiment
         warnings.simplefilter("ignore", FutureWarning)
-        result = build(dataclasses.replace(target, name=path.stem), path.parent, compile_target=compile_target,
-                       log=lambda m: say("  " + m))
-    if result.ran:
-        say(f"  built {result.vmfb} ({', '.join(f'{k} {v:.1f}s' for k, v in result.seconds.items())})")
-    return result
+        pending = start_build(dataclasses.replace(target, name=path.stem), path.parent, compile_target=compile_target,
+                              log=lambda m: say("  " + m))
+    return PendingArtifact(pending, say)

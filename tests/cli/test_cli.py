@@ -25,8 +25,12 @@ def test_build_list():
     assert "nanogpt-small" in proc.stdout and "nanogpt-medium" in proc.stdout
 
 
-def test_build_unknown_target():
+def test_build_unknown_target(tmp_path):
     assert_user_error(pcpc("build", "nanogpt-huge"), "unknown build target 'nanogpt-huge'; valid:")
+    # every name is checked before anything is built
+    proc = pcpc("build", "nanogpt-small", "nanogpt-huge", "--out-dir", str(tmp_path / "out"))
+    assert_user_error(proc, "unknown build target 'nanogpt-huge'")
+    assert not (tmp_path / "out").exists()
 
 
 def test_build_without_name():

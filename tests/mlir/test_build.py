@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_target
@@ -110,6 +111,54 @@ def test_failed_compile_leaves_previous_artifacts_intact(built, monkeypatch):
         build(tiny_target(), out)
     assert {p: p.read_bytes() for p in before} == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_started_build_compiles_while_the_next_target_exports(tmp_path, monkeypatch):
+    """start_build returns after the export; the compile goes on in a thread (here held until the next
+    target has exported), and the modules equal those of builds one after another."""
+    import threading
+
+    real, release, compiling = build_mod.compile_mlir, threading.Event(), []
+
+    def held(mlir, vmfb, flags, encoder=None):
+        compiling.append(Path(mlir).stem)
+        if Path(mlir).stem == "a":
+            assert release.wait(timeout=300)
+        real(mlir, vmfb, flags, encoder)
+
+    monkeypatch.setattr(build_mod, "compile_mlir", held)
+    a = build_mod.start_build(tiny_target("a"), tmp_path / "side")
+    b = build_mod.start_build(tiny_target("b", vocab_size=13), tmp_path / "side")  # exported while a compiles
+    assert (tmp_path / "side" / "b.mlir").is_file() and not (tmp_path / "side" / "a.meta.json").exists()
+    release.set()
+    ra, rb = a.wait(), b.wait()
+    assert ra.ran == rb.ran == ["export", "compile"] and sorted(compiling) == ["a", "b"]
+    monkeypatch.setattr(build_mod, "compile_mlir", real)
+    rng = np.random.default_rng(0)
+    for side, target in ((ra, tiny_target("a")), (rb, tiny_target("b", vocab_size=13))):
+        alone = build(target, tmp_path / "alone")
+        assert side.mlir.read_bytes() == alone.mlir.read_bytes()
+        mods = [CompiledModule(r.vmfb) for r in (side, alone)]
+        sig = mods[0].signature("forward_loss")
+        args = [rng.integers(0, 11, s.shape) if s.dtype == "int64" else rng.standard_normal(s.shape, np.float32)
+                for s in sig.args]
+        first, second = (m.call_host("forward_loss", *args)[0] for m in mods)
+        assert first == second
+    assert build_mod.start_build(tiny_target("a"), tmp_path / "side").wait().ran == []
+
+
+def test_a_started_builds_failure_comes_out_of_wait_and_frees_the_target(tmp_path, monkeypatch):
+    def broken(mlir, vmfb, flags, encoder=None):
+        Path(vmfb).write_bytes(b"half-written")
+        raise UserError("iree-compile could not compile a.mlir (simulated)")
+
+    monkeypatch.setattr(build_mod, "compile_mlir", broken)
+    pending = build_mod.start_build(tiny_target("a"), tmp_path)
+    with pytest.raises(UserError, match="simulated"):
+        pending.wait()
+    assert not (tmp_path / "a.vmfb").exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert build(tiny_target("a"), tmp_path).ran == ["compile"]  # the lock was let go; the export is kept
 
 
 def test_concurrent_builds_of_one_target(tmp_path):
