@@ -36,7 +36,7 @@ from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.grpo_config import GRPOConfig
 from pcpc.runtime.rl.sparse import plan_sparse
 from pcpc.runtime.rl.update import start_inplace
-from pcpc.runtime.run.artifacts import start_artifact
+from pcpc.runtime.run.artifacts import WHY_DERIVED, check_not_foreign, start_artifact
 from pcpc.runtime.run.skeleton import Loop
 
 
@@ -136,7 +136,9 @@ class GRPO(Loop):
                             "nesterov_momentum 0.0")
         ctx.claim(g.num_iterations)
         # The modules are started one after another, the longest compile first: each export runs beside the
-        # compiles before it.
+        # compiles before it. Both paths are checked before either build starts.
+        for field in ("model_path", "training_model_path"):
+            check_not_foreign(field, Path(getattr(cfg, field)), WHY_DERIVED)
         train_t = training_target(cfg, src, seq_len)
         train_b = start_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
         gen_b = start_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
