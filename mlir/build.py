@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pcpc.mlir.compile import compile_flags, compile_mlir, isa_flags, packs_at_export
+from pcpc.mlir.compile import compile_flags, compile_mlir, isa_flags, mutates_arguments, packs_at_export
 from pcpc.mlir.cpu import features_hash, target_cpu
 from pcpc.mlir.signature import SCHEMA_VERSION, TensorSpec, parse_meta
+from pcpc.mlir.split import parts_of
 
 ARTIFACTS = Path("artifacts")
 
@@ -323,19 +325,67 @@ def start_build(
 
     def compile_step() -> None:
         try:
-            with _compiles:
-                t0 = time.perf_counter()
-                encodes = packs_at_export(flags)
-                with atomic_path(vmfb_path) as out, (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
+            t0 = time.perf_counter()
+            encodes = packs_at_export(flags)
+            parts = None if encodes or mutates_arguments(mlir_path) else parts_of(
+                mlir_path.read_text(), MAX_COMPILES, os.cpu_count() or 1)
+            if parts is None:
+                with _compiles, atomic_path(vmfb_path) as out, \
+                        (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
                     compile_mlir(mlir_path, out, flags, encoder_out)
-                result.seconds["compile"] = time.perf_counter() - t0
+            else:
+                _compile_parts(parts, vmfb_path, flags)
+            result.seconds["compile"] = time.perf_counter() - t0
             result.ran.append("compile")
             _write_meta(meta_path, target, record, ekey, ckey, versions, compile_target, flags, cpu,
-                        vmfb_path, encoder_path if encodes else None)
+                        vmfb_path, encoder_path if encodes else None, [g for _, g in parts[1:]] if parts else [])
         finally:
             _release(lock)
 
     return PendingBuild(result, compile_step)
+
+
+def part_path_for(vmfb: Path, index: int) -> Path:
+    """NAME.partI.vmfb next to NAME.vmfb: part I of a module compiled in parts (pcpc.mlir.split)."""
+    return vmfb.with_name(vmfb.name.removesuffix(".vmfb") + f".part{index}.vmfb")
+
+
+def _compile_parts(parts: list[tuple[str, list[str]]], vmfb_path: Path, flags) -> None:
+    """Compile each part (module text, functions) in its own iree-compile, side by side (each holding one of
+    the MAX_COMPILES slots); part 0 becomes vmfb_path, part I NAME.partI.vmfb. The files are put in place only
+    when every part compiled, so a failure leaves the previous build as it was."""
+    # a fixed folder (the target's lock is held): the MLIR's file name goes into the module's debug
+    # locations, so a random one would make each build's bytes differ
+    stem = vmfb_path.name.removesuffix(".vmfb")
+    tmp = vmfb_path.parent / f".{stem}.parts"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        errors: list[BaseException] = []
+
+        def one(i: int, text: str) -> None:
+            try:
+                with _compiles:
+                    src = tmp / f"{stem}.part{i}.mlir"  # named so in a compile error
+                    src.write_text(text)
+                    compile_mlir(src, tmp / f"part{i}.vmfb", flags)
+            except BaseException as e:  # raised below, in the build's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i, text), name=f"compile {vmfb_path.name} part {i}")
+                   for i, (text, _) in enumerate(parts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        for i in reversed(range(len(parts))):  # NAME.vmfb last
+            dest = part_path_for(vmfb_path, i) if i else vmfb_path
+            with atomic_path(dest) as out:
+                os.replace(tmp / f"part{i}.vmfb", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _compiled(meta_path: Path, vmfb_path: Path, encoder_path: Path, ckey: str, ekey: str) -> bool:
@@ -348,11 +398,17 @@ def _compiled(meta_path: Path, vmfb_path: Path, encoder_path: Path, ckey: str, e
         and sha256_file(vmfb_path) == prov.get("vmfb_sha256")
         and (not prov.get("encoder_sha256") or (encoder_path.is_file()
                                                 and sha256_file(encoder_path) == prov["encoder_sha256"]))
+        and all(isinstance(p, dict) and (vmfb_path.parent / str(p.get("file"))).is_file()
+                and sha256_file(vmfb_path.parent / str(p["file"])) == p.get("sha256") for p in prov.get("parts", []))
     )
 
 
 def _write_meta(meta_path: Path, target: Target, record: dict, ekey: str, ckey: str, versions: dict,
-                compile_target: str, flags, cpu: str, vmfb_path: Path, encoder_path: Path | None) -> None:
+                compile_target: str, flags, cpu: str, vmfb_path: Path, encoder_path: Path | None,
+                parts: list[list[str]]) -> None:
+    """Write meta.json (last: it is what makes the build current), recording parts 1.. (their functions), and
+    remove part files of an earlier build that this one no longer has."""
+    part_files = [part_path_for(vmfb_path, i + 1) for i in range(len(parts))]
     meta_obj = parse_meta(
         {
             "schema_version": SCHEMA_VERSION,
@@ -372,8 +428,14 @@ def _write_meta(meta_path: Path, target: Target, record: dict, ekey: str, ckey: 
                 "compile_flags": list(flags),
                 "cpu_features": cpu,
                 "encoder_sha256": sha256_file(encoder_path) if encoder_path else "",
+                "parts": [{"file": f.name, "sha256": sha256_file(f), "functions": g} for f, g in zip(part_files, parts)],
             },
         },
         where=f"{meta_path} (being written)",
     )
     write_atomic(meta_path, meta_obj.to_json())
+    prefix = vmfb_path.name.removesuffix(".vmfb") + ".part"
+    for old in vmfb_path.parent.iterdir():
+        if (old.name.startswith(prefix) and old.name.endswith(".vmfb") and old.name[len(prefix):-5].isdigit()
+                and old not in part_files):
+            old.unlink(missing_ok=True)

@@ -62,6 +62,17 @@ class FunctionSignature:
 
 
 @dataclass(frozen=True)
+class ModulePart:
+    """A VMFB compiled beside NAME.vmfb that holds some of the module's functions (pcpc.mlir.split); the
+    runtime loads it into the same context."""
+
+    file: str
+    """Its file name, in NAME.vmfb's folder (NAME.part1.vmfb, ...)."""
+    sha256: str
+    functions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Provenance:
     """What produced the module: enough to tell whether it is stale."""
 
@@ -87,6 +98,8 @@ class Provenance:
     encoder_sha256: str = ""
     """sha256 of NAME.encoder.vmfb, the module that packs the flat weight file into the layout this module
     reads (pcpc.runtime.pack); empty when the module reads the flat weights as they are."""
+    parts: tuple[ModulePart, ...] = ()
+    """The other VMFBs of a module compiled in parts; NAME.vmfb holds the functions none of them lists."""
 
 
 @dataclass(frozen=True)

@@ -166,36 +166,49 @@ class CompiledModule:
         if not self.path.is_file():
             raise UserError(f"{self.path}: no such module (build it with `pcpc build`)")
         self.meta: ModuleMeta = load_meta(meta or meta_path_for(self.path))
-        data = self.path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != self.meta.provenance.vmfb_sha256:
-            raise UserError(
-                f"{self.path}: does not match its meta.json (sha256 {digest[:12]}…, meta records "
-                f"{self.meta.provenance.vmfb_sha256[:12]}…); the pair is stale or foreign, rebuild it"
-            )
         self.driver = driver or default_driver(self.meta.provenance.compile_target, threads)
         self.config = _config(self.driver, threads)
-        try:
-            self.vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"{self.path}: not a valid VMFB (corrupt or truncated): {e}") from None
-        exported = {n for n in self.vm_module.function_names if not n.startswith("__") and "$" not in n}
-        if exported != set(self.meta.functions):
-            raise UserError(
-                f"{self.path}: module exports {sorted(exported)} but meta.json lists {sorted(self.meta.functions)}"
-            )
+        # NAME.vmfb, then the parts of a module compiled in parts (pcpc.mlir.split), each with the functions it holds
+        parts = self.meta.provenance.parts
+        rest = tuple(f for f in self.meta.functions if not any(f in p.functions for p in parts))
+        self.vm_modules = [self._load(self.path, self.meta.provenance.vmfb_sha256, rest)]
+        self.vm_modules += [self._load(self.path.with_name(p.file), p.sha256, p.functions) for p in parts]
         self.resident = is_resident(self.meta)
         if parameters is not None and not self.resident:
             raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
-        self.context = self._module = None
+        self.context, self._modules = None, {}
         self._indexes = []  # parameter indexes and mapped files the context reads from: kept alive with it
         if self.resident and parameters is None:
             return  # inspectable, not callable: a call says which file is missing
-        modules = [self.vm_module]
+        modules = list(self.vm_modules)
         if self.resident:
             modules.insert(0, self._parameters_module(Path(parameters)))
         self.context = rt.SystemContext(vm_modules=modules, config=self.config)
-        self._module = self.context.modules[self.vm_module.name]
+        for vm, fns in zip(self.vm_modules, [rest] + [p.functions for p in parts]):
+            bound = self.context.modules[vm.name]
+            self._modules.update({fn: bound for fn in fns})
+
+    def _load(self, path: Path, sha256: str, functions):
+        """One VMFB of the module, checked against meta.json: its digest, and the functions it exports."""
+        import iree.runtime as rt
+
+        if not path.is_file():
+            raise UserError(f"{path}: no such module (build it with `pcpc build`)")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise UserError(
+                f"{path}: does not match its meta.json (sha256 {digest[:12]}…, meta records "
+                f"{sha256[:12]}…); the pair is stale or foreign, rebuild it"
+            )
+        try:
+            vm_module = rt.VmModule.copy_buffer(self.config.vm_instance, data)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{path}: not a valid VMFB (corrupt or truncated): {e}") from None
+        exported = {n for n in vm_module.function_names if not n.startswith("__") and "$" not in n}
+        if exported != set(functions):
+            raise UserError(f"{path}: module exports {sorted(exported)} but meta.json lists {sorted(functions)}")
+        return vm_module
 
     def _parameters_module(self, path: Path):
         """An io_parameters module serving each parameter from its offset in the flat file (scope "model",
@@ -264,7 +277,7 @@ class CompiledModule:
     def __call__(self, fn: str, *args) -> list:
         """Invoke `fn`; returns its results as device arrays (see `to_host`)."""
         sig = self.signature(fn)
-        if self._module is None:
+        if self.context is None:
             raise UserError(f"{self.path}: its weights are module parameters; load it with the flat weight file "
                             f"(CompiledModule(..., parameters=FILE))")
         if len(args) != len(sig.args):
@@ -277,7 +290,7 @@ class CompiledModule:
                 raise UserError(f"{fn}: argument {i} {spec.name!r} must be an array, got {type(value).__name__}")
             self._check(fn, spec, value, i)
             converted.append(value)
-        out = self._module[fn](*converted)
+        out = self._modules[fn][fn](*converted)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def call_host(self, fn: str, *args) -> list[np.ndarray]:
