@@ -32,7 +32,7 @@ def main() -> None:
     from pcpc.mlir.signature import load_meta
     from pcpc.mlir.targets import get_target
 
-    print(f"bench/build.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu.summary()}; {os.cpu_count()} cores; "
+    print(f"bench/build.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu.summary()}; {len(os.sched_getaffinity(0))} cores to use; "
           f"load average {os.getloadavg()[0]:.1f}; medians of {a.rounds} alternating compiles")
     print("\n| module | whole s | in parts s | ratio | parts |\n|---|---|---|---|---|")
     real_parts_of = build_mod.parts_of

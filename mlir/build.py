@@ -328,7 +328,7 @@ def start_build(
             t0 = time.perf_counter()
             encodes = packs_at_export(flags)
             parts = None if encodes or mutates_arguments(mlir_path) else parts_of(
-                mlir_path.read_text(), MAX_COMPILES, os.cpu_count() or 1)
+                mlir_path.read_text(), MAX_COMPILES, len(os.sched_getaffinity(0)))
             if parts is None:
                 with _compiles, atomic_path(vmfb_path) as out, \
                         (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:
@@ -361,16 +361,16 @@ def _compile_parts(parts: list[tuple[str, list[str]]], vmfb_path: Path, flags) -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        errors: list[BaseException] = []
+        errors: dict[int, BaseException] = {}
 
         def one(i: int, text: str) -> None:
             try:
                 with _compiles:
-                    src = tmp / f"{stem}.part{i}.mlir"  # named so in a compile error
+                    src = tmp / (f"{stem}.part{i}.mlir" if i else f"{stem}.mlir")  # the names a compile error gives
                     src.write_text(text)
                     compile_mlir(src, tmp / f"part{i}.vmfb", flags)
             except BaseException as e:  # raised below, in the build's thread
-                errors.append(e)
+                errors[i] = e
 
         threads = [threading.Thread(target=one, args=(i, text), name=f"compile {vmfb_path.name} part {i}")
                    for i, (text, _) in enumerate(parts)]
@@ -379,7 +379,7 @@ def _compile_parts(parts: list[tuple[str, list[str]]], vmfb_path: Path, flags) -
         for t in threads:
             t.join()
         if errors:
-            raise errors[0]
+            raise errors[min(errors)]
         for i in reversed(range(len(parts))):  # NAME.vmfb last
             dest = part_path_for(vmfb_path, i) if i else vmfb_path
             with atomic_path(dest) as out:

@@ -59,6 +59,8 @@ def inspect(vmfb):
     click.echo("  versions: " + ", ".join(f"{k} {v}" for k, v in prov.versions.items()))
     click.echo(f"  flags: {' '.join(prov.compile_flags)}")
     click.echo(f"  parameters: {len(meta.parameters)} tensors, {meta.parameter_bytes:,} bytes")
+    for part in prov.parts:
+        click.echo(f"  compiled in parts: {part.file} holds {', '.join(part.functions)}")
     for name, sig in meta.functions.items():
         click.echo(f"  {name}:")
         for kind, specs in (("arg", sig.args), ("result", sig.results)):

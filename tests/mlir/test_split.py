@@ -2,6 +2,8 @@
 VMFBs loaded into one context."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,10 @@ def test_a_module_in_parts_calls_as_the_whole_one(tmp_path, force_split, monkeyp
     monkeypatch.setattr(build_mod, "parts_of", lambda *a: None)
     whole = build(tiny_target("t", FUNCTIONS), tmp_path / "whole")
     assert load_meta(whole.meta).provenance.parts == () and not part_path_for(whole.vmfb, 1).exists()
+    shown = subprocess.run([sys.executable, "-m", "pcpc.cli", "inspect", str(parted.vmfb)], capture_output=True,
+                           text=True)
+    assert shown.returncode == 0 and f"compiled in parts: t.part1.vmfb holds {', '.join(prov.parts[0].functions)}" \
+        in shown.stdout
     rng = np.random.default_rng(0)
     a, b = CompiledModule(parted.vmfb), CompiledModule(whole.vmfb)
     for fn in FUNCTIONS:
