@@ -323,6 +323,7 @@ def test_a_model_object_trains_logs_the_router_and_shares_its_build(ws):
     assert all(0.5 < r["aux_loss"] < 2.0 and r["z_loss"] > 0 for r in recs)  # ~1 near balance
     assert recs[-1]["expert_load_max"] == max(loads[-1])
     assert "aux_loss" in (ws / "runs/moe/metrics.csv").read_text().splitlines()[0]
+
     def modules():  # NAME.vmfb, not its parts (NAME.part1.vmfb)
         return sorted(p for p in (ws / "models").glob("nanogpt_small-*.vmfb") if ".part" not in p.name)
 
