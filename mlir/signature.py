@@ -71,6 +71,12 @@ class ModulePart:
     sha256: str
     functions: tuple[str, ...]
 
+    def __post_init__(self):
+        if "/" in self.file or "\\" in self.file or not self.file.endswith(".vmfb") or self.file.startswith("."):
+            raise ValueError(f"file must be a .vmfb file name in the module's folder, got {self.file!r}")
+        if not self.functions:
+            raise ValueError("functions must not be empty")
+
 
 @dataclass(frozen=True)
 class Provenance:

@@ -170,6 +170,10 @@ class CompiledModule:
         self.config = _config(self.driver, threads)
         # NAME.vmfb, then the parts of a module compiled in parts (pcpc.mlir.split), each with the functions it holds
         parts = self.meta.provenance.parts
+        stray = sorted({f for p in parts for f in p.functions} - set(self.meta.functions))
+        if stray:
+            raise UserError(f"{meta or meta_path_for(self.path)}: provenance.parts lists {', '.join(stray)}, which "
+                            f"are not among its functions")
         rest = tuple(f for f in self.meta.functions if not any(f in p.functions for p in parts))
         self.vm_modules = [self._load(self.path, self.meta.provenance.vmfb_sha256, rest)]
         self.vm_modules += [self._load(self.path.with_name(p.file), p.sha256, p.functions) for p in parts]

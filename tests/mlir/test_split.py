@@ -112,6 +112,17 @@ def test_parts_are_checked_rebuilt_and_cleaned_up(tmp_path, force_split, monkeyp
     with pytest.raises(UserError, match=r"t\.part1\.vmfb: no such module"):
         CompiledModule(first.vmfb)
 
+    # a meta.json whose parts are not files beside it, or not its functions
+    raw = json.loads(first.meta.read_text())
+    for bad, message in (({"file": "../t.part1.vmfb"}, r"provenance\.parts.*file must be a \.vmfb file name"),
+                         ({"functions": ["nope"]}, r"provenance\.parts lists nope, which are not among its functions")):
+        broken = tmp_path / "broken.meta.json"
+        broken.write_text(json.dumps({**raw, "provenance": {**raw["provenance"], "parts": [
+            {**raw["provenance"]["parts"][0], **bad}]}}))
+        with pytest.raises(UserError, match=message):
+            CompiledModule(first.vmfb, meta=broken)
+        broken.unlink()
+
     # a failing part leaves the previous build as it was
     assert build(tiny_target("t", FUNCTIONS), tmp_path).ran == ["compile"]
     before = {p: p.read_bytes() for p in (first.vmfb, part, first.meta)}
