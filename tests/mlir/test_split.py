@@ -48,6 +48,10 @@ def test_plan_keeps_a_function_with_the_larger_one_that_has_its_operations():
     assert sorted(map(sorted, groups)) == [["grad", "step"], ["more", "other"]]
     assert parted < whole
     assert split.plan(funcs, 1, 2)[0] == [list(funcs)]
+    # too many functions to try every split: placed greedily, every function once
+    many = {f"f{i}": func(f"f{i}", [f"op{i}_{j}" for j in range(10 + i)]) for i in range(14)}
+    groups, parted, whole = split.plan(many, 2, 2)
+    assert len(groups) == 2 and sorted(n for g in groups for n in g) == sorted(many) and parted < whole
     # one core: two processes cannot beat one, so the whole module is the plan's estimate too
     assert split.plan(funcs, 2, 1)[1] >= split.plan(funcs, 2, 1)[2]
 
