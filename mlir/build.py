@@ -315,7 +315,11 @@ def start_build(
             _release(lock)
             return PendingBuild(result)
 
-        log(f"compile {target.name} -> {vmfb_path} ({compile_target})")
+        encodes = packs_at_export(flags)
+        parts = None if encodes or mutates_arguments(mlir_path) else parts_of(
+            mlir_path.read_text(), MAX_COMPILES, len(os.sched_getaffinity(0)))
+        side_by_side = f", {len(parts)} parts side by side" if parts else ""
+        log(f"compile {target.name} -> {vmfb_path} ({compile_target}{side_by_side})")
         warning = bf16_warning(target, compile_target)
         if warning:
             print(warning, file=sys.stderr)
@@ -326,9 +330,6 @@ def start_build(
     def compile_step() -> None:
         try:
             t0 = time.perf_counter()
-            encodes = packs_at_export(flags)
-            parts = None if encodes or mutates_arguments(mlir_path) else parts_of(
-                mlir_path.read_text(), MAX_COMPILES, len(os.sched_getaffinity(0)))
             if parts is None:
                 with _compiles, atomic_path(vmfb_path) as out, \
                         (atomic_path(encoder_path) if encodes else nullcontext()) as encoder_out:

@@ -81,7 +81,9 @@ def args_for(mod, fn, rng):
 
 
 def test_a_module_in_parts_calls_as_the_whole_one(tmp_path, force_split, monkeypatch):
-    parted = build(tiny_target("t", FUNCTIONS), tmp_path / "parts")
+    said = []
+    parted = build(tiny_target("t", FUNCTIONS), tmp_path / "parts", log=said.append)
+    assert said[-1].endswith("(llvm-cpu, 2 parts side by side)")
     prov = load_meta(parted.meta).provenance
     assert len(prov.parts) == 1 and part_path_for(parted.vmfb, 1).is_file()
     in_parts = {fn for p in prov.parts for fn in p.functions}
