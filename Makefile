@@ -37,9 +37,9 @@ run: install
 list: install
 	$(BIN)/pcpc build --list
 
-# make nanogpt-small.vmfb -> artifacts/nanogpt-small.{mlir,vmfb,meta.json} (cached)
+# make nanogpt-small.vmfb -> artifacts/nanogpt-small.{mlir,vmfb,meta.json} (cached; with .part1.vmfb when compiled in parts)
 %.vmfb: install
 	$(BIN)/pcpc build $*
 
 clean:
-	rm -rf artifacts/*.mlir artifacts/*.vmfb artifacts/*.meta.json artifacts/.*.export.json artifacts/.locks
+	rm -rf artifacts/*.mlir artifacts/*.vmfb artifacts/*.meta.json artifacts/.*.export.json artifacts/.*.parts artifacts/.locks
