@@ -32,8 +32,9 @@ def main() -> None:
     from pcpc.mlir.signature import load_meta
     from pcpc.mlir.targets import get_target
 
-    print(f"bench/build.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu.summary()}; {len(os.sched_getaffinity(0))} cores to use; "
-          f"load average {os.getloadavg()[0]:.1f}; medians of {a.rounds} alternating compiles")
+    print(f"bench/build.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu.summary()}; "
+          f"{len(os.sched_getaffinity(0))} cores to use; load average {os.getloadavg()[0]:.1f}; "
+          f"medians of {a.rounds} alternating compiles")
     print("\n| module | whole s | in parts s | ratio | parts |\n|---|---|---|---|---|")
     real_parts_of = build_mod.parts_of
     with tempfile.TemporaryDirectory(prefix="pcpc-bench-build-") as tmp:
@@ -61,8 +62,9 @@ def main() -> None:
                     shutil.rmtree(out)
             build_mod.parts_of = real_parts_of
             whole, parted = (statistics.median(times[k]) for k in ("whole", "parts"))
-            print(f"| {name} (export {exported:.1f} s) | {whole:.1f} ({', '.join(f'{t:.1f}' for t in times['whole'])}) "
-                  f"| {parted:.1f} ({', '.join(f'{t:.1f}' for t in times['parts'])}) | {whole / parted:.2f}x "
+            each = {k: ", ".join(f"{t:.1f}" for t in v) for k, v in times.items()}
+            print(f"| {name} (export {exported:.1f} s) | {whole:.1f} ({each['whole']}) "
+                  f"| {parted:.1f} ({each['parts']}) | {whole / parted:.2f}x "
                   f"| {split or 'whole (not split here)'} |", flush=True)
 
 

@@ -429,7 +429,8 @@ def _write_meta(meta_path: Path, target: Target, record: dict, ekey: str, ckey: 
                 "compile_flags": list(flags),
                 "cpu_features": cpu,
                 "encoder_sha256": sha256_file(encoder_path) if encoder_path else "",
-                "parts": [{"file": f.name, "sha256": sha256_file(f), "functions": g} for f, g in zip(part_files, parts)],
+                "parts": [{"file": f.name, "sha256": sha256_file(f), "functions": g}
+                          for f, g in zip(part_files, parts)],
             },
         },
         where=f"{meta_path} (being written)",

@@ -140,7 +140,8 @@ def test_parts_are_checked_rebuilt_and_cleaned_up(tmp_path, force_split, monkeyp
         real(mlir, vmfb, flags, encoder)
 
     monkeypatch.setattr(build_mod, "compile_mlir", second_fails)
-    monkeypatch.setattr(build_mod, "compile_flags", lambda t, a=None: real_flags(t, a) + ("--iree-opt-strip-assertions",))
+    monkeypatch.setattr(build_mod, "compile_flags",
+                        lambda t, a=None: real_flags(t, a) + ("--iree-opt-strip-assertions",))
     with pytest.raises(UserError, match="simulated"):
         build(tiny_target("t", FUNCTIONS), tmp_path)
     assert {p: p.read_bytes() for p in before} == before
