@@ -33,7 +33,7 @@ def main() -> None:
     from pcpc.mlir.targets import get_target
 
     print(f"bench/build.py  {time.strftime('%Y-%m-%d %H:%M')}  {cpu.summary()}; "
-          f"{len(os.sched_getaffinity(0))} cores to use; load average {os.getloadavg()[0]:.1f}; "
+          f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f}; "
           f"medians of {a.rounds} alternating compiles")
     print("\n| module | whole s | in parts s | ratio | parts |\n|---|---|---|---|---|")
     real_parts_of = build_mod.parts_of

@@ -317,7 +317,7 @@ def start_build(
 
         encodes = packs_at_export(flags)
         parts = None if encodes or mutates_arguments(mlir_path) else parts_of(
-            mlir_path.read_text(), MAX_COMPILES, len(os.sched_getaffinity(0)))
+            mlir_path.read_text(), MAX_COMPILES, os.cpu_count() or 1)
         side_by_side = f", {len(parts)} parts side by side" if parts else ""
         log(f"compile {target.name} -> {vmfb_path} ({compile_target}{side_by_side})")
         warning = bf16_warning(target, compile_target)
