@@ -56,9 +56,8 @@ def main() -> None:
                     assert res.ran == ["compile"], res.ran
                     times[how].append(res.seconds["compile"])
                     if how == "parts":
-                        parts = load_meta(res.meta).provenance.parts
-                        rest = [f for f in load_meta(res.meta).functions if not any(f in p.functions for p in parts)]
-                        split = " / ".join(", ".join(g) for g in [rest, *(p.functions for p in parts)])
+                        files = load_meta(res.meta).vmfbs(res.vmfb.name)
+                        split = " / ".join(", ".join(fns) for _, _, fns in files) if len(files) > 1 else ""
                     shutil.rmtree(out)
             build_mod.parts_of = real_parts_of
             whole, parted = (statistics.median(times[k]) for k in ("whole", "parts"))

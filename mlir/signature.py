@@ -133,6 +133,13 @@ class ModuleMeta:
     def parameter_order(self) -> list[str]:
         return [p.name for p in self.parameters]
 
+    def vmfbs(self, vmfb_name: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(file name, sha256, functions) of each VMFB of the module: NAME.vmfb (`vmfb_name`) with the functions
+        no part lists, then its parts (one entry for a module compiled whole)."""
+        parts = self.provenance.parts
+        rest = tuple(f for f in self.functions if not any(f in p.functions for p in parts))
+        return [(vmfb_name, self.provenance.vmfb_sha256, rest)] + [(p.file, p.sha256, p.functions) for p in parts]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1) + "\n"
 

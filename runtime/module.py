@@ -174,9 +174,8 @@ class CompiledModule:
         if stray:
             raise UserError(f"{meta or meta_path_for(self.path)}: provenance.parts lists {', '.join(stray)}, which "
                             f"are not among its functions")
-        rest = tuple(f for f in self.meta.functions if not any(f in p.functions for p in parts))
-        self.vm_modules = [self._load(self.path, self.meta.provenance.vmfb_sha256, rest)]
-        self.vm_modules += [self._load(self.path.with_name(p.file), p.sha256, p.functions) for p in parts]
+        files = self.meta.vmfbs(self.path.name)
+        vm_modules = [self._load(self.path.with_name(name), sha256, fns) for name, sha256, fns in files]
         self.resident = is_resident(self.meta)
         if parameters is not None and not self.resident:
             raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
@@ -184,13 +183,12 @@ class CompiledModule:
         self._indexes = []  # parameter indexes and mapped files the context reads from: kept alive with it
         if self.resident and parameters is None:
             return  # inspectable, not callable: a call says which file is missing
-        modules = list(self.vm_modules)
+        modules = list(vm_modules)
         if self.resident:
             modules.insert(0, self._parameters_module(Path(parameters)))
         self.context = rt.SystemContext(vm_modules=modules, config=self.config)
-        for vm, fns in zip(self.vm_modules, [rest] + [p.functions for p in parts]):
-            bound = self.context.modules[vm.name]
-            self._modules.update({fn: bound for fn in fns})
+        for vm, (_, _, fns) in zip(vm_modules, files):
+            self._modules.update(dict.fromkeys(fns, self.context.modules[vm.name]))
 
     def _load(self, path: Path, sha256: str, functions):
         """One VMFB of the module, checked against meta.json: its digest, and the functions it exports."""

@@ -14,6 +14,7 @@ from pcpc.errors import UserError
 from pcpc.mlir import build as build_mod
 from pcpc.mlir import split
 from pcpc.mlir.build import build, part_path_for
+from pcpc.mlir.compile import compile_flags
 from pcpc.mlir.signature import load_meta
 from pcpc.runtime.module import CompiledModule
 
@@ -141,7 +142,7 @@ def test_parts_are_checked_rebuilt_and_cleaned_up(tmp_path, force_split, monkeyp
 
     monkeypatch.setattr(build_mod, "compile_mlir", second_fails)
     monkeypatch.setattr(build_mod, "compile_flags",
-                        lambda t, a=None: real_flags(t, a) + ("--iree-opt-strip-assertions",))
+                        lambda t, a=None: compile_flags(t, a) + ("--iree-opt-strip-assertions",))
     with pytest.raises(UserError, match="simulated"):
         build(tiny_target("t", FUNCTIONS), tmp_path)
     assert {p: p.read_bytes() for p in before} == before
@@ -154,9 +155,3 @@ def test_parts_are_checked_rebuilt_and_cleaned_up(tmp_path, force_split, monkeyp
     assert not part.exists() and json.loads(first.meta.read_text())["provenance"]["parts"] == []
     assert len(CompiledModule(first.vmfb).call_host("logits", *args_for(CompiledModule(first.vmfb), "logits",
                                                                           np.random.default_rng(1)))) == 1
-
-
-def real_flags(target, arch=None):
-    from pcpc.mlir.compile import compile_flags
-
-    return compile_flags(target, arch)
