@@ -31,7 +31,38 @@ def _embedding_dense_backward(grad_output, indices, num_weights, padding_idx, sc
     return torch.ops.aten.index_put(out, [idx], grad, accumulate=True)
 
 
-DECOMPOSITIONS = {torch.ops.aten.embedding_dense_backward.default: _embedding_dense_backward}
+SHORT_ROW = 32
+"""Softmax rows up to this long are decomposed (below); longer ones stay one linalg.softmax."""
+
+
+def _softmax(x, dim, half_to_float):
+    # On rows of 32 (nanoGPT attention at block 32) the decomposed form takes ~0.6x the time of IREE's
+    # linalg.softmax; on rows of 128, ~1.2x (bench/NOTES.md, "The Zen 4 host again"). So only short rows.
+    if half_to_float or x.dtype != torch.float32 or x.shape[dim] > SHORT_ROW:
+        return NotImplemented
+    e = torch.exp(x - torch.amax(x, dim, keepdim=True))
+    return e * torch.reciprocal(torch.sum(e, dim, keepdim=True))
+
+
+def _column_sum(x, dims, keepdim=False, dtype=None):
+    # A sum over every leading dim (a norm's or bias's weight gradient over the tokens) as ones(1, M) @ x:
+    # IREE vectorizes the plain reduction along its strided axis, one float per instruction, and the product
+    # runs ~2.3x faster (nanoGPT's norms' weight gradients, 0.79 -> 0.34 ms a step).
+    if dtype is not None or x.dtype != torch.float32 or x.dim() < 2 or not dims:
+        return NotImplemented
+    n = x.dim()
+    if sorted(d % n for d in dims) != list(range(n - 1)) or x.numel() // x.shape[-1] < 256:
+        return NotImplemented
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ones(1, rows.shape[0], dtype=x.dtype, device=x.device) @ rows  # (1, N)
+    return out.reshape([1] * (n - 1) + [x.shape[-1]]) if keepdim else out.reshape(x.shape[-1])
+
+
+DECOMPOSITIONS = {
+    torch.ops.aten.embedding_dense_backward.default: _embedding_dense_backward,
+    torch.ops.aten._softmax.default: _softmax,
+    torch.ops.aten.sum.dim_IntList: _column_sum,
+}
 
 
 def trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
