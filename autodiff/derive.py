@@ -48,7 +48,7 @@ def _column_sum(x, dims, keepdim=False, dtype=None):
     # A sum over every leading dim (a norm's or bias's weight gradient over the tokens) as ones(1, M) @ x:
     # IREE vectorizes the plain reduction along its strided axis, one float per instruction, and the product
     # runs ~2.3x faster (nanoGPT's norms' weight gradients, 0.79 -> 0.34 ms a step).
-    if dtype is not None or x.dtype != torch.float32 or x.dim() < 2 or not dims:
+    if dtype is not None or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0 or not dims:
         return NotImplemented
     n = x.dim()
     if sorted(d % n for d in dims) != list(range(n - 1)) or x.numel() // x.shape[-1] < 256:
