@@ -58,6 +58,30 @@ def _column_sum(x, dims, keepdim=False, dtype=None):
     return out.reshape([1] * (n - 1) + [x.shape[-1]]) if keepdim else out.reshape(x.shape[-1])
 
 
+BLOCK_ROWS = 2048
+"""Rows of the right operand per partial product in `_long_reduction_mm`."""
+
+
+def _long_reduction_mm(a, b):
+    # a @ b with b (R x N) row-major and a reduction much longer than its output row (R >= 4 N, N >= 256): the
+    # input gradient dy · W of a frozen weight with a long output (Qwen's tied lm_head, 151936 x 896; gate and
+    # up, 4864 x 896). Without data tiling (adapter modules) IREE's llvm-cpu code runs it down W's columns at
+    # 22 GFLOP/s (1536 x 151936 · 151936 x 896, Zen 4, 2 threads); as a sum of products over blocks of 1024 of
+    # W's rows at 175-200, faster than the same product on a transposed copy of W (114) (bench/NOTES.md).
+    R, N = b.shape
+    if a.dtype != torch.float32 or N < 256 or R < 4 * N or R <= BLOCK_ROWS or b.stride() != (N, 1):
+        return NotImplemented
+    out = None
+    for i in range(0, R, BLOCK_ROWS):
+        part = torch.mm(a[:, i:i + BLOCK_ROWS], b[i:i + BLOCK_ROWS])
+        out = part if out is None else out + part
+    return out
+
+
+ADAPTER_DECOMPOSITIONS = {torch.ops.aten.mm.default: _long_reduction_mm}
+"""For adapter training modules, compiled without data tiling (mlir/compile.py ADAPTER_TRAINING_CPU_FLAGS),
+whose backward is input gradients only. Data-tiled modules run the long products as mmt4d and keep aten's."""
+
 DECOMPOSITIONS = {
     torch.ops.aten.embedding_dense_backward.default: _embedding_dense_backward,
     torch.ops.aten._softmax.default: _softmax,

@@ -308,8 +308,7 @@ def _embed(params, input_ids):
 
 def _head(params, x, cfg):
     x = _rms_norm(params, "model.norm", x, cfg.rms_norm_eps)
-    # a tied model's head is the embedding, unless the caller hands it as lm_head.weight (an adapter module
-    # passes it transposed: mlir/frozen_layout.py)
+    # a tied model's head is the embedding, unless the caller hands it as lm_head.weight
     w = params["lm_head.weight"] if "lm_head.weight" in params or not cfg.tie_word_embeddings \
         else params["model.embed_tokens.weight"]
     rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (B*T, C)

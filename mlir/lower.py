@@ -45,6 +45,8 @@ class ExportFunction:
     """fn writes into some of its arguments (their specs' role "inplace") and the module updates those
     buffers in place, O(what it writes) instead of a copy of each: fn is exported as it is (torch.export
     records the mutations; IREE aliases the results onto the argument buffers)."""
+    decompositions: dict | None = None
+    """Trace-time decompositions for this function on top of pcpc's DECOMPOSITIONS (autodiff/derive.py)."""
 
 
 PARAMETER_SCOPE = "model"
@@ -66,7 +68,7 @@ def _result_specs(gm: torch.fx.GraphModule, names: Sequence[tuple[str, str]], fn
     return tuple(specs)
 
 
-def _trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+def _trace(fn: Callable, example_args: Sequence[torch.Tensor], extra: dict | None = None) -> torch.fx.GraphModule:
     """make_fx with iree-turbine's AOT decompositions applied while tracing.
 
     The graph is what gets imported (`_program`), so nothing traces it again;
@@ -75,7 +77,7 @@ def _trace(fn: Callable, example_args: Sequence[torch.Tensor]) -> torch.fx.Graph
     from iree.turbine.aot.decompositions import current_aot_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    table = {**current_aot_decompositions(), **DECOMPOSITIONS}
+    table = {**current_aot_decompositions(), **DECOMPOSITIONS, **(extra or {})}
     # functionalize: some of those decompositions and autograd formulas (minimum's and silu's backward)
     # emit in-place ops (masked_fill_, fill_) that torch-mlir cannot verify without the skipped re-trace.
     fn = torch.func.functionalize(fn, remove="mutations")
@@ -178,7 +180,7 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
         ex = [_example(s) for s in f.args]
-        gm = _trace(f.fn, ex)  # an in-place function: the functionalised graph, for its result specs
+        gm = _trace(f.fn, ex, f.decompositions)  # an in-place function: the functionalised graph, for its result specs
         for spec, t in zip(f.args[: f.globals], ex):
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)

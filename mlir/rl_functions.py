@@ -51,9 +51,10 @@ every GRPO / DPO configuration.
 
 With `peft`, *P is the adapter's trainable tensors (the module's parameters:
 gradients, AdamW and outer chunks are theirs) followed by the frozen inputs:
-the base model's weights (role "frozen", param_specs order; those with a long output
-transposed, as mlir/frozen_layout.py lays them out) and the adapter's shared
-tensors (VeRA's projections). Also exported:
+the base model's weights (role "frozen", param_specs order) and the adapter's
+shared tensors (VeRA's projections). The gradient functions of an adapter module
+trace with autodiff/derive.py ADAPTER_DECOMPOSITIONS: a frozen weight's input
+gradient with a long output (the tied lm_head, gate/up) as a sum of block products. Also exported:
     merge_K             (*adapter chunk, *its modules' base weights, *shared) -> the merged weights of those
                         modules (the rollouts' weights), one function per chunk kind
 Gradients are derived by pcpc.autodiff.derive (torch.func), never written by hand.
@@ -71,7 +72,6 @@ from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_l
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import peft, qwen2
-from pcpc.mlir import frozen_layout
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.qwen_functions import model_config, param_specs
 from pcpc.mlir.signature import TensorSpec
@@ -126,7 +126,7 @@ def weight_specs(cfg: qwen2.Qwen2Config, pcfg) -> tuple[list[TensorSpec], list[T
         return base, []
     train, x = peft.shapes(cfg, pcfg)
     return ([TensorSpec(k, "param", s, "float32") for k, s in train.items()],
-            frozen_layout.frozen_specs(base) + [TensorSpec(k, "frozen", s, "float32") for k, s in x.items()])
+            [replace(p, role="frozen") for p in base] + [TensorSpec(k, "frozen", s, "float32") for k, s in x.items()])
 
 
 def check_config(config: dict) -> None:
@@ -159,16 +159,10 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     n, nw, nf = len(names), len(P) + len(frozen), len(frozen)
     W = P + frozen
 
-    def logits_of(weights: dict, ids, backward: bool = False):
-        """backward: the logits a gradient is taken through (a tied head then reads its transposed copy, whose
-        input gradient is the fast one; a forward alone reads the embedding itself, the faster forward)."""
+    def logits_of(weights: dict, ids):
         if pcfg is None:
             return qwen2.forward(weights, ids, None, cfg)
-        weights = frozen_layout.as_weights(weights, tied_head=backward)
         return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
-
-    def logits_for_grad(weights: dict, ids):
-        return logits_of(weights, ids, backward=True)
 
     def with_frozen(loss_fn):
         """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
@@ -256,7 +250,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     def merge_function(kind: int, idx: list[int]) -> ExportFunction:
         """merge_K (*adapter chunk, *its modules' base weights, *vera projections) -> the merged weights."""
         modules = list(dict.fromkeys(peft.module_of(P[i].name) for i in idx))
-        at = frozen_layout.index_of(frozen)
+        at = {s.name: i for i, s in enumerate(frozen)}
         targets = [frozen[at[f"{m}.weight"]] for m in modules]
         xs = frozen[len(frozen) - len(peft.shapes(cfg, pcfg)[1]):]
         chunk = [TensorSpec(generic_name(P[i].name), "param", P[i].shape, "float32") for i in idx]
@@ -265,12 +259,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         def merge(*flat):
             k, t = len(idx), len(targets)
             tensors = {**dict(zip([P[i].name for i in idx], flat[:k])), **dict(zip([x.name for x in xs], flat[k + t:]))}
-            ws = [w.t() if frozen_layout.source(s.name)[1] else w for w, s in zip(flat[k:k + t], targets)]
-            return tuple(peft.merged(w, m, tensors, pcfg).contiguous() for w, m in zip(ws, modules))
+            return tuple(peft.merged(w, m, tensors, pcfg).contiguous() for w, m in zip(flat[k:k + t], modules))
 
         return ExportFunction(f"merge_{kind}", merge, chunk + target_specs + xs,
-                              [(frozen_layout.source(s.name)[0], "output") for s in target_specs])
+                              [(s.name, "output") for s in target_specs])
 
+    grad_decompositions = derive.ADAPTER_DECOMPOSITIONS if pcfg else None
     firsts = {}
     for kind, idx in update_groups(names, [p.shape for p in P]):
         firsts.setdefault(kind, idx)
@@ -283,12 +277,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
         "grpo_value_and_grad": lambda: [ExportFunction(
             "grpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_for_grad)), names, has_aux=True),
-            W + grpo_data, grpo_stats + grads)],
+            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of)), names, has_aux=True),
+            W + grpo_data, grpo_stats + grads, decompositions=grad_decompositions)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_for_grad)), names, has_aux=True),
-            W + dpo_data, dpo_stats + grads)],
+            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of)), names, has_aux=True),
+            W + dpo_data, dpo_stats + grads, decompositions=grad_decompositions)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
         "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_") and "inplace" not in f.name],
         "outer": lambda: [f for f in chunked if f.name.startswith("outer_")],

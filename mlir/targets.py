@@ -101,7 +101,6 @@ RL_SOURCES = QWEN_SOURCES + (
     "pcpc.autodiff.dpo",
     "pcpc.autodiff.optim",
     "pcpc.exporters.peft",
-    "pcpc.mlir.frozen_layout",
     "pcpc.mlir.rl_functions",
 )
 GRPO_FUNCTIONS = ["token_logprobs", "grpo_value_and_grad", "grad_clip_coef", "adamw", "outer"]

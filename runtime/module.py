@@ -123,15 +123,11 @@ def flat_layout(meta: ModuleMeta) -> list[tuple[str, int, int]]:
 def base_specs(meta: ModuleMeta) -> list:
     """The specs of the base model's weights (a flat weight file's layout, a checkpoint's params): a module's
     parameters, or the frozen weights of a training module that trains an adapter (exporters/peft.py)."""
-    from pcpc.mlir.frozen_layout import base_of
-
-    frozen = frozen_specs(meta)
-    return base_of(frozen) if frozen else list(meta.parameters)
+    return frozen_specs(meta) or list(meta.parameters)
 
 
 def frozen_specs(meta: ModuleMeta) -> list:
-    """The frozen base-model inputs of a training module that trains an adapter, as the module takes them
-    (some transposed: pcpc.mlir.frozen_layout); [] for any other module."""
+    """The frozen base-model inputs of a training module that trains an adapter; [] for any other module."""
     from pcpc.exporters.peft import SHARED
 
     for name in ("token_logprobs", "sequence_logps", "eval_loss"):

@@ -76,7 +76,6 @@ class AdapterPolicy:
         import torch
 
         from pcpc.exporters import peft
-        from pcpc.mlir import frozen_layout
         from pcpc.runtime.generate import import_host_array
         from pcpc.autodiff.optim import update_groups
         from pcpc.runtime.module import frozen_specs
@@ -94,17 +93,17 @@ class AdapterPolicy:
         assert list(adapter0) == self.adapter_names, "the module's adapter layout differs from exporters/peft.py's"
         by_name = {n: _aligned(residual[n].numpy()) if n in residual else a for n, a in zip(names, base)}
         del tensors, residual, base
-        # the module's frozen inputs: the base (PiSSA's residual), a few transposed (mlir/frozen_layout.py)
+        # the module's frozen inputs: the base (PiSSA's residual)
         self.frozen = frozen_specs(mod.meta)
         self.F = [import_host_array(mod, a) if mod.driver == "local-task" else mod.upload(a)
-                  for a in frozen_layout.frozen_arrays(self.frozen, by_name, transpose=_aligned)]
+                  for a in (by_name[s.name] for s in self.frozen)]
         del by_name
         self.X = mod.upload_all([v.numpy() for v in shared.values()])
         self.initial = [v.numpy() for v in adapter0.values()]
         self.A0 = mod.upload_all(self.initial)
         self.P = mod.upload_all(self.initial if state is None else state["params"])
         # which merge_K call makes each adapted base weight: {frozen index: (kind, adapter indices, modules)}
-        index = frozen_layout.index_of(self.frozen)
+        index = {s.name: i for i, s in enumerate(self.frozen)}
         self.merge_plan = {}
         for kind, idx in update_groups(self.adapter_names, [s.shape for s in mod.meta.parameters]):
             modules = list(dict.fromkeys(peft.module_of(self.adapter_names[i]) for i in idx))
@@ -132,22 +131,16 @@ class AdapterPolicy:
     def rollout_weights(self):
         """The full weights in the base's order, the adapted ones merged (merge_K): a generator that merges
         a block when its first weight is due, so one block's merged weights exist at a time."""
-        from pcpc.mlir import frozen_layout
-        from pcpc.runtime.module import host_view
-
         pending = {}
-        for i, (f, spec) in enumerate(zip(self.F, self.frozen)):
-            name, transposed = frozen_layout.source(spec.name)
-            if transposed and name == frozen_layout.EMBEDDING:
-                continue  # the tied head's extra copy: not a weight of the generation module
+        for i, f in enumerate(self.F):
             if i in self.merge_plan and i not in pending:
                 kind, idx, targets = self.merge_plan[i]
                 out = self.mod(f"merge_{kind}", *[self.P[j] for j in idx], *[self.F[t] for t in targets], *self.X)
                 pending.update(zip(targets, out))
             if i in self.merge_plan:
                 yield pending.pop(i)
-            else:  # not adapted: the base weight, in the base's layout
-                yield np.ascontiguousarray(host_view(f).T) if transposed else f
+            else:  # not adapted: the base weight
+                yield f
 
     def state(self) -> dict:
         out = {"params": self.P, "initial": self.initial}

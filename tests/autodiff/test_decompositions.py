@@ -1,12 +1,14 @@
-"""pcpc's trace-time decompositions (autodiff/derive.py DECOMPOSITIONS): the graph keeps torch's results, and
-each rewrite applies only where it was measured to pay (short softmax rows; sums over every leading dim)."""
+"""pcpc's trace-time decompositions (autodiff/derive.py DECOMPOSITIONS, and ADAPTER_DECOMPOSITIONS for adapter
+modules): the graph keeps torch's results, and each rewrite applies only where it was measured to pay (short
+softmax rows; sums over every leading dim; products with a long reduction down a row-major right operand)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
-from pcpc.autodiff.derive import SHORT_ROW, trace
+from pcpc.autodiff.derive import ADAPTER_DECOMPOSITIONS, BLOCK_ROWS, SHORT_ROW, trace
 
 
 def _ops(gm: torch.fx.GraphModule) -> set[str]:
@@ -53,3 +55,40 @@ def test_column_sums_become_a_product_with_ones_and_equal_torchs(shape, dims, ke
     want = torch.sum(x.double(), dims, keepdim=keepdim).float()
     assert out.shape == want.shape
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+
+
+def _adapter_trace(fn, args):
+    return make_fx(fn, decomposition_table=ADAPTER_DECOMPOSITIONS, tracing_mode="fake")(*args)
+
+
+@pytest.mark.parametrize("rows, cols, blocks", [
+    (2 * BLOCK_ROWS + 768, 256, 3),  # R >= 4 N, the last block short
+    (4 * BLOCK_ROWS, BLOCK_ROWS, 4),  # exactly 4 N
+    (4 * BLOCK_ROWS - 1, BLOCK_ROWS, 1),  # under 4 N: one product
+    (4 * BLOCK_ROWS, 128, 1),  # a narrow output (an adapter's r): one product
+    (BLOCK_ROWS, 256, 1),  # one block already
+])
+def test_a_long_reduction_becomes_a_sum_of_block_products_and_equals_torchs(rows, cols, blocks):
+    a, w = torch.randn(24, rows), torch.randn(rows, cols)
+
+    gm = _adapter_trace(lambda x, y: x @ y, [a, w])
+
+    assert sum(n.target == torch.ops.aten.mm.default for n in gm.graph.nodes) == blocks
+    torch.testing.assert_close(gm(a, w), (a.double() @ w.double()).float(), rtol=1e-4, atol=1e-3)
+
+
+def test_a_frozen_weights_input_gradient_is_blocked_and_its_forward_and_a_transposed_copy_are_not():
+    """y = x · Wᵀ: the forward reads W transposed (no long reduction); the input gradient dy · W is blocked;
+    the same gradient through a stored transpose (x · Wt) reads a column-major operand and stays one product."""
+    W, x, dy = torch.randn(3 * BLOCK_ROWS, 512), torch.randn(16, 512), torch.randn(16, 3 * BLOCK_ROWS)
+
+    def input_grad(w, inp, g):
+        inp = inp.requires_grad_()
+        return torch.autograd.grad(inp @ w.t(), inp, g)[0]
+
+    gm = _adapter_trace(input_grad, [W, x, dy])
+    assert sum(n.target == torch.ops.aten.mm.default for n in gm.graph.nodes) == 1 + 3
+    torch.testing.assert_close(gm(W, x, dy), dy @ W, rtol=1e-4, atol=1e-3)
+
+    gm_t = _adapter_trace(lambda wt, inp, g: input_grad(wt.t(), inp, g), [W.t().contiguous(), x, dy])
+    assert sum(n.target == torch.ops.aten.mm.default for n in gm_t.graph.nodes) == 2

@@ -21,6 +21,9 @@ METHODS = {"lora": dict(r=4, lora_alpha=8), "lora_plus": dict(r=4, lora_alpha=8,
            "dora": dict(r=4, lora_alpha=8, use_rslora=True), "pissa": dict(r=4, lora_alpha=8),
            "vera": dict(r=16), "adalora": dict(init_r=4, target_r=2, lora_alpha=8, orth_reg_weight=0.3),
            "miss": dict(r=8)}
+WIDE = {**OVERRIDES, "hidden_size": 256, "intermediate_size": 2304, "vocab_size": 5096}
+"""A "-wide" case: wide enough that the gradient's long products (the tied head's, gate/up's input gradients)
+become block products (autodiff/derive.py ADAPTER_DECOMPOSITIONS), the last block short."""
 FUNCTIONS = ["token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "merge"]
 
@@ -35,8 +38,9 @@ def built(tmp_path_factory):
 
     def get(method):
         if method not in cache:
-            target = rl_target(f"test-peft-{method}", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B,
-                               seq_len=T, functions=FUNCTIONS, peft={"type": method, **METHODS[method]})
+            target = rl_target(f"test-peft-{method}", "qwen2-tiny", model_overrides=overrides_of(method),
+                               batch_size=B, seq_len=T, functions=FUNCTIONS,
+                               peft={"type": type_of(method), **METHODS[type_of(method)]})
             cache[method] = CompiledModule(build(target, tmp_path_factory.getbasetemp() / "peft_numerics").vmfb)
         return cache[method]
 
@@ -55,11 +59,19 @@ def peft_model(cfg, base, pcfg, adapter, frozen, residual):
                            frozen)
 
 
+def type_of(method):
+    return method.removesuffix("-wide")
+
+
+def overrides_of(method):
+    return WIDE if method.endswith("-wide") else OVERRIDES
+
+
 def case(method):
-    cfg = qwen2.make_config("qwen2-tiny", **OVERRIDES)
+    cfg = qwen2.make_config("qwen2-tiny", **overrides_of(method))
     base = qwen2.init_params(cfg, seed=3)
     base = {k: v * 4 if v.dim() == 2 else v for k, v in base.items()}
-    pcfg = pcpc_peft.PeftConfig(type=method, **METHODS[method])
+    pcfg = pcpc_peft.PeftConfig(type=type_of(method), **METHODS[type_of(method)])
     adapter0, frozen, residual = pcpc_peft.init(base, cfg, pcfg, seed=0)
     g = torch.Generator().manual_seed(5)  # a trained adapter: nothing zero by construction
     adapter = {k: v + 0.1 * torch.randn(v.shape, generator=g) * (v.abs().mean() + 0.1) for k, v in adapter0.items()}
@@ -71,13 +83,11 @@ def case(method):
 
 
 def args_of(mod, base, residual, adapter, frozen):
-    """The module's weight arguments: adapter, base (the residual for pissa; the module's layout, some
-    transposed: mlir/frozen_layout.py), vera's projections."""
-    from pcpc.mlir.frozen_layout import frozen_arrays
+    """The module's weight arguments: adapter, base (the residual for pissa), vera's projections."""
     from pcpc.runtime.module import frozen_specs
 
     fb = {k: v.numpy() for k, v in {**base, **residual}.items()}
-    return ([v.numpy() for v in adapter.values()] + frozen_arrays(frozen_specs(mod.meta), fb)
+    return ([v.numpy() for v in adapter.values()] + [fb[s.name] for s in frozen_specs(mod.meta)]
             + [v.numpy() for v in frozen.values()])
 
 
@@ -86,7 +96,7 @@ def penalty(pm, pcfg):
     return peft_orth_penalty(pm, pcfg) if pcfg.type == "adalora" else 0.0
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [*METHODS, "lora-wide"])
 def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
     mod = built(method)
     cfg, base, pcfg, adapter0, adapter, frozen, residual, ids, mask = case(method)
@@ -143,9 +153,6 @@ def test_adamw_steps_the_adapter_and_merge_folds_it(built, method):
     mod = built(method)
     cfg, base, pcfg, _, adapter, frozen, residual, ids, _ = case(method)
     from pcpc.autodiff.optim import update_groups
-    from pcpc.mlir.frozen_layout import source
-    from pcpc.runtime.module import frozen_specs
-
     names = list(adapter)
     g = torch.Generator().manual_seed(9)
     grads = {k: torch.randn(v.shape, generator=g) for k, v in adapter.items()}
@@ -169,10 +176,8 @@ def test_adamw_steps_the_adapter_and_merge_folds_it(built, method):
         # merge: the adapter's modules of this chunk, folded into their (residual) base weights
         modules = list(dict.fromkeys(pcpc_peft.module_of(names[i]) for i in idx))
         fb = {**base, **residual}
-        stored = {source(s.name)[0]: source(s.name)[1] for s in frozen_specs(mod.meta)}  # transposed or not
         merged = mod.call_host(f"merge_{kind}", *[adapter[names[i]].numpy() for i in idx],
-                               *[np.ascontiguousarray(fb[f"{m}.weight"].numpy().T) if stored[f"{m}.weight"]
-                                 else fb[f"{m}.weight"].numpy() for m in modules],
+                               *[fb[f"{m}.weight"].numpy() for m in modules],
                                *[v.numpy() for v in frozen.values()])
         pm = peft_model(cfg, base, pcfg, adapter, frozen, residual).merge_and_unload()
         want = dict(pm.named_parameters())
@@ -180,12 +185,11 @@ def test_adamw_steps_the_adapter_and_merge_folds_it(built, method):
             assert rel_err(got, want[f"{m}.weight"].detach()) < TOL, m
 
 
-def test_the_frozen_layout_and_the_rollout_weights(tmp_path):
-    """An adapter module takes gate/up (output >= 2x input) transposed and a tied model's head as an extra
-    transposed copy of the embedding (mlir/frozen_layout.py); the rollout still gets every base weight in
-    the base's layout, merged or not (at init LoRA's B is zero: merged equals the base exactly)."""
+def test_the_base_goes_in_as_it_is_and_the_rollout_gets_every_weight(tmp_path):
+    """An adapter module takes the base weights in the base's order and layout (no transposed copies: its
+    long input gradients are block products, autodiff/derive.py ADAPTER_DECOMPOSITIONS); the rollout gets every
+    base weight, merged or not (at init LoRA's B is zero: merged equals the base exactly)."""
     from pcpc.mlir.build import build
-    from pcpc.mlir.frozen_layout import base_of
     from pcpc.mlir.targets import rl_target
     from pcpc.runtime.module import CompiledModule, base_specs, frozen_specs, to_host
     from pcpc.runtime.rl.policy import AdapterPolicy
@@ -196,12 +200,8 @@ def test_the_frozen_layout_and_the_rollout_weights(tmp_path):
     mod = CompiledModule(build(target, tmp_path).vmfb)
     cfg = qwen2.make_config("qwen2-tiny", **OVERRIDES)
     shapes = qwen2.param_shapes(cfg)
-    frozen = {s.name: s.shape for s in frozen_specs(mod.meta)}
-    assert frozen["model.layers.0.mlp.gate_proj.weight.T"] == shapes["model.layers.0.mlp.gate_proj.weight"][::-1]
-    assert frozen["model.embed_tokens.weight.T"] == shapes["model.embed_tokens.weight"][::-1]
-    assert frozen["model.layers.0.mlp.down_proj.weight"] == shapes["model.layers.0.mlp.down_proj.weight"]
-    assert [(s.name, s.shape) for s in base_specs(mod.meta)] == list(shapes.items())
-    assert base_of(frozen_specs(mod.meta)) == base_specs(mod.meta)
+    assert [(s.name, s.shape) for s in frozen_specs(mod.meta)] == list(shapes.items())
+    assert base_specs(mod.meta) == frozen_specs(mod.meta)
     base = {k: v.numpy() for k, v in qwen2.init_params(cfg, seed=3).items()}
     policy = AdapterPolicy(mod, [base[k] for k in shapes], cfg, pcpc_peft.PeftConfig(
         type="lora", r=4, lora_alpha=8, target_modules=("q_proj",)), seed=0, state=None, base_model="tiny")
