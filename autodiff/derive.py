@@ -66,7 +66,7 @@ def _long_reduction_mm(a, b):
     # a @ b with b (R x N) row-major and a reduction much longer than its output row (R >= 4 N, N >= 256): the
     # input gradient dy · W of a frozen weight with a long output (Qwen's tied lm_head, 151936 x 896; gate and
     # up, 4864 x 896). Without data tiling (adapter modules) IREE's llvm-cpu code runs it down W's columns at
-    # 22 GFLOP/s (1536 x 151936 · 151936 x 896, Zen 4, 2 threads); as a sum of products over blocks of 1024 of
+    # 22 GFLOP/s (1536 x 151936 · 151936 x 896, Zen 4, 2 threads); as a sum of products over blocks of 1-2k of
     # W's rows at 175-200, faster than the same product on a transposed copy of W (114) (bench/NOTES.md).
     R, N = b.shape
     if a.dtype != torch.float32 or N < 256 or R < 4 * N or R <= BLOCK_ROWS or b.stride() != (N, 1):
