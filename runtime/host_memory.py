@@ -5,8 +5,8 @@ when it returns; for a nanogpt-medium train step that is a few hundred MB. glibc
 serves blocks above its mmap threshold (32 MiB at most) with fresh mmap'd pages
 and unmaps them on free, so every call page-faults its whole working set back
 in: about 105k minor faults and 150-170 ms of kernel time per medium step
-(bench/NOTES.md). With mmap off for malloc and a high trim threshold, a freed
-block stays in the heap, already mapped, and the next call reuses it. The heap
+(bench/NOTES.md). With mmap off for malloc and trimming off, a freed block
+stays in the heap, already mapped, and the next call reuses it. The heap
 then keeps its peak size (as a caching allocator would); torch's own tensors
 are served the same way.
 
@@ -27,8 +27,11 @@ import os
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-TRIM_THRESHOLD = 2**31 - 1
-"""mallopt takes a C int: keep up to 2 GiB of free memory at the top of the heap."""
+TRIM_THRESHOLD = -1
+"""-1: never trim the heap (mallopt(3)). The 2 GiB cap it had (mallopt's largest int) still let glibc hand a
+step's transients back when they topped 2 GiB, so every step faulted them in again: a Qwen2.5-0.5B LoRA
+learner at 4 x 384 tokens took 2.1M minor faults and ~17 s of kernel time a step, 39-40 s a step against
+30 s without (bench/NOTES.md)."""
 ENV = "PCPC_KEEP_FREED_MEMORY"
 """1: keep freed memory in any process that loads a CPU module; 0: never; unset: in pcpc's own processes."""
 

@@ -2,7 +2,9 @@
 
 Each case loads a CPU module in a fresh Python process and then asks glibc
 (mallinfo2) whether a 64 MiB malloc was served by a fresh mmap (malloc as
-it came) or from the heap (pcpc's tuning, mmap off for malloc).
+it came) or from the heap (pcpc's tuning, mmap off for malloc), and whether
+3 GiB freed at the top of the heap stay there (pcpc's tuning: trimming off;
+never touched, so they cost address space only) or go back to the system.
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ PROBE = textwrap.dedent("""
                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
     before = libc.mallinfo2().hblks
     block = libc.malloc(64 << 20)
-    print("mmap" if libc.mallinfo2().hblks > before else "heap", bool(host_memory._configured))
+    where = "mmap" if libc.mallinfo2().hblks > before else "heap"
+    big = libc.malloc(3 << 30)
+    libc.free(big)
+    kept = "kept" if libc.mallinfo2().arena >= 3 << 30 else "returned"
+    print(where, bool(host_memory._configured), kept)
 """)
 
 
@@ -43,10 +50,10 @@ def vmfb(tmp_path_factory):
 
 
 @pytest.mark.parametrize("who, env, want", [
-    ("user", None, "mmap False"),  # a program that imports pcpc keeps its malloc
-    ("user", "1", "heap True"),  # ... unless it opts in
-    ("pcpc", None, "heap True"),  # pcpc's own processes (the CLI, its workers)
-    ("pcpc", "0", "mmap False"),  # PCPC_KEEP_FREED_MEMORY=0 turns it off everywhere
+    ("user", None, "mmap False returned"),  # a program that imports pcpc keeps its malloc
+    ("user", "1", "heap True kept"),  # ... unless it opts in
+    ("pcpc", None, "heap True kept"),  # pcpc's own processes (the CLI, its workers)
+    ("pcpc", "0", "mmap False returned"),  # PCPC_KEEP_FREED_MEMORY=0 turns it off everywhere
 ])
 def test_malloc_is_tuned_only_in_pcpcs_own_processes(vmfb, who, env, want):
     environ = {k: v for k, v in os.environ.items() if k != "PCPC_KEEP_FREED_MEMORY"}
