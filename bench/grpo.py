@@ -20,6 +20,8 @@ loaded: the set-up's garbage is returned first and the peak reset, see start_pea
 the modules is reported separately (built once, cached). On a shared, busy
 machine use --repeat N: the contenders then alternate N times and the medians
 of their per-round bests are compared (the load average is printed too).
+Both sides run with pcpc's malloc policy (runtime/host_memory.py: freed memory stays in the process, so a
+step does not fault its transients back in; measured from 2026-12-07 on, eager ran with glibc's default before).
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def run_eager(a) -> dict:
     import torch
     import transformers
 
+    from pcpc.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # pcpc's malloc policy on this side too (runtime/host_memory.py): an even comparison
     torch.set_num_threads(os.cpu_count())
     preset = PRESETS[a.shape]
     cfg, params, prompt = inputs(preset, a.group, a.prompt_len)

@@ -16,6 +16,7 @@ subprocess, so its peak memory is its own:
 
 Prints the learner step (eager / pcpc), rollout tokens/s with the adapter against the base, and the learners'
 peak RSS (pcpc-lora against pcpc-full; each from when its weights are loaded, bench/grpo.py start_peak_rss).
+Every contender runs with pcpc's malloc policy (runtime/host_memory.py), eager too (from 2026-12-07 on).
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ def run_eager_peft(a) -> dict:
     import torch
     import transformers
 
+    from pcpc.runtime.host_memory import keep_freed_memory
+
+    keep_freed_memory()  # pcpc's malloc policy on this side too (runtime/host_memory.py): an even comparison
     torch.set_num_threads(os.cpu_count())
     preset = base_bench.PRESETS[a.shape]
     cfg, params, prompt = base_bench.inputs(preset, a.group, a.prompt_len)
