@@ -46,7 +46,8 @@ class ExportFunction:
     buffers in place, O(what it writes) instead of a copy of each: fn is exported as it is (torch.export
     records the mutations; IREE aliases the results onto the argument buffers)."""
     decompositions: dict | None = None
-    """Trace-time decompositions for this function on top of pcpc's DECOMPOSITIONS (autodiff/derive.py)."""
+    """Trace-time decompositions for this function on top of pcpc's DECOMPOSITIONS (autodiff/derive.py; these
+    win on overlap). Not for an in-place function, which torch.export traces again without them."""
 
 
 PARAMETER_SCOPE = "model"
@@ -72,7 +73,7 @@ def _trace(fn: Callable, example_args: Sequence[torch.Tensor], extra: dict | Non
     """make_fx with iree-turbine's AOT decompositions applied while tracing.
 
     The graph is what gets imported (`_program`), so nothing traces it again;
-    pcpc's own DECOMPOSITIONS (autodiff/derive.py) win on overlap.
+    pcpc's own DECOMPOSITIONS (autodiff/derive.py) win on overlap, and a function's `extra` over both.
     """
     from iree.turbine.aot.decompositions import current_aot_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -180,7 +181,9 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
         ex = [_example(s) for s in f.args]
-        gm = _trace(f.fn, ex, f.decompositions)  # an in-place function: the functionalised graph, for its result specs
+        if f.inplace and f.decompositions:
+            raise ValueError(f"{f.name}: an in-place function takes no extra decompositions")
+        gm = _trace(f.fn, ex, f.decompositions)  # in-place: the functionalised graph, for its result specs
         for spec, t in zip(f.args[: f.globals], ex):
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)
