@@ -14,6 +14,8 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             pcpc: token_logprobs(reference) + grpo_value_and_grad (loss, torch.func gradients) + AdamW chunk
                   by chunk (runtime/rl/update.py), as the learner runs it
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
+            Both run the LM head on the completion positions only (pcpc: the recipe's completion_len; eager:
+            HF's logits_to_keep, as TRL's GRPOTrainer calls it), from 2026-12-07 on; on every position before.
 
 Prints both, the ratios (eager time / pcpc time) and the learner's peak RSS (from when its weights are
 loaded: the set-up's garbage is returned first and the peak reset, see start_peak_rss). Build time of
@@ -50,8 +52,19 @@ def targets(preset: str, group: int, prompt_len: int, max_tokens: int):
 
     T = prompt_len + max_tokens
     gen = qwen_target(f"bench-grpo-gen-{preset}", preset, batch_sizes=[group], prefill_len=prompt_len, max_seq=T)
-    train = rl_target(f"bench-grpo-train-{preset}", preset, batch_size=group, seq_len=T, functions=GRPO_FUNCTIONS)
+    train = rl_target(f"bench-grpo-train-{preset}", preset, batch_size=group, seq_len=T, completion_len=max_tokens,
+                      functions=GRPO_FUNCTIONS)
     return gen, train
+
+
+def trl_logps(model, ids, width: int):
+    """Log-probs (B, width) of the last `width` tokens of ids (B, T) at TEMPERATURE, as TRL's GRPOTrainer
+    computes them: the model's logits for the last width + 1 positions only (logits_to_keep), the last one
+    dropped."""
+    import torch
+
+    logits = model(input_ids=ids, logits_to_keep=width + 1).logits[:, :-1] / TEMPERATURE
+    return torch.gather(torch.log_softmax(logits, -1), 2, ids[:, -width:, None]).squeeze(-1)
 
 
 def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
@@ -155,7 +168,7 @@ def run_pcpc(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *ref, ids, np.float32(TEMPERATURE))[0]
+        ref_logp = mod("token_logprobs", *ref, ids, mask, np.float32(TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0),
                   np.float32(1))  # use_old 0, bias_correction_kl 1 (TRL's default)
@@ -218,13 +231,11 @@ def run_eager(a) -> dict:
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0)
     ids = seqs
-    mask = torch.zeros(a.group, ids.shape[1] - 1)
-    mask[:, a.prompt_len - 1:] = 1.0
+    mask = torch.ones(a.group, a.max_tokens)  # every row: the prompt, then max_tokens completion tokens
     adv = torch.linspace(-1.0, 1.5, a.group)
 
     def logps(model):
-        logits = model(input_ids=ids).logits[:, :-1] / TEMPERATURE
-        return torch.gather(torch.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
+        return trl_logps(model, ids, a.max_tokens)
 
     def step():
         with torch.no_grad():

@@ -68,7 +68,7 @@ def _lora_modules(a):
     T = a.prompt_len + a.max_tokens
     gen_t, _ = base_bench.targets(preset, a.group, a.prompt_len, a.max_tokens)
     train_t = rl_target(f"bench-peft-train-{preset}-r{a.r}", preset, batch_size=a.group, seq_len=T,
-                        functions=[*GRPO_FUNCTIONS, "merge"], peft=peft_section(a.r))
+                        completion_len=a.max_tokens, functions=[*GRPO_FUNCTIONS, "merge"], peft=peft_section(a.r))
     t0 = time.perf_counter()
     gen_b, train_b = build(gen_t, Path(a.artifacts)), build(train_t, Path(a.artifacts))
     return gen_b, train_b, time.perf_counter() - t0
@@ -144,7 +144,7 @@ def run_pcpc_lora(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *policy.ref_args(), ids, np.float32(TEMPERATURE))[0]
+        ref_logp = mod("token_logprobs", *policy.ref_args(), ids, mask, np.float32(TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *policy.args(), ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0),
                   np.float32(1))
@@ -193,15 +193,13 @@ def run_eager_peft(a) -> dict:
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids = torch.randint(1, cfg.vocab_size, (a.group, T), generator=torch.Generator().manual_seed(1))
-    mask = torch.zeros(a.group, T - 1)
-    mask[:, a.prompt_len - 1:] = 1.0
+    mask = torch.ones(a.group, a.max_tokens)  # the completion tokens (TRL's layout: the prompt, then these)
     adv = torch.linspace(-1.0, 1.5, a.group)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.999),
                             weight_decay=0.0)
 
     def logps(m):
-        logits = m(input_ids=ids).logits[:, :-1] / TEMPERATURE
-        return torch.gather(torch.log_softmax(logits, -1), 2, ids[:, 1:, None]).squeeze(-1)
+        return base_bench.trl_logps(m, ids, a.max_tokens)
 
     def step():
         with torch.no_grad(), pm.disable_adapter():

@@ -142,7 +142,7 @@ def run_learner(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *ref, ids, np.float32(grpo.TEMPERATURE))[0]
+        ref_logp = mod("token_logprobs", *ref, ids, mask, np.float32(grpo.TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(grpo.BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(grpo.TEMPERATURE), np.float32(a.max_tokens),
                   np.float32(0), np.float32(1))

@@ -350,6 +350,7 @@ def forward(
     cfg: Qwen2Config,
     attention_mask: torch.Tensor | None = None,
     linear=_linear,
+    head_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) float32 for a full sequence (no cache; training and scoring).
 
@@ -358,6 +359,8 @@ def forward(
     position 0 as HF's generate does). attention_mask (B, T), 1 = real token,
     0 = padding; token i attends to tokens j <= i whose mask is 1.
     linear(params, name, x, bias=True) is every q/k/v/o and MLP projection (an adapter's: exporters/peft.py).
+    head_rows (B, R, T) float, one-hot rows: the head runs on those R positions of each row only, and the
+    logits are (B, R, V) (an RL learner scores completion tokens: autodiff/grpo.py `completion_window`).
     """
     B, T = input_ids.shape
     idx = torch.arange(T, device=input_ids.device)
@@ -378,6 +381,8 @@ def forward(
         x = x + linear(params, f"{p}.self_attn.o_proj", _attend(q, k, v, visible, cfg), bias=False)
         x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps),
                      linear)
+    if head_rows is not None:
+        x = torch.bmm(head_rows, x)  # (B, R, C): each selected row exactly (one product by 1, the rest by 0)
     return _head(params, x, cfg)
 
 

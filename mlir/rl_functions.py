@@ -4,6 +4,9 @@ Config keys (all JSON):
     model, hf_config, model_overrides   the model, as in mlir/qwen_functions.py
     batch_size             B, rows per call (GRPO: num_prompts * group_size; DPO: 2 * pairs)
     seq_len                T, tokens per row (prompt + completion, right-padded)
+    completion_len         C, the most completion tokens a GRPO row holds (default T - 1): token_logprobs and
+                           grpo_value_and_grad run the head and log-softmax on the C positions from each row's
+                           first completion target only (autodiff/grpo.py completion_window), not on all T - 1
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
     peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
@@ -13,7 +16,8 @@ optimizer state, then scalars, then data. Rows are laid out
 [prompt][completion][padding] from position 0; L = T - 1 token positions
 (log p of token t+1 given tokens 0..t).
 
-    token_logprobs      (*P, ids (B,T) i64, temperature) -> logp (B,L)
+    token_logprobs      (*P, ids (B,T) i64, mask (B,L) f32, temperature) -> logp (B,L), 0 outside the
+                        rows' completion windows (mask: 1 on completion targets, as grpo's)
     sequence_logps      (*P, ids, mask (B,L) f32) -> (B,) sum of masked token log-probs
     grpo_value_and_grad (*P, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *grads
     dpo_value_and_grad  (*P, <dpo data>) -> loss, chosen_rewards (B/2,), rejected_rewards (B/2,), *grads
@@ -68,7 +72,8 @@ import torch
 
 from pcpc.autodiff import derive
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, sequence_logps
-from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, grpo_loss, token_logprobs
+from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, completion_window, grpo_loss, one_hot_rows, \
+    token_logprobs, window_logprobs
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import peft, qwen2
@@ -78,24 +83,33 @@ from pcpc.mlir.signature import TensorSpec
 
 FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "outer", "merge")
-KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "optimizer", "functions", "peft")
+KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "optimizer", "functions",
+        "peft")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
 
 def full_logits(cfg: qwen2.Qwen2Config):
-    """logits_of(params, ids) of the whole model (full fine-tuning: every weight is trained)."""
-    return lambda params, ids: qwen2.forward(params, ids, None, cfg)
+    """logits_of(params, ids, head_rows=None) of the whole model (full fine-tuning: every weight is trained)."""
+    return lambda params, ids, head_rows=None: qwen2.forward(params, ids, None, cfg, head_rows=head_rows)
 
 
-def make_grpo_loss(cfg: qwen2.Qwen2Config, logits_of=None):
+def completion_logprobs(logits_of, params, ids, mask, temperature, width: int | None):
+    """(B, L) token log-probs of the completions: with `width` (< L) the head runs on each row's completion
+    window only and the rest is 0; without, on every position."""
+    if width is None or width >= ids.shape[1] - 1:
+        return token_logprobs(logits_of(params, ids), ids, temperature)
+    idx = completion_window(mask, width)
+    return window_logprobs(logits_of(params, ids, one_hot_rows(idx, ids.shape[1])), ids, idx, temperature)
+
+
+def make_grpo_loss(cfg: qwen2.Qwen2Config, logits_of=None, completion_len: int | None = None):
     """loss_fn(params, <grpo data>) -> (loss, kl, clip_ratio, low_clip, high_clip)."""
     logits_of = logits_of or full_logits(cfg)
 
     def loss_fn(params, ids, mask, advantages, old_logp, ref_logp, loss_type, beta, eps_low, eps_high,
                 temperature, max_completion_length, use_old, bias_correction_kl):
-        logits = logits_of(params, ids)  # (B, T, V)
-        logp = token_logprobs(logits, ids, temperature)  # (B, L)
+        logp = completion_logprobs(logits_of, params, ids, mask, temperature, completion_len)  # (B, L)
         old = torch.where(use_old > 0, old_logp, logp.detach())
         ref = torch.where(beta > 0, ref_logp, logp.detach())  # beta 0: no reference model, kl 0, no NaN
         return grpo_loss(logp, old, ref, advantages, mask, beta, eps_low, eps_high, loss_type,
@@ -138,6 +152,10 @@ def check_config(config: dict) -> None:
             raise ValueError(f"rl recipe: {key} must be a positive integer, got {config.get(key)!r}")
     if config["seq_len"] < 2:
         raise ValueError("rl recipe: seq_len must be >= 2")
+    width = config.get("completion_len")
+    if width is not None and (not isinstance(width, int) or not 1 <= width <= config["seq_len"] - 1):
+        raise ValueError(f"rl recipe: completion_len must be an integer in 1..seq_len - 1 "
+                         f"({config['seq_len'] - 1}), got {width!r}")
     bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS + ("adamw_inplace",)]
     if bad:
         raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
@@ -152,6 +170,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     cfg = model_config(config)
     B, T = config["batch_size"], config["seq_len"]
     L = T - 1
+    width = config.get("completion_len")
     opt = from_dict(AdamWConfig, {**RL_OPTIMIZER, **config.get("optimizer", {})}, where="optimizer")
     pcfg = peft.from_config(config.get("peft"), where="peft")
     P, frozen = weight_specs(cfg, pcfg)  # P: the trained weights (the module's parameters); frozen: inputs only
@@ -159,10 +178,10 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     n, nw, nf = len(names), len(P) + len(frozen), len(frozen)
     W = P + frozen
 
-    def logits_of(weights: dict, ids):
+    def logits_of(weights: dict, ids, head_rows=None):
         if pcfg is None:
-            return qwen2.forward(weights, ids, None, cfg)
-        return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg))
+            return qwen2.forward(weights, ids, None, cfg, head_rows=head_rows)
+        return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg), head_rows=head_rows)
 
     def with_frozen(loss_fn):
         """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
@@ -194,7 +213,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     grad_specs = [TensorSpec("grad." + p.name, "data", p.shape, "float32") for p in P]
 
     def logprobs(*flat):
-        return token_logprobs(logits_of(dict(zip(all_names, flat[:nw])), flat[nw]), flat[nw], flat[nw + 1])
+        ids_, mask_, temperature = flat[nw:]
+        return completion_logprobs(logits_of, dict(zip(all_names, flat[:nw])), ids_, mask_, temperature, width)
 
     def seq_logps(*flat):
         x, m = flat[nw], flat[nw + 1]
@@ -272,12 +292,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     fns = {
         "token_logprobs": lambda: [ExportFunction(
-            "token_logprobs", logprobs, W + [ids, scalar("temperature")], [("logp", "output")])],
+            "token_logprobs", logprobs, W + [ids, mask, scalar("temperature")], [("logp", "output")])],
         "sequence_logps": lambda: [ExportFunction(
             "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
         "grpo_value_and_grad": lambda: [ExportFunction(
             "grpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of, width)), names, has_aux=True),
             W + grpo_data, grpo_stats + grads, decompositions=grad_decompositions)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",

@@ -170,7 +170,8 @@ def _registry() -> dict[str, Target]:
         qwen_target("qwen-tiny", "qwen2-tiny", batch_sizes=[1, 2], prefill_len=8, max_seq=64,
                     functions=["prefill", "decode", "forward_loss"], loss_batch_size=2, loss_seq_len=16),
         # GRPO learner of experiments/qwen_rl_test.json: 1 prompt x group 4, 16 prompt + 128 completion tokens.
-        rl_target("qwen-grpo-training", "qwen2.5-0.5b", batch_size=4, seq_len=144, functions=GRPO_FUNCTIONS),
+        rl_target("qwen-grpo-training", "qwen2.5-0.5b", batch_size=4, seq_len=144, completion_len=128,
+                  functions=GRPO_FUNCTIONS),
         rl_target("qwen-tiny-grpo", "qwen2-tiny", batch_size=4, seq_len=32, functions=GRPO_FUNCTIONS),
         rl_target("qwen-tiny-dpo", "qwen2-tiny", batch_size=4, seq_len=32, functions=DPO_FUNCTIONS),
     ]

@@ -81,7 +81,8 @@ def training_target(cfg: GRPOConfig, src, seq_len: int):
 
     g = cfg.grpo_config
     return rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=cfg.rollouts_per_iteration,
-                     seq_len=seq_len, **setup.adapter_recipe(cfg, GRPO_FUNCTIONS),
+                     seq_len=seq_len, completion_len=cfg.rollout_config.max_tokens,
+                     **setup.adapter_recipe(cfg, GRPO_FUNCTIONS),
                      optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
                                 "grad_clip": g.max_grad_norm})
 
@@ -311,8 +312,8 @@ class GRPO(Loop):
         temperature = np.float32(cfg.rollout_config.temperature)
         ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
-        ref_logp = mod("token_logprobs", *self.ref, ids_d, temperature)[0] if self.ref else self.zeros_bl
-        old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, temperature)[0]
+        ref_logp = mod("token_logprobs", *self.ref, ids_d, mask_d, temperature)[0] if self.ref else self.zeros_bl
+        old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, mask_d, temperature)[0]
                     if g.updates_per_iteration > 1 else self.zeros_bl)
         # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
         # kept); several: the iteration's starting weights are kept for it.

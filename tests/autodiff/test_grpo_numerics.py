@@ -35,7 +35,7 @@ TORCH_TOL = 2e-6
 def test_token_logprobs_match_hf(rl_module, setup):
     cfg, params, _, ids, mask = setup
     want = token_logps(hf_model(cfg, params), ids, temperature=0.7).detach()
-    got = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), np.float32(0.7))[0]
+    got = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), mask.numpy(), np.float32(0.7))[0]
     assert rel_err(got, want) < TOL
     seq = rl_module.call_host("sequence_logps", *_np(params), ids.numpy(), mask.numpy())[0]
     assert rel_err(seq, (token_logps(hf_model(cfg, params), ids) * mask).sum(-1).detach()) < TOL
@@ -80,6 +80,58 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old,
         assert out[2] > 0  # the clip ratio sees clipped tokens on this input
     else:
         assert out[2] == 0  # ratio 1 everywhere: nothing is clipped
+
+
+WINDOW = 12
+"""setup's rows hold at most 12 completion targets (rows of 3 + 12, 3 + 6, 5 + 10, 5 + 1 tokens)."""
+
+
+@pytest.fixture(scope="module")
+def window_module(tmp_path_factory):
+    """The GRPO functions with the head on each row's completion window only (recipe completion_len)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule
+
+    target = rl_target("test-rl-window", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       completion_len=WINDOW, functions=["token_logprobs", "grpo_value_and_grad"])
+    return CompiledModule(build(target, tmp_path_factory.mktemp("rl_window")).vmfb)
+
+
+@pytest.mark.parametrize("loss_type,use_old", [("grpo", False), ("dr_grpo", True)])
+def test_completion_window_gives_the_full_heads_results(rl_module, window_module, setup, loss_type, use_old):
+    """The head on the completion window (C = 12 of L = 15 positions; rows start their targets at 2 and 4, and
+    row 3's window is moved back to end at L) gives what the head on every position gives: the log-probs on
+    the mask, 0 outside the window, and the same loss, statistics and gradients."""
+    cfg, params, ref_params, ids, mask = setup
+    assert int(mask.sum(-1).max()) <= WINDOW < L
+    temperature = 0.9
+    full = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), mask.numpy(), np.float32(temperature))[0]
+    got = window_module.call_host("token_logprobs", *_np(params), ids.numpy(), mask.numpy(),
+                                  np.float32(temperature))[0]
+    on = mask.numpy() > 0
+    assert rel_err(got[on], full[on]) < 1e-6
+    assert (got[:, :2] == 0).all() and (got[2:, :3] == 0).all()  # before each row's window
+    assert (got[:2, 14:] == 0).all()  # after the windows of the rows that start at 2
+    ref = window_module.call_host("token_logprobs", *_np(ref_params), ids.numpy(), mask.numpy(),
+                                  np.float32(temperature))[0]
+    old = got + 0.3 * np.random.default_rng(1).standard_normal(got.shape).astype(np.float32)
+    sel = np.array([t == loss_type for t in GRPO_TYPES], np.float32)
+    data = (ids.numpy(), mask.numpy(), np.array([1.0, -0.4, 0.8, 0.3], np.float32), old, ref, sel, np.float32(0.1),
+            np.float32(0.2), np.float32(0.28), np.float32(temperature), np.float32(L), np.float32(use_old),
+            np.float32(1))
+    want = rl_module.call_host("grpo_value_and_grad", *_np(params), *data)
+    out = window_module.call_host("grpo_value_and_grad", *_np(params), *data)
+    for name, a, b in zip(["loss", "kl", "clip_ratio", "low_clip", "high_clip", *params], out, want):
+        assert rel_err(a, b) < 1e-6 if np.abs(b).max() > 0 else (a == 0).all(), name
+
+
+def test_completion_len_is_checked():
+    from pcpc.mlir.rl_functions import check_config
+
+    for bad in (0, T, 2.5):
+        with pytest.raises(ValueError, match="completion_len must be an integer in 1..seq_len - 1"):
+            check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "completion_len": bad})
 
 
 def test_grpo_update_matches_torch_adamw(rl_module, setup):
@@ -246,7 +298,7 @@ def test_token_logprobs_match_trl(rl_module, trl_batch):
     with torch.no_grad():
         want = grpo_per_token_logps(trainer, trl_model(cfg, params, temperature), ids[:, :PROMPT], ids[:, PROMPT:],
                                     completion_mask)
-    got = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), np.float32(temperature))[0]
+    got = rl_module.call_host("token_logprobs", *_np(params), ids.numpy(), mask.numpy(), np.float32(temperature))[0]
     assert rel_err(torch.from_numpy(got[:, PROMPT - 1:]) * completion_mask, want) < TOL
 
 

@@ -108,7 +108,7 @@ def test_compiled_adapter_losses_and_gradients_equal_peft(built, method):
 
     # token log-probs of the adapted policy
     pm = peft_model(cfg, base, pcfg, adapter, frozen, residual)
-    got = mod.call_host("token_logprobs", *weights, ids.numpy(), np.float32(0.8))[0]
+    got = mod.call_host("token_logprobs", *weights, ids.numpy(), mask.numpy(), np.float32(0.8))[0]
     assert rel_err(got, token_logps(pm, ids, 0.8).detach()) < TOL
 
     # GRPO: the loss and the adapter's gradients

@@ -75,8 +75,9 @@ def rewards(cfg: Path) -> list[float]:
     return [json.loads(x)["reward_mean"] for x in (cfg.with_suffix("") / "metrics.jsonl").read_text().splitlines()]
 
 
-def compiled_policy_logps(cfg: Path, ids: np.ndarray) -> np.ndarray:
-    """token_logprobs of the run's final adapter through its own compiled module."""
+def compiled_policy_logps(cfg: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """token_logprobs of the run's final adapter through its own compiled module (on the completion window
+    that starts at mask's first 1)."""
     from pcpc.runtime.module import CompiledModule
     from pcpc.runtime.rl.policy import make_policy
     from pcpc.kinds import load_config
@@ -87,7 +88,7 @@ def compiled_policy_logps(cfg: Path, ids: np.ndarray) -> np.ndarray:
     state = checkpoint.load(checkpoint.path_in(run_dir), "grpo").state
     mod = CompiledModule(raw["training_model_path"])
     pol = make_policy(mod, raw["weights_path"], rc, state, keep_reference=False)
-    out = mod("token_logprobs", *pol.args(), mod.upload(ids), np.float32(1.0))[0]
+    out = mod("token_logprobs", *pol.args(), mod.upload(ids), mod.upload(mask), np.float32(1.0))[0]
     return np.asarray(out.to_host())
 
 
@@ -118,8 +119,11 @@ def check_loads_in_peft(cfg: Path, summary: dict) -> None:
     with torch.no_grad():
         logits = model(input_ids=torch.from_numpy(ids)).logits[:, :-1]
         want = torch.gather(torch.log_softmax(logits, -1), 2, torch.from_numpy(ids)[:, 1:, None]).squeeze(-1)
-    got = compiled_policy_logps(cfg, ids)
-    assert float(np.linalg.norm(got - want.numpy()) / np.linalg.norm(want.numpy())) < 1e-4
+    mask = np.zeros((len(ids), ids.shape[1] - 1), np.float32)
+    mask[:, 7:] = 1.0  # an 8-token prompt: the run's rows hold 8 completion tokens, the module's window
+    got = compiled_policy_logps(cfg, ids, mask)[:, 7:]
+    want = want.numpy()[:, 7:]
+    assert float(np.linalg.norm(got - want) / np.linalg.norm(want)) < 1e-4
 
 
 @pytest.mark.parametrize("method,lr", [("lora", 0.01), ("vera", 0.1)])
