@@ -4,9 +4,9 @@ Config keys (all JSON):
     model, hf_config, model_overrides   the model, as in mlir/qwen_functions.py
     batch_size             B, rows per call (GRPO: num_prompts * group_size; DPO: 2 * pairs)
     seq_len                T, tokens per row (prompt + completion, right-padded)
-    completion_len         C, the most completion tokens a GRPO row holds (default T - 1): token_logprobs and
-                           grpo_value_and_grad run the head and log-softmax on the C positions from each row's
-                           first completion target only (autodiff/grpo.py completion_window), not on all T - 1
+    completion_len         C, the most completion tokens a row holds (default T - 1): every function that scores
+                           rows runs the head and log-softmax on the C positions from each row's first
+                           completion target only (autodiff/grpo.py completion_window), not on all T - 1
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
     peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
@@ -18,7 +18,7 @@ optimizer state, then scalars, then data. Rows are laid out
 
     token_logprobs      (*P, ids (B,T) i64, mask (B,L) f32, temperature) -> logp (B,L), 0 outside the
                         rows' completion windows (mask: 1 on completion targets, as grpo's)
-    sequence_logps      (*P, ids, mask (B,L) f32) -> (B,) sum of masked token log-probs
+    sequence_logps      (*P, ids, mask (B,L) f32) -> (B,) sum of masked token log-probs (mask within C)
     grpo_value_and_grad (*P, <grpo data>) -> loss, kl, clip_ratio, low_clip, high_clip, *grads
     dpo_value_and_grad  (*P, <dpo data>) -> loss, chosen_rewards (B/2,), rejected_rewards (B/2,), *grads
     grad_clip_coef      (*grads) -> coef: min(1, max_grad_norm / (global norm + 1e-6)); 1 without clipping
@@ -118,13 +118,12 @@ def make_grpo_loss(cfg: qwen2.Qwen2Config, logits_of=None, completion_len: int |
     return loss_fn
 
 
-def make_dpo_loss(cfg: qwen2.Qwen2Config, logits_of=None):
+def make_dpo_loss(cfg: qwen2.Qwen2Config, logits_of=None, completion_len: int | None = None):
     """loss_fn(params, <dpo data>) -> (loss, chosen_rewards, rejected_rewards)."""
     logits_of = logits_of or full_logits(cfg)
 
     def loss_fn(params, ids, mask, ref_logps, loss_type, beta):
-        logits = logits_of(params, ids)
-        seq = sequence_logps(token_logprobs(logits, ids, 1.0), mask)  # (2P,) sums, as ref_logps
+        seq = sequence_logps(completion_logprobs(logits_of, params, ids, mask, 1.0, completion_len), mask)  # (2P,)
         tokens = mask.sum(-1)  # (2P,) ipo's per-token means divide by these
         n = seq.shape[0] // 2
         return dpo_loss(seq[:n], seq[n:], ref_logps[:n], ref_logps[n:], beta, loss_type, tokens[:n], tokens[n:])
@@ -218,7 +217,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     def seq_logps(*flat):
         x, m = flat[nw], flat[nw + 1]
-        return sequence_logps(token_logprobs(logits_of(dict(zip(all_names, flat[:nw])), x), x, 1.0), m)
+        return sequence_logps(completion_logprobs(logits_of, dict(zip(all_names, flat[:nw])), x, m, 1.0, width), m)
 
     def coef(*flat):
         return clip_coef(list(flat), opt.grad_clip) if opt.grad_clip > 0 else torch.ones((), dtype=torch.float32)
@@ -301,7 +300,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             W + grpo_data, grpo_stats + grads, decompositions=grad_decompositions)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of, width)), names, has_aux=True),
             W + dpo_data, dpo_stats + grads, decompositions=grad_decompositions)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
         "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_") and "inplace" not in f.name],

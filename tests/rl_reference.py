@@ -38,6 +38,23 @@ def rl_module(tmp_path_factory):
     return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_numerics").vmfb)
 
 
+WINDOW = 12
+"""setup's rows hold at most 12 completion targets (rows of 3 + 12, 3 + 6, 5 + 10, 5 + 1 tokens)."""
+
+
+@pytest.fixture(scope="session")
+def window_module(tmp_path_factory):
+    """The scoring functions with the head on each row's completion window only (recipe completion_len)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule
+
+    target = rl_target("test-rl-window", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       completion_len=WINDOW, functions=["token_logprobs", "sequence_logps", "grpo_value_and_grad",
+                                                         "dpo_value_and_grad"])
+    return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_window").vmfb)
+
+
 @pytest.fixture(scope="module")
 def setup():
     """Weights (scaled up: a peaked policy), a perturbed reference, ids and a completion mask."""

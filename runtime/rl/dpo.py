@@ -136,6 +136,13 @@ def seq_len_for(pairs: Pairs) -> int:
     return -(-longest // 8) * 8
 
 
+def completion_len_for(pairs: Pairs, T: int) -> int:
+    """The most completion tokens a row holds (rounded up to 8, at most T - 1): the learner's head runs on
+    that many positions of each row (mlir/rl_functions.py completion_len), not on the prompts."""
+    longest = max(max(len(c), len(r)) for c, r in zip(pairs.chosen, pairs.rejected))
+    return min(-(-longest // 8) * 8, T - 1)
+
+
 def batch_rows(pairs: Pairs, idx: list[int], T: int, pad: int):
     """ids (2P, T): chosen rows then rejected rows; mask (2P, T-1) on completion targets."""
     from pcpc.runtime.rl.rows import pack_rows
@@ -191,7 +198,8 @@ class DPO(Loop):
         opt = {"beta1": d.adam_beta1, "beta2": d.adam_beta2, "weight_decay": d.weight_decay,
                "grad_clip": d.max_grad_norm}
         target = rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=2 * d.batch_size, seq_len=T,
-                           **setup.adapter_recipe(cfg, DPO_FUNCTIONS), optimizer=opt)
+                           completion_len=completion_len_for(pairs, T), **setup.adapter_recipe(cfg, DPO_FUNCTIONS),
+                           optimizer=opt)
         train_b = start_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
         inplace_b = start_inplace(cfg, target, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)
         built = train_b.wait()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_reference import B, T, TOL, dpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
+from rl_reference import (B, T, TOL, WINDOW, dpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup,
+                          token_logps, window_module)
 from trl_reference import trl_dpo
 from pcpc.autodiff import derive
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_TYPES, reward_metrics, sequence_logps
@@ -51,6 +52,26 @@ def test_dpo_value_and_grad_matches_torch(rl_module, setup, loss_type):
     assert np.abs(out[2] - r_rew.numpy()).max() < TOL * scale
     for name, got in zip(params, out[3:]):
         assert rel_err(got, named[name].grad) < TOL, name
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_completion_window_gives_the_full_heads_results(rl_module, window_module, setup, loss_type):
+    """sequence_logps and dpo_value_and_grad with the head on each row's completion window (C = 12 of 15
+    positions) give what the head on every position gives."""
+    cfg, params, ref_params, ids, mask = setup
+    assert int(mask.sum(-1).max()) <= WINDOW < T - 1
+    seq = [m.call_host("sequence_logps", *_np(params), ids.numpy(), mask.numpy())[0]
+           for m in (rl_module, window_module)]
+    assert rel_err(seq[1], seq[0]) < 1e-6
+    ref = window_module.call_host("sequence_logps", *_np(ref_params), ids.numpy(), mask.numpy())[0]
+    sel = np.array([t == loss_type for t in DPO_TYPES], np.float32)
+    want, got = (m.call_host("dpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), ref, sel,
+                             np.float32(0.1)) for m in (rl_module, window_module))
+    assert rel_err(got[0], want[0]) < 1e-6
+    scale = 0.1 * float(np.abs(seq[0]).max())  # rewards are beta times differences of the sums
+    assert np.abs(got[1] - want[1]).max() < 1e-6 * scale and np.abs(got[2] - want[2]).max() < 1e-6 * scale
+    for name, a, b in zip(params, got[3:], want[3:]):
+        assert rel_err(a, b) < 1e-6, name
 
 
 # ------------------------------------------------------------------------------------------ against TRL itself

@@ -21,7 +21,8 @@ import pytest
 import torch
 import trl
 
-from rl_reference import B, L, OVERRIDES, T, TOL, grpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup, token_logps
+from rl_reference import (B, L, OVERRIDES, T, TOL, WINDOW, grpo_loss, hf_model, np_params as _np, rel_err, rl_module,
+                          setup, token_logps, window_module)
 from trl_reference import TRL_VERSION, grpo_per_token_logps, grpo_self, trl_advantages, trl_grpo, trl_model
 from pcpc.autodiff import derive
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_advantages
@@ -80,22 +81,6 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old,
         assert out[2] > 0  # the clip ratio sees clipped tokens on this input
     else:
         assert out[2] == 0  # ratio 1 everywhere: nothing is clipped
-
-
-WINDOW = 12
-"""setup's rows hold at most 12 completion targets (rows of 3 + 12, 3 + 6, 5 + 10, 5 + 1 tokens)."""
-
-
-@pytest.fixture(scope="module")
-def window_module(tmp_path_factory):
-    """The GRPO functions with the head on each row's completion window only (recipe completion_len)."""
-    from pcpc.mlir.build import build
-    from pcpc.mlir.targets import rl_target
-    from pcpc.runtime.module import CompiledModule
-
-    target = rl_target("test-rl-window", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
-                       completion_len=WINDOW, functions=["token_logprobs", "grpo_value_and_grad"])
-    return CompiledModule(build(target, tmp_path_factory.mktemp("rl_window")).vmfb)
 
 
 @pytest.mark.parametrize("loss_type,use_old", [("grpo", False), ("dr_grpo", True)])
