@@ -85,9 +85,9 @@ def test_grpo_value_and_grad_matches_torch(rl_module, setup, loss_type, use_old,
 
 @pytest.mark.parametrize("loss_type,use_old", [("grpo", False), ("dr_grpo", True)])
 def test_completion_window_gives_the_full_heads_results(rl_module, window_module, setup, loss_type, use_old):
-    """The head on the completion window (C = 12 of L = 15 positions; rows start their targets at 2 and 4, and
-    row 3's window is moved back to end at L) gives what the head on every position gives: the log-probs on
-    the mask, 0 outside the window, and the same loss, statistics and gradients."""
+    """The head on the completion window (C = 12 of L = 15 positions; rows 0-1 start their targets at 2, rows
+    2-3 at 4, so their windows are moved back to end at L) gives what the head on every position gives: the
+    log-probs on the mask, 0 outside the window, and the same loss, statistics and gradients."""
     cfg, params, ref_params, ids, mask = setup
     assert int(mask.sum(-1).max()) <= WINDOW < L
     temperature = 0.9
