@@ -46,31 +46,27 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature) -> torc
 
 
 def completion_window(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """idx (B, width) int64: `width` consecutive positions of each row from its first completion target
-    (the first 1 of mask (B, L)), moved back where they would pass L. An RL learner's rows are
-    [prompt][completion][padding] with at most `width` completion targets, so the window holds them all and
-    the head and log-softmax need only run there (TRL's logits_to_keep; the prompt's logits are not used)."""
+    """sel (B, width, L) float, one-hot rows: `width` consecutive positions of each row from its first
+    completion target (the first 1 of mask (B, L)), moved back where they would pass L. An RL learner's rows
+    are [prompt][completion][padding] with at most `width` completion targets, so the window holds them all
+    and the head and log-softmax need only run there (TRL's logits_to_keep; the prompt's logits are not
+    used). A matmul with sel selects those positions exactly (one product by 1, the rest by 0)."""
     L = mask.shape[1]
     pos = torch.arange(L, device=mask.device)
     first = torch.where(mask > 0, pos, L).amin(-1)  # (B,); L for a row without targets
     start = torch.clamp(first, max=L - width)
-    return start[:, None] + torch.arange(width, device=mask.device)  # (B, width)
+    idx = start[:, None] + torch.arange(width, device=mask.device)  # (B, width)
+    return (idx[:, :, None] == pos).float()
 
 
-def one_hot_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, W, n) float: row j of batch b is 1 at idx[b, j] (a selection a matmul applies exactly)."""
-    return (idx[:, :, None] == torch.arange(n, device=idx.device)).float()
-
-
-def window_logprobs(logits: torch.Tensor, ids: torch.Tensor, idx: torch.Tensor, temperature) -> torch.Tensor:
-    """token_logprobs on a completion window: logits (B, W, V) at the positions idx (B, W) (the model's head
-    on those rows), ids (B, T) -> (B, T-1) log-probs, 0 outside the window."""
-    T = ids.shape[1]
-    targets = ((idx + 1)[:, :, None] == torch.arange(T, device=ids.device)) * ids[:, None, :]
+def window_logprobs(logits: torch.Tensor, ids: torch.Tensor, sel: torch.Tensor, temperature) -> torch.Tensor:
+    """token_logprobs on a completion window: logits (B, W, V) at the positions sel (B, W, L) selects (the
+    model's head on those rows), ids (B, T) -> (B, L) log-probs, 0 outside the window."""
+    targets = (sel.long() * ids[:, None, 1:]).sum(-1)  # (B, W): the token each selected position predicts
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, W, V)
     vocab = torch.arange(logp.shape[-1], device=logp.device)
-    picked = (logp * (targets.sum(-1, keepdim=True) == vocab)).sum(-1)  # (B, W)
-    return (one_hot_rows(idx, T - 1) * picked[:, :, None]).sum(1)  # (B, T-1)
+    picked = (logp * (targets[:, :, None] == vocab)).sum(-1)  # (B, W)
+    return (sel * picked[:, :, None]).sum(1)  # (B, L)
 
 
 def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

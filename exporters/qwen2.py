@@ -359,8 +359,9 @@ def forward(
     position 0 as HF's generate does). attention_mask (B, T), 1 = real token,
     0 = padding; token i attends to tokens j <= i whose mask is 1.
     linear(params, name, x, bias=True) is every q/k/v/o and MLP projection (an adapter's: exporters/peft.py).
-    head_rows (B, R, T) float, one-hot rows: the head runs on those R positions of each row only, and the
-    logits are (B, R, V) (an RL learner scores completion tokens: autodiff/grpo.py `completion_window`).
+    head_rows (B, R, S) float, one-hot rows over the first S <= T positions: the head runs on those R
+    positions of each row only, and the logits are (B, R, V) (an RL learner scores completion tokens:
+    autodiff/grpo.py `completion_window`).
     """
     B, T = input_ids.shape
     idx = torch.arange(T, device=input_ids.device)
@@ -382,7 +383,7 @@ def forward(
         x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps),
                      linear)
     if head_rows is not None:
-        x = torch.bmm(head_rows, x)  # (B, R, C): each selected row exactly (one product by 1, the rest by 0)
+        x = torch.bmm(head_rows, x[:, :head_rows.shape[2]])  # (B, R, C): each selected row exactly
     return _head(params, x, cfg)
 
 

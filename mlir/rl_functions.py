@@ -72,8 +72,8 @@ import torch
 
 from pcpc.autodiff import derive
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_LOSS_TYPES, dpo_loss, sequence_logps
-from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, completion_window, grpo_loss, one_hot_rows, \
-    token_logprobs, window_logprobs
+from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, completion_window, grpo_loss, token_logprobs, \
+    window_logprobs
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import peft, qwen2
@@ -99,8 +99,8 @@ def completion_logprobs(logits_of, params, ids, mask, temperature, width: int | 
     window only and the rest is 0; without, on every position."""
     if width is None or width >= ids.shape[1] - 1:
         return token_logprobs(logits_of(params, ids), ids, temperature)
-    idx = completion_window(mask, width)
-    return window_logprobs(logits_of(params, ids, one_hot_rows(idx, ids.shape[1])), ids, idx, temperature)
+    sel = completion_window(mask, width)  # (B, width, L)
+    return window_logprobs(logits_of(params, ids, sel), ids, sel, temperature)
 
 
 def make_grpo_loss(cfg: qwen2.Qwen2Config, logits_of=None, completion_len: int | None = None):
