@@ -351,6 +351,7 @@ def forward(
     attention_mask: torch.Tensor | None = None,
     linear=_linear,
     head_rows: torch.Tensor | None = None,
+    shared_prefix: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) float32 for a full sequence (no cache; training and scoring).
 
@@ -362,29 +363,84 @@ def forward(
     head_rows (B, R, S) float, one-hot rows over the first S <= T positions: the head runs on those R
     positions of each row only, and the logits are (B, R, V) (an RL learner scores completion tokens:
     autodiff/grpo.py `completion_window`).
+    shared_prefix (G, P): the rows come in groups of G consecutive rows whose first P tokens are the same (a
+    GRPO group: one prompt's completions). Those P positions are computed once per group, not G times, and
+    the group's rows attend to them: the same logits for 1/G of the prefix's work. The caller guarantees the
+    rows agree; no position_ids or attention_mask with it.
     """
     B, T = input_ids.shape
-    idx = torch.arange(T, device=input_ids.device)
-    visible = (idx[None, :] <= idx[:, None])[None].expand(B, T, T)  # (B, T, T)
-    if attention_mask is not None:
-        keep = attention_mask.to(torch.bool)
-        visible = visible & keep[:, None, :]
+    if shared_prefix is not None:
+        if position_ids is not None or attention_mask is not None:
+            raise ValueError("forward: shared_prefix takes no position_ids or attention_mask")
+        x = _shared_prefix_hidden(params, input_ids, cfg, linear, *shared_prefix)
+    else:
+        idx = torch.arange(T, device=input_ids.device)
+        visible = (idx[None, :] <= idx[:, None])[None].expand(B, T, T)  # (B, T, T)
+        if attention_mask is not None:
+            keep = attention_mask.to(torch.bool)
+            visible = visible & keep[:, None, :]
+            if position_ids is None:
+                position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
         if position_ids is None:
-            position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
-    if position_ids is None:
-        position_ids = idx[None].expand(B, T)
-    rope = _rope(position_ids, cfg.dim_head, cfg.rope_theta)
-    x = _embed(params, input_ids)
+            position_ids = idx[None].expand(B, T)
+        rope = _rope(position_ids, cfg.dim_head, cfg.rope_theta)
+        x = _layers(params, _embed(params, input_ids), rope, lambda q, k, v: _attend(q, k, v, visible, cfg), cfg,
+                    linear)
+    if head_rows is not None:
+        x = torch.bmm(head_rows, x[:, :head_rows.shape[2]])  # (B, R, C): each selected row exactly
+    return _head(params, x, cfg)
+
+
+def _layers(params, x, rope, attend, cfg, linear):
+    """The transformer blocks on hidden states x (B, T, C); attend(q, k, v) -> (B, T, nh*hd)."""
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = _rms_norm(params, f"{p}.input_layernorm", x, cfg.rms_norm_eps)
         q, k, v = _qkv(params, f"{p}.self_attn", h, rope, cfg, linear)
-        x = x + linear(params, f"{p}.self_attn.o_proj", _attend(q, k, v, visible, cfg), bias=False)
+        x = x + linear(params, f"{p}.self_attn.o_proj", attend(q, k, v), bias=False)
         x = x + _mlp(params, f"{p}.mlp", _rms_norm(params, f"{p}.post_attention_layernorm", x, cfg.rms_norm_eps),
                      linear)
-    if head_rows is not None:
-        x = torch.bmm(head_rows, x[:, :head_rows.shape[2]])  # (B, R, C): each selected row exactly
-    return _head(params, x, cfg)
+    return x
+
+
+def _shared_prefix_hidden(params, input_ids, cfg, linear, group: int, prefix: int):
+    """Final hidden states (B, T, C) of rows whose groups of `group` share their first `prefix` tokens.
+
+    The distinct positions are one row of R = N*P + B*S tokens (N = B/G groups, P = prefix, S = T - P):
+    each group's prefix once, then every row's suffix. Norms, projections and the MLP are per token, so they
+    run on those R rows as they are; attention splits them: a prefix attends causally within itself, a
+    row's suffix to its group's prefix and causally to itself.
+    """
+    B, T = input_ids.shape
+    G, P = group, prefix
+    if G < 1 or B % G or not 1 <= P < T:
+        raise ValueError(f"forward: shared_prefix ({G}, {P}) needs G dividing the batch ({B}) and 1 <= P < T ({T})")
+    N, S = B // G, T - P
+    dev = input_ids.device
+    ids = torch.cat([input_ids[::G, :P].reshape(-1), input_ids[:, P:].reshape(-1)])[None]  # (1, R)
+    pos = torch.cat([torch.arange(P, device=dev).repeat(N), torch.arange(P, T, device=dev).repeat(B)])[None]
+    rope = _rope(pos, cfg.dim_head, cfg.rope_theta)  # (1, 1, R, hd)
+    tri = torch.arange(P, device=dev)
+    own = (tri[None, :] <= tri[:, None])[None].expand(N, P, P)
+    sfx = torch.arange(T, device=dev)
+    seen = (sfx[None, :] <= sfx[P:, None])[None].expand(B, S, T)  # suffix token s sees positions <= P + s
+
+    def fan(t):  # (N, ...) -> (B, ...): each group's tensor for each of its rows
+        return t[:, None].expand(N, G, *t.shape[1:]).reshape(B, *t.shape[1:])
+
+    def split(t, rows, length):  # (1, h, R, hd) -> the prefix part (N, h, P, hd) or the suffix part (B, h, S, hd)
+        part = t[0, :, :N * P] if rows == N else t[0, :, N * P:]
+        return part.reshape(t.shape[1], rows, length, t.shape[3]).transpose(0, 1)
+
+    def attend(q, k, v):
+        kp, vp = split(k, N, P), split(v, N, P)
+        yp = _attend(split(q, N, P), kp, vp, own, cfg)  # (N, P, nh*hd)
+        ys = _attend(split(q, B, S), torch.cat([fan(kp), split(k, B, S)], 2), torch.cat([fan(vp), split(v, B, S)], 2),
+                     seen, cfg)  # (B, S, nh*hd)
+        return torch.cat([yp.reshape(N * P, -1), ys.reshape(B * S, -1)])[None]  # (1, R, nh*hd)
+
+    x = _layers(params, _embed(params, ids), rope, attend, cfg, linear)[0]  # (R, C)
+    return torch.cat([fan(x[:N * P].view(N, P, -1)), x[N * P:].view(B, S, -1)], 1)  # (B, T, C)
 
 
 def forward_cached(

@@ -7,6 +7,9 @@ Config keys (all JSON):
     completion_len         C, the most completion tokens a row holds (default T - 1): every function that scores
                            rows runs the head and log-softmax on the C positions from each row's first
                            completion target only (autodiff/grpo.py completion_window), not on all T - 1
+    shared_prefix          [G, P]: the rows come in groups of G whose first P tokens agree (a GRPO group: one
+                           prompt, G completions, P <= its prompt's length); token_logprobs and
+                           grpo_value_and_grad compute those P positions once per group (qwen2.forward)
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
     peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
@@ -83,8 +86,8 @@ from pcpc.mlir.signature import TensorSpec
 
 FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "outer", "merge")
-KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "optimizer", "functions",
-        "peft")
+KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "shared_prefix",
+        "optimizer", "functions", "peft")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
@@ -155,6 +158,12 @@ def check_config(config: dict) -> None:
     if width is not None and (not isinstance(width, int) or not 1 <= width <= config["seq_len"] - 1):
         raise ValueError(f"rl recipe: completion_len must be an integer in 1..seq_len - 1 "
                          f"({config['seq_len'] - 1}), got {width!r}")
+    shared = config.get("shared_prefix")
+    if shared is not None and not (isinstance(shared, (list, tuple)) and len(shared) == 2
+                                   and all(isinstance(x, int) for x in shared) and shared[0] >= 1
+                                   and config["batch_size"] % shared[0] == 0 and 1 <= shared[1] < config["seq_len"]):
+        raise ValueError(f"rl recipe: shared_prefix must be [G, P] with G dividing batch_size "
+                         f"({config['batch_size']}) and P in 1..seq_len - 1 ({config['seq_len'] - 1}), got {shared!r}")
     bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS + ("adamw_inplace",)]
     if bad:
         raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
@@ -177,10 +186,14 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     n, nw, nf = len(names), len(P) + len(frozen), len(frozen)
     W = P + frozen
 
-    def logits_of(weights: dict, ids, head_rows=None):
-        if pcfg is None:
-            return qwen2.forward(weights, ids, None, cfg, head_rows=head_rows)
-        return qwen2.forward(weights, ids, None, cfg, linear=peft.linear_fn(weights, pcfg), head_rows=head_rows)
+    shared = tuple(config["shared_prefix"]) if config.get("shared_prefix") else None
+
+    def logits_of(weights: dict, ids, head_rows=None, shared_prefix=None):
+        linear = qwen2._linear if pcfg is None else peft.linear_fn(weights, pcfg)
+        return qwen2.forward(weights, ids, None, cfg, linear=linear, head_rows=head_rows, shared_prefix=shared_prefix)
+
+    def grpo_logits_of(weights: dict, ids, head_rows=None):  # GRPO rows: a group's completions share its prompt
+        return logits_of(weights, ids, head_rows, shared)
 
     def with_frozen(loss_fn):
         """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
@@ -213,7 +226,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     def logprobs(*flat):
         ids_, mask_, temperature = flat[nw:]
-        return completion_logprobs(logits_of, dict(zip(all_names, flat[:nw])), ids_, mask_, temperature, width)
+        return completion_logprobs(grpo_logits_of, dict(zip(all_names, flat[:nw])), ids_, mask_, temperature, width)
 
     def seq_logps(*flat):
         x, m = flat[nw], flat[nw + 1]
@@ -296,7 +309,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
         "grpo_value_and_grad": lambda: [ExportFunction(
             "grpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, logits_of, width)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, grpo_logits_of, width)), names, has_aux=True),
             W + grpo_data, grpo_stats + grads, decompositions=grad_decompositions)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",

@@ -55,6 +55,19 @@ def window_module(tmp_path_factory):
     return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_window").vmfb)
 
 
+@pytest.fixture(scope="session")
+def prefix_module(tmp_path_factory):
+    """The GRPO functions of window_module with groups of 2 rows sharing their first 3 tokens (shared_prefix)."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule
+
+    target = rl_target("test-rl-prefix", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       completion_len=WINDOW, shared_prefix=[2, 3],
+                       functions=["token_logprobs", "grpo_value_and_grad"])
+    return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_prefix").vmfb)
+
+
 @pytest.fixture(scope="module")
 def setup():
     """Weights (scaled up: a peaked policy), a perturbed reference, ids and a completion mask."""

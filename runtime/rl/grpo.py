@@ -55,6 +55,8 @@ class Plan:
     """The sparse AdamW module of the run's mask (runtime/rl/sparse.py), or None."""
     inplace_vmfb: str | None = None
     """The in-place AdamW module of a full fine-tuning run (runtime/rl/update.py), or None."""
+    shared_prefix: tuple[int, int] | None = None
+    """(group_size, P): the learner computes each group's first P tokens (its prompt's) once (shared_prefix)."""
 
 
 def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
@@ -76,12 +78,29 @@ def load_prompts(cfg: GRPOConfig, tok, vocab_size: int, config_dir: Path, say):
     return found
 
 
-def training_target(cfg: GRPOConfig, src, seq_len: int):
+def shared_prefix(prompts: list[list[int]], group_size: int) -> tuple[int, int] | None:
+    """(group_size, the shortest prompt's length): a group's rows hold one prompt, so their first P tokens
+    agree and the learner computes them once (rl recipe shared_prefix); None for groups of one."""
+    return (group_size, min(len(p) for p in prompts)) if group_size > 1 else None
+
+
+def check_groups(ids: np.ndarray, shared: tuple[int, int] | None) -> None:
+    """The learner's rows (N, T) must agree on their first P tokens within each group of G (how the module
+    was built); a violation is a bug, not a user mistake."""
+    if shared is not None:
+        G, P = shared
+        heads = ids[:, :P].reshape(-1, G, P)
+        if not (heads == heads[:, :1]).all():
+            raise RuntimeError(f"GRPO rows: a group of {G} rows differs in its first {P} tokens (shared_prefix)")
+
+
+def training_target(cfg: GRPOConfig, src, seq_len: int, shared: tuple[int, int] | None = None):
     from pcpc.mlir.targets import GRPO_FUNCTIONS, rl_target
 
     g = cfg.grpo_config
     return rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=cfg.rollouts_per_iteration,
                      seq_len=seq_len, completion_len=cfg.rollout_config.max_tokens,
+                     **({"shared_prefix": list(shared)} if shared else {}),
                      **setup.adapter_recipe(cfg, GRPO_FUNCTIONS),
                      optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
                                 "grad_clip": g.max_grad_norm})
@@ -140,7 +159,8 @@ class GRPO(Loop):
         # compiles before it. Both paths are checked before either build starts.
         for field in ("model_path", "training_model_path"):
             check_not_foreign(field, Path(getattr(cfg, field)), WHY_DERIVED)
-        train_t = training_target(cfg, src, seq_len)
+        shared = shared_prefix(found.ids, g.group_size)
+        train_t = training_target(cfg, src, seq_len, shared)
         train_b = start_artifact("training_model_path", cfg.training_model_path, train_t, cfg.target, ctx.say)
         gen_b = start_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
                                cfg.target, ctx.say)
@@ -163,7 +183,7 @@ class GRPO(Loop):
         if cfg.outer_step_note():
             ctx.say("  " + cfg.outer_step_note())
         return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
-                    str(ctx.config_dir), sparse_vmfb, inplace_vmfb)
+                    str(ctx.config_dir), sparse_vmfb, inplace_vmfb, shared)
 
     @classmethod
     def check_inputs(cls, cfg: GRPOConfig, config_dir: Path) -> None:
@@ -311,6 +331,7 @@ class GRPO(Loop):
         cfg, g, mod = self.cfg, self.cfg.grpo_config, self.mod
         temperature = np.float32(cfg.rollout_config.temperature)
         ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
+        check_groups(ids, self.plan.shared_prefix)
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
         ref_logp = mod("token_logprobs", *self.ref, ids_d, mask_d, temperature)[0] if self.ref else self.zeros_bl
         old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, mask_d, temperature)[0]

@@ -21,8 +21,8 @@ import pytest
 import torch
 import trl
 
-from rl_reference import (B, L, OVERRIDES, T, TOL, WINDOW, grpo_loss, hf_model, np_params as _np, rel_err, rl_module,
-                          setup, token_logps, window_module)
+from rl_reference import (B, L, OVERRIDES, T, TOL, WINDOW, grpo_loss, hf_model, np_params as _np, prefix_module,
+                          rel_err, rl_module, setup, token_logps, window_module)
 from trl_reference import TRL_VERSION, grpo_per_token_logps, grpo_self, trl_advantages, trl_grpo, trl_model
 from pcpc.autodiff import derive
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_advantages
@@ -109,6 +109,38 @@ def test_completion_window_gives_the_full_heads_results(rl_module, window_module
     out = window_module.call_host("grpo_value_and_grad", *_np(params), *data)
     for name, a, b in zip(["loss", "kl", "clip_ratio", "low_clip", "high_clip", *params], out, want):
         assert rel_err(a, b) < 1e-6 if np.abs(b).max() > 0 else (a == 0).all(), name
+
+
+def test_shared_prefix_gives_the_same_results(window_module, prefix_module, setup):
+    """Rows 0-1 and 2-3 as GRPO groups (one prompt each: 3 and 5 tokens); the module that computes each group's
+    first 3 positions once gives the log-probs, loss, statistics and gradients of the one that computes every
+    row's (including the reference's log-probs at other weights, and the completion targets that start at 2,
+    inside the shared prefix's last position)."""
+    cfg, params, ref_params, ids, mask = setup
+    ids = ids.clone()
+    ids[1, :3], ids[3, :5] = ids[0, :3], ids[2, :5]
+    temperature = np.float32(0.9)
+    logps = [[m.call_host("token_logprobs", *_np(w), ids.numpy(), mask.numpy(), temperature)[0]
+              for m in (window_module, prefix_module)] for w in (params, ref_params)]
+    for want, got in logps:
+        assert rel_err(got, want) < 1e-6
+        assert np.abs(got[mask.numpy() > 0]).min() > 0
+    old = logps[0][0] + 0.3 * np.random.default_rng(1).standard_normal(logps[0][0].shape).astype(np.float32)
+    data = (ids.numpy(), mask.numpy(), np.array([1.0, -0.4, 0.8, 0.3], np.float32), old, logps[1][0],
+            np.array([1, 0, 0], np.float32), np.float32(0.1), np.float32(0.2), np.float32(0.28), temperature,
+            np.float32(L), np.float32(1), np.float32(1))
+    want = window_module.call_host("grpo_value_and_grad", *_np(params), *data)
+    out = prefix_module.call_host("grpo_value_and_grad", *_np(params), *data)
+    for name, a, b in zip(["loss", "kl", "clip_ratio", "low_clip", "high_clip", *params], out, want):
+        assert rel_err(a, b) < 1e-5 if np.abs(b).max() > 0 else (a == 0).all(), name
+
+
+def test_shared_prefix_is_checked():
+    from pcpc.mlir.rl_functions import check_config
+
+    for bad in ([3, 2], [2, 0], [2, T], [2], "2,3"):
+        with pytest.raises(ValueError, match="shared_prefix must be"):
+            check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "shared_prefix": bad})
 
 
 def test_completion_len_is_checked():

@@ -238,3 +238,27 @@ def test_a_pruned_adalora_adapter_saves_as_peft_does(qcfg, tmp_path):
     torch.testing.assert_close(loaded(ids).logits, mine, rtol=1e-4, atol=1e-4)
     cfg2, adapter2, _ = pcpc_peft.load(tmp_path / "a")
     torch.testing.assert_close(pcpc_logits(base, adapter2, cfg2, qcfg, ids), mine, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+def test_shared_prefix_gives_the_same_gradients(method, qcfg):
+    """A GRPO group's rows share their prompt; computing its positions once (forward's shared_prefix) gives the
+    adapter the logits and gradients of computing every row's."""
+    cfg = pcpc_cfg(method)
+    base = base_params(hf_model(CASE))
+    adapter, frozen, residual = pcpc_peft.init(base, qcfg, cfg, seed=0)
+    trained = perturbed(adapter, 1)
+    ids = torch.randint(0, 320, (4, 12), generator=torch.Generator().manual_seed(5))
+    ids[1, :4], ids[3, :4] = ids[0, :4], ids[2, :4]  # two groups of two rows, four prompt tokens each
+    weights = torch.linspace(0.5, 1.5, 320)
+    results = []
+    for shared in (None, (2, 4)):
+        t = {k: v.clone().requires_grad_(True) for k, v in trained.items()}
+        logits = qwen2.forward({**base, **residual}, ids, None, qcfg, linear=pcpc_peft.linear_fn({**t, **frozen}, cfg),
+                               shared_prefix=shared)
+        (torch.log_softmax(logits, -1) * weights).sum(-1).mean().backward()
+        results.append((logits.detach(), {k: v.grad for k, v in t.items()}))
+    (want, want_g), (got, got_g) = results
+    assert rel_err(got, want) < 1e-6
+    for k in want_g:
+        assert want_g[k].norm() > 0 and rel_err(got_g[k], want_g[k]) < 1e-5, k

@@ -54,6 +54,25 @@ def test_pack_rows_masks_completion_targets():
     assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 0, 0, 0, 0]]
 
 
+def test_groups_share_their_shortest_prompt():
+    import numpy as np
+
+    from pcpc.runtime.rl.grpo import check_groups, shared_prefix
+
+    prompts = [[5, 6, 7], [8, 9], [4, 4, 4, 4]]
+    assert shared_prefix(prompts, 4) == (4, 2) and shared_prefix(prompts, 1) is None
+    rows = [p for p in prompts for _ in range(2)]
+    ids, _ = pack_rows(rows, [[1, 2], [3], [1], [2, 2], [0], [9]], seq_len=7, pad=0)
+    check_groups(ids, (2, 2))
+    check_groups(ids, None)
+    ids[3, 1] = 1
+    with pytest.raises(RuntimeError, match="a group of 2 rows differs in its first 2 tokens"):
+        check_groups(ids, (2, 2))
+    ids = np.zeros((4, 5), np.int64)
+    ids[1, 2] = 1  # beyond the prefix: fine
+    check_groups(ids, (2, 2))
+
+
 def test_tasks_are_padded_and_seeded_per_batch():
     rows = [[1], [1], [2], [2], [3], [3]]
     tasks, real = make_tasks(rows, 4, seed=7, iteration=3)
