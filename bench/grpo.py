@@ -47,13 +47,19 @@ PRESETS = {"tiny": "qwen2-tiny", "0.5b": "qwen2.5-0.5b"}
 TEMPERATURE, TOP_P, BETA = 0.7, 0.9, 0.04
 
 
-def targets(preset: str, group: int, prompt_len: int, max_tokens: int):
+def shared_prefix(group: int, prompt_len: int, shared: bool = True) -> dict:
+    """The recipe's shared_prefix: every row holds the one prompt (a GRPO group), so the learner computes its
+    positions once, as a run does (runtime/rl/grpo.py); {} with --no-shared-prefix."""
+    return {"shared_prefix": [group, prompt_len]} if shared and group > 1 else {}
+
+
+def targets(preset: str, group: int, prompt_len: int, max_tokens: int, shared: bool = True):
     from pcpc.mlir.targets import GRPO_FUNCTIONS, qwen_target, rl_target
 
     T = prompt_len + max_tokens
     gen = qwen_target(f"bench-grpo-gen-{preset}", preset, batch_sizes=[group], prefill_len=prompt_len, max_seq=T)
     train = rl_target(f"bench-grpo-train-{preset}", preset, batch_size=group, seq_len=T, completion_len=max_tokens,
-                      functions=GRPO_FUNCTIONS)
+                      functions=GRPO_FUNCTIONS, **shared_prefix(group, prompt_len, shared))
     return gen, train
 
 
@@ -129,7 +135,7 @@ def run_pcpc(a) -> dict:
     from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
 
     preset = PRESETS[a.shape]
-    gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens)
+    gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens, not a.no_shared_prefix)
     out_dir = Path(a.artifacts)
     t0 = time.perf_counter()
     gen_b, train_b = build(gen_t, out_dir), build(train_t, out_dir)
@@ -275,6 +281,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="the pcpc learner computes the group's prompt once per row, as the eager peer does")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the contenders this many times (medians)")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--contender", choices=("pcpc", "eager"), help=argparse.SUPPRESS)
@@ -287,14 +295,15 @@ def main() -> None:
         return
     print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
           f"load average {os.getloadavg()[0]:.1f}; group {a.group}, prompt {a.prompt_len}, "
-          f"{a.max_tokens} new tokens, best of {a.reps}")
+          f"{a.max_tokens} new tokens, best of {a.reps}; the pcpc learner computes "
+          f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}")
     for shape in a.shapes.split(","):
         rounds = {"pcpc": [], "eager": []}
         for _ in range(a.repeat):
             for who in ("pcpc", "eager"):
                 cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--group", str(a.group),
                        "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps", str(a.reps),
-                       "--artifacts", a.artifacts]
+                       "--artifacts", a.artifacts] + ["--no-shared-prefix"] * a.no_shared_prefix
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode != 0:
                     sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")

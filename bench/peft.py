@@ -68,7 +68,8 @@ def _lora_modules(a):
     T = a.prompt_len + a.max_tokens
     gen_t, _ = base_bench.targets(preset, a.group, a.prompt_len, a.max_tokens)
     train_t = rl_target(f"bench-peft-train-{preset}-r{a.r}", preset, batch_size=a.group, seq_len=T,
-                        completion_len=a.max_tokens, functions=[*GRPO_FUNCTIONS, "merge"], peft=peft_section(a.r))
+                        completion_len=a.max_tokens, functions=[*GRPO_FUNCTIONS, "merge"], peft=peft_section(a.r),
+                        **base_bench.shared_prefix(a.group, a.prompt_len, not a.no_shared_prefix))
     t0 = time.perf_counter()
     gen_b, train_b = build(gen_t, Path(a.artifacts)), build(train_t, Path(a.artifacts))
     return gen_b, train_b, time.perf_counter() - t0
@@ -134,6 +135,7 @@ def run_pcpc_lora(a) -> dict:
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    ids[:, :a.prompt_len] = prompt  # one group: the prompt, then each row's completion
     mask = np.zeros((a.group, T - 1), np.float32)
     mask[:, a.prompt_len - 1:] = 1.0
     opt = ChunkedOptimizer(mod)
@@ -193,6 +195,7 @@ def run_eager_peft(a) -> dict:
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
     ids = torch.randint(1, cfg.vocab_size, (a.group, T), generator=torch.Generator().manual_seed(1))
+    ids[:, :a.prompt_len] = torch.tensor(prompt)  # one group: the prompt, then each row's completion
     mask = torch.ones(a.group, a.max_tokens)  # the completion tokens (TRL's layout: the prompt, then these)
     adv = torch.linspace(-1.0, 1.5, a.group)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.999),
@@ -233,6 +236,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="the pcpc learners compute the group's prompt once per row, as the eager peer does")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--contender", choices=("pcpc-lora", "pcpc-lora-rollout", "pcpc-full", "eager-peft"),
                     help=argparse.SUPPRESS)
@@ -245,13 +250,14 @@ def main() -> None:
         return
     print(f"bench/peft.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
           f"load average {os.getloadavg()[0]:.1f}; LoRA r {a.r} (alpha {2 * a.r}) on "
-          f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}")
+          f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}; the pcpc learner computes "
+          f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}")
     for shape in a.shapes.split(","):
         res = {}
         for who in ("pcpc-lora", "eager-peft", "pcpc-full", "pcpc-lora-rollout"):
             cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--r", str(a.r), "--group",
                    str(a.group), "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps",
-                   str(a.reps), "--artifacts", a.artifacts]
+                   str(a.reps), "--artifacts", a.artifacts] + ["--no-shared-prefix"] * a.no_shared_prefix
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
