@@ -75,6 +75,14 @@ def _lora_modules(a):
     return gen_b, train_b, time.perf_counter() - t0
 
 
+def group_rows(cfg, prompt, a) -> np.ndarray:
+    """The learner's rows (group, T), the same on both sides: one group's prompt, then random completions."""
+    T = a.prompt_len + a.max_tokens
+    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    ids[:, :a.prompt_len] = prompt
+    return ids
+
+
 def _trained_policy(mod, host, cfg, a):
     from pcpc.exporters import peft
     from pcpc.runtime.rl.policy import AdapterPolicy
@@ -134,8 +142,7 @@ def run_pcpc_lora(a) -> dict:
     del host  # the policy holds the base (imported without a copy)
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
-    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
-    ids[:, :a.prompt_len] = prompt  # one group: the prompt, then each row's completion
+    ids = group_rows(cfg, prompt, a)
     mask = np.zeros((a.group, T - 1), np.float32)
     mask[:, a.prompt_len - 1:] = 1.0
     opt = ChunkedOptimizer(mod)
@@ -194,8 +201,7 @@ def run_eager_peft(a) -> dict:
                 p.fill_(0.01)
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
-    ids = torch.randint(1, cfg.vocab_size, (a.group, T), generator=torch.Generator().manual_seed(1))
-    ids[:, :a.prompt_len] = torch.tensor(prompt)  # one group: the prompt, then each row's completion
+    ids = torch.from_numpy(group_rows(cfg, prompt, a))
     mask = torch.ones(a.group, a.max_tokens)  # the completion tokens (TRL's layout: the prompt, then these)
     adv = torch.linspace(-1.0, 1.5, a.group)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.999),
@@ -273,6 +279,7 @@ def main() -> None:
               f"{ro['rollout_adapter']['tok_s'] / ro['rollout_base']['tok_s']:.2f}x")
         print(f"  peak RSS GB           pcpc LoRA {lo['peak_rss_gb']:.2f}   pcpc full {fu['peak_rss_gb']:.2f}   "
               f"{lo['peak_rss_gb'] / fu['peak_rss_gb']:.2f}x   peft eager {ea['peak_rss_gb']:.2f}")
+        print(f"  loss at the timed step: pcpc LoRA {lo['learner']['loss']:.6f}, peft eager {ea['learner']['loss']:.6f}")
 
 
 if __name__ == "__main__":
