@@ -7,9 +7,11 @@ Config keys (all JSON):
     completion_len         C, the most completion tokens a row holds (default T - 1): every function that scores
                            rows runs the head and log-softmax on the C positions from each row's first
                            completion target only (autodiff/grpo.py completion_window), not on all T - 1
-    shared_prefix          [G, P]: the rows come in groups of G whose first P tokens agree (a GRPO group: one
-                           prompt, G completions, P <= its prompt's length); token_logprobs and
-                           grpo_value_and_grad compute those P positions once per group (qwen2.forward)
+    shared_prefix          [G, P]: rows that hold one prompt agree on their first P tokens (P <= the prompt's
+                           length), and the functions compute those positions once per prompt (qwen2.forward):
+                           token_logprobs and grpo_value_and_grad for groups of G consecutive rows (a GRPO
+                           group); sequence_logps and dpo_value_and_grad, with G = 2, for a pair's chosen and
+                           rejected rows (i and B/2 + i)
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
     peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
@@ -164,6 +166,10 @@ def check_config(config: dict) -> None:
                                    and config["batch_size"] % shared[0] == 0 and 1 <= shared[1] < config["seq_len"]):
         raise ValueError(f"rl recipe: shared_prefix must be [G, P] with G dividing batch_size "
                          f"({config['batch_size']}) and P in 1..seq_len - 1 ({config['seq_len'] - 1}), got {shared!r}")
+    if shared is not None and shared[0] != 2 and any(f.startswith(("dpo", "sequence")) for f in
+                                                     config.get("functions", FUNCTIONS)):
+        raise ValueError(f"rl recipe: shared_prefix with DPO functions must be [2, P] (a pair's two rows), "
+                         f"got {shared!r}")
     bad = [f for f in config.get("functions", ()) if f not in FUNCTIONS + ("adamw_inplace",)]
     if bad:
         raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
@@ -194,6 +200,19 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     def grpo_logits_of(weights: dict, ids, head_rows=None):  # GRPO rows: a group's completions share its prompt
         return logits_of(weights, ids, head_rows, shared)
+
+    def dpo_logits_of(weights: dict, ids, head_rows=None):
+        """DPO rows: the chosen rows, then the rejected; pair i (rows i and n + i) holds one prompt. The
+        forward takes each pair's rows side by side (groups of 2), the logits go back in the callers' order."""
+        if shared is None:
+            return logits_of(weights, ids, head_rows)
+        n = ids.shape[0] // 2
+
+        def pairs(t):  # (2n, ...) -> (2n, ...): rows i, n + i next to each other
+            return t.view(2, n, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+        out = logits_of(weights, pairs(ids), None if head_rows is None else pairs(head_rows), shared)
+        return out.view(n, 2, *out.shape[1:]).transpose(0, 1).reshape(out.shape)
 
     def with_frozen(loss_fn):
         """loss(trained, *frozen, *data): the frozen weights are inputs that get no gradient; AdaLoRA adds its
@@ -230,7 +249,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     def seq_logps(*flat):
         x, m = flat[nw], flat[nw + 1]
-        return sequence_logps(completion_logprobs(logits_of, dict(zip(all_names, flat[:nw])), x, m, 1.0, width), m)
+        return sequence_logps(completion_logprobs(dpo_logits_of, dict(zip(all_names, flat[:nw])), x, m, 1.0, width),
+                              m)
 
     def coef(*flat):
         return clip_coef(list(flat), opt.grad_clip) if opt.grad_clip > 0 else torch.ones((), dtype=torch.float32)
@@ -313,7 +333,7 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
             W + grpo_data, grpo_stats + grads, decompositions=grad_decompositions)],
         "dpo_value_and_grad": lambda: [ExportFunction(
             "dpo_value_and_grad",
-            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, logits_of, width)), names, has_aux=True),
+            derive.value_and_grad_fn(with_frozen(make_dpo_loss(cfg, dpo_logits_of, width)), names, has_aux=True),
             W + dpo_data, dpo_stats + grads, decompositions=grad_decompositions)],
         "grad_clip_coef": lambda: [ExportFunction("grad_clip_coef", coef, grad_specs, [("coef", "output")])],
         "adamw": lambda: [f for f in chunked if f.name.startswith("adamw_") and "inplace" not in f.name],

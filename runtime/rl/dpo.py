@@ -143,6 +143,12 @@ def completion_len_for(pairs: Pairs, T: int) -> int:
     return min(-(-longest // 8) * 8, T - 1)
 
 
+def shared_prefix(pairs: Pairs, T: int) -> list[int]:
+    """[2, the shortest prompt's length]: a pair's chosen and rejected rows (batch_rows: i and n + i) start
+    with its prompt, so the learner computes those positions once per pair (rl recipe shared_prefix)."""
+    return [2, min(min(len(p) for p in pairs.prompts), T - 1)]
+
+
 def batch_rows(pairs: Pairs, idx: list[int], T: int, pad: int):
     """ids (2P, T): chosen rows then rejected rows; mask (2P, T-1) on completion targets."""
     from pcpc.runtime.rl.rows import pack_rows
@@ -198,7 +204,8 @@ class DPO(Loop):
         opt = {"beta1": d.adam_beta1, "beta2": d.adam_beta2, "weight_decay": d.weight_decay,
                "grad_clip": d.max_grad_norm}
         target = rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=2 * d.batch_size, seq_len=T,
-                           completion_len=completion_len_for(pairs, T), **setup.adapter_recipe(cfg, DPO_FUNCTIONS),
+                           completion_len=completion_len_for(pairs, T), shared_prefix=shared_prefix(pairs, T),
+                           **setup.adapter_recipe(cfg, DPO_FUNCTIONS),
                            optimizer=opt)
         train_b = start_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
         inplace_b = start_inplace(cfg, target, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl_reference import (B, T, TOL, WINDOW, dpo_loss, hf_model, np_params as _np, rel_err, rl_module, setup,
-                          token_logps, window_module)
+from rl_reference import (B, T, TOL, WINDOW, dpo_loss, hf_model, np_params as _np, prefix_module, rel_err,
+                          rl_module, setup, token_logps, window_module)
 from trl_reference import trl_dpo
 from pcpc.autodiff import derive
 from pcpc.autodiff.dpo import LOSS_TYPES as DPO_TYPES, reward_metrics, sequence_logps
@@ -72,6 +72,23 @@ def test_completion_window_gives_the_full_heads_results(rl_module, window_module
     assert np.abs(got[1] - want[1]).max() < 1e-6 * scale and np.abs(got[2] - want[2]).max() < 1e-6 * scale
     for name, a, b in zip(params, got[3:], want[3:]):
         assert rel_err(a, b) < 1e-6, name
+
+
+def test_shared_prefix_gives_the_same_results(window_module, prefix_module, setup):
+    """Pairs (rows 0, 2 and 1, 3) whose rows share their first 3 tokens, computed once per pair: the sequence
+    log-probs, loss, rewards and gradients of the module that computes every row's."""
+    cfg, params, ref_params, ids, mask = setup
+    ids = ids.clone()
+    ids[2, :3], ids[3, :3] = ids[0, :3], ids[1, :3]
+    seq = [m.call_host("sequence_logps", *_np(params), ids.numpy(), mask.numpy())[0]
+           for m in (window_module, prefix_module)]
+    assert rel_err(seq[1], seq[0]) < 1e-6
+    ref = window_module.call_host("sequence_logps", *_np(ref_params), ids.numpy(), mask.numpy())[0]
+    sel = np.array([t == "sigmoid" for t in DPO_TYPES], np.float32)
+    want, got = (m.call_host("dpo_value_and_grad", *_np(params), ids.numpy(), mask.numpy(), ref, sel,
+                             np.float32(0.1)) for m in (window_module, prefix_module))
+    for name, a, b in zip(["loss", "chosen_rewards", "rejected_rewards", *params], got, want):
+        assert rel_err(a, b) < 1e-5, name
 
 
 # ------------------------------------------------------------------------------------------ against TRL itself

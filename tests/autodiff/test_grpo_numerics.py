@@ -141,6 +141,9 @@ def test_shared_prefix_is_checked():
     for bad in ([3, 2], [2, 0], [2, T], [2], "2,3"):
         with pytest.raises(ValueError, match="shared_prefix must be"):
             check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "shared_prefix": bad})
+    with pytest.raises(ValueError, match=r"shared_prefix with DPO functions must be \[2, P\]"):
+        check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "shared_prefix": [4, 3],
+                      "functions": ["sequence_logps", "dpo_value_and_grad"]})
 
 
 def test_completion_len_is_checked():
