@@ -1,7 +1,7 @@
 """One GRPO iteration's two halves, pcpc (compiled modules) vs plain PyTorch eager (HF transformers), in one run.
 
     .venv/bin/python bench/grpo.py [--shapes tiny,0.5b] [--group 4] [--prompt-len 16] [--max-tokens 32] [--reps 3]
-                                   [--repeat 1]
+                                   [--repeat 1] [--no-shared-prefix]
 
 Random weights (no download). For each shape, each contender runs in its own
 subprocess (so its peak memory is its own) and measures, after a warm-up:
@@ -16,6 +16,8 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
             Both run the LM head on the completion positions only (pcpc: the recipe's completion_len; eager:
             HF's logits_to_keep, as TRL's GRPOTrainer calls it), from 2026-12-07 on; on every position before.
+            pcpc computes the group's prompt once, not once per row (the recipe's shared_prefix, as a run
+            does; exact), from 2026-12-07 on; --no-shared-prefix computes it per row, as eager does.
 
 Prints both, the ratios (eager time / pcpc time) and the learner's peak RSS (from when its weights are
 loaded: the set-up's garbage is returned first and the peak reset, see start_peak_rss). Build time of

@@ -1,7 +1,7 @@
 """GRPO with a LoRA adapter: pcpc's compiled adapter learner against HF peft + PyTorch eager, in one run.
 
     .venv/bin/python bench/peft.py [--shapes tiny,0.5b] [--r 16] [--group 4] [--prompt-len 16] [--max-tokens 32]
-                                   [--reps 3]
+                                   [--reps 3] [--repeat 1] [--no-shared-prefix]
 
 Random weights (no download); the shapes, rows and loss of bench/grpo.py. Each contender runs in its own
 subprocess, so its peak memory is its own:
@@ -242,6 +242,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the learners this many times (medians)")
     ap.add_argument("--no-shared-prefix", action="store_true",
                     help="the pcpc learners compute the group's prompt once per row, as the eager peer does")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
@@ -249,6 +250,8 @@ def main() -> None:
                     help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.repeat < 1:
+        ap.error(f"--repeat: expected 1 or more, got {a.repeat}")
     if a.contender:
         fn = {"pcpc-lora": run_pcpc_lora, "pcpc-lora-rollout": run_pcpc_lora_rollout, "pcpc-full": base_bench.run_pcpc,
               "eager-peft": run_eager_peft}[a.contender]
@@ -259,18 +262,27 @@ def main() -> None:
           f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}; the pcpc learner computes "
           f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}")
     for shape in a.shapes.split(","):
-        res = {}
-        for who in ("pcpc-lora", "eager-peft", "pcpc-full", "pcpc-lora-rollout"):
+        rounds = {}
+        order = ["pcpc-lora", "eager-peft"] * a.repeat + ["pcpc-full", "pcpc-lora-rollout"]
+        for who in order:
             cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--r", str(a.r), "--group",
                    str(a.group), "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps",
                    str(a.reps), "--artifacts", a.artifacts] + ["--no-shared-prefix"] * a.no_shared_prefix
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")
-            res[who] = json.loads(proc.stdout.strip().splitlines()[-1])
+            rounds.setdefault(who, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        res = {who: rs[0] for who, rs in rounds.items()}
+        for who in ("pcpc-lora", "eager-peft"):  # medians of the alternating rounds
+            res[who] = {**rounds[who][0], **base_bench._median_round([{**r, "rollout": {"tok_s": 0.0}}
+                                                                      for r in rounds[who]])}
         lo, ea, fu, ro = res["pcpc-lora"], res["eager-peft"], res["pcpc-full"], res["pcpc-lora-rollout"]
         print(f"\n[{shape}] ({base_bench.PRESETS[shape]}; {lo['trained_params']:,} adapter params; modules built/"
-              f"checked in {lo['build_s']:.1f}s; load average {os.getloadavg()[0]:.1f})")
+              f"checked in {lo['build_s']:.1f}s; load average {os.getloadavg()[0]:.1f}; learners: median of "
+              f"{a.repeat} alternating round(s))")
+        if a.repeat > 1:
+            for who in ("pcpc-lora", "eager-peft"):
+                print(f"  {who} rounds: learner s {[round(r['learner']['best_s'], 3) for r in rounds[who]]}")
         print(f"  learner step s        pcpc LoRA {lo['learner']['best_s']:.3f}   peft eager {ea['learner']['best_s']:.3f}"
               f"   {ea['learner']['best_s'] / lo['learner']['best_s']:.2f}x   (pcpc full fine-tuning "
               f"{fu['learner']['best_s']:.3f})")
