@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pcpc.errors import UserError
 from pcpc.mlir.build import Target
-from pcpc.mlir.compile import (ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_EXPORT, TRAINING_CPU_FLAGS,
-                               exact_fp_flags)
+from pcpc.mlir.compile import (ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_EXPORT, RL_TRAINING_CPU_FLAGS,
+                               TRAINING_CPU_FLAGS, exact_fp_flags)
 
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
@@ -110,8 +110,9 @@ DPO_FUNCTIONS = ["sequence_logps", "dpo_value_and_grad", "grad_clip_coef", "adam
 def rl_target(name: str, model: str | None = None, hf_config: dict | None = None, **recipe) -> Target:
     """A Qwen2 GRPO / DPO training module; recipe keys: mlir/rl_functions.py.
 
-    Compiled with TRAINING_CPU_FLAGS: at the 0.5B shape the GRPO step (forward, backward, AdamW) ran
-    1.25-1.4x faster with data tiling than without, at the same peak memory (bench/grpo.py, learner step).
+    Compiled with RL_TRAINING_CPU_FLAGS: at the 0.5B shape the GRPO step (forward, backward, AdamW) ran
+    1.25-1.4x faster with data tiling than without, at the same peak memory (bench/grpo.py, learner step);
+    without multi-use fusion its peak memory is 2.1 GB lower at the same speed (RL_TRAINING_CPU_FLAGS).
     An adapter module (a `peft` recipe) is compiled without data tiling: ADAPTER_TRAINING_CPU_FLAGS.
     """
     config = {"model": model} if hf_config is None else {"hf_config": dict(hf_config)}
@@ -120,7 +121,7 @@ def rl_target(name: str, model: str | None = None, hf_config: dict | None = None
     fns = ", ".join(config.get("functions", ["all RL functions"]))
     return Target(name, RL_RECIPE, config, RL_SOURCES,
                   f"{what} {fns}, batch {config.get('batch_size')} x {config.get('seq_len')} tokens",
-                  ADAPTER_TRAINING_CPU_FLAGS if config.get("peft") else TRAINING_CPU_FLAGS)
+                  ADAPTER_TRAINING_CPU_FLAGS if config.get("peft") else RL_TRAINING_CPU_FLAGS)
 
 
 OPTIMIZER_CPU_FLAGS = ("--iree-opt-data-tiling=false", "--iree-dispatch-creation-enable-aggressive-fusion")

@@ -81,10 +81,12 @@ def test_a_module_built_for_an_avx2_cpu_is_cached_apart_and_computes_the_same(tm
 
 
 def test_training_modules_get_the_flags_measured_for_their_instruction_set(monkeypatch):
-    from pcpc.mlir.compile import ADAPTER_TRAINING_CPU_FLAGS, AVX2_TRAINING_FLAGS, TRAINING_CPU_FLAGS, isa_flags
+    from pcpc.mlir.compile import (ADAPTER_TRAINING_CPU_FLAGS, AVX2_TRAINING_FLAGS, RL_TRAINING_CPU_FLAGS,
+                                   TRAINING_CPU_FLAGS, isa_flags)
 
     monkeypatch.setenv(cpu.ENV, "znver3")
     assert isa_flags(TRAINING_CPU_FLAGS) == (*TRAINING_CPU_FLAGS, *AVX2_TRAINING_FLAGS)
+    assert isa_flags(RL_TRAINING_CPU_FLAGS) == (*RL_TRAINING_CPU_FLAGS, *AVX2_TRAINING_FLAGS)  # data-tiled too
     assert isa_flags(ADAPTER_TRAINING_CPU_FLAGS) == ADAPTER_TRAINING_CPU_FLAGS  # not data-tiled
     assert isa_flags(()) == ()
     monkeypatch.setenv(cpu.ENV, "znver4")
