@@ -259,7 +259,8 @@ def main() -> None:
         return
     print(f"bench/peft.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
           f"load average {os.getloadavg()[0]:.1f}; LoRA r {a.r} (alpha {2 * a.r}) on "
-          f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, best of {a.reps}; the pcpc learner computes "
+          f"q/k/v/o/gate/up/down; group {a.group}, prompt {a.prompt_len}, {a.max_tokens} new tokens, "
+          f"best of {a.reps}; the pcpc learner computes "
           f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}")
     for shape in a.shapes.split(","):
         rounds = {}
@@ -291,7 +292,8 @@ def main() -> None:
               f"{ro['rollout_adapter']['tok_s'] / ro['rollout_base']['tok_s']:.2f}x")
         print(f"  peak RSS GB           pcpc LoRA {lo['peak_rss_gb']:.2f}   pcpc full {fu['peak_rss_gb']:.2f}   "
               f"{lo['peak_rss_gb'] / fu['peak_rss_gb']:.2f}x   peft eager {ea['peak_rss_gb']:.2f}")
-        print(f"  loss at the timed step: pcpc LoRA {lo['learner']['loss']:.6f}, peft eager {ea['learner']['loss']:.6f}")
+        print(f"  loss at the timed step: pcpc LoRA {lo['learner']['loss']:.6f}, "
+              f"peft eager {ea['learner']['loss']:.6f}")
 
 
 if __name__ == "__main__":
