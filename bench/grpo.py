@@ -86,6 +86,15 @@ def inputs(preset: str, group: int, prompt_len: int, seed: int = 0):
     return cfg, params, prompt
 
 
+def group_rows(cfg, prompt, a) -> np.ndarray:
+    """Learner rows (a.group, T) without a rollout, the same for every contender: one group's prompt (the
+    shared_prefix module computes it once), then random completion tokens."""
+    T = a.prompt_len + a.max_tokens
+    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    ids[:, :a.prompt_len] = prompt
+    return ids
+
+
 def aligned_host(params) -> list[np.ndarray]:
     """64-byte aligned host copies of the weights, which the CPU device reads in place, as a run does."""
     from pcpc.exporters.hf_weights import aligned_empty

@@ -75,14 +75,6 @@ def _lora_modules(a):
     return gen_b, train_b, time.perf_counter() - t0
 
 
-def group_rows(cfg, prompt, a) -> np.ndarray:
-    """The learner's rows (group, T), the same on both sides: one group's prompt, then random completions."""
-    T = a.prompt_len + a.max_tokens
-    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
-    ids[:, :a.prompt_len] = prompt
-    return ids
-
-
 def _trained_policy(mod, host, cfg, a):
     from pcpc.exporters import peft
     from pcpc.runtime.rl.policy import AdapterPolicy
@@ -142,7 +134,7 @@ def run_pcpc_lora(a) -> dict:
     del host  # the policy holds the base (imported without a copy)
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
-    ids = group_rows(cfg, prompt, a)
+    ids = base_bench.group_rows(cfg, prompt, a)
     mask = np.zeros((a.group, T - 1), np.float32)
     mask[:, a.prompt_len - 1:] = 1.0
     opt = ChunkedOptimizer(mod)
@@ -201,7 +193,7 @@ def run_eager_peft(a) -> dict:
                 p.fill_(0.01)
     base_bench.start_peak_rss()
     T = a.prompt_len + a.max_tokens
-    ids = torch.from_numpy(group_rows(cfg, prompt, a))
+    ids = torch.from_numpy(base_bench.group_rows(cfg, prompt, a))
     mask = torch.ones(a.group, a.max_tokens)  # the completion tokens (TRL's layout: the prompt, then these)
     adv = torch.linspace(-1.0, 1.5, a.group)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.999),

@@ -134,7 +134,7 @@ def run_learner(a) -> dict:
     M, V = opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())
     grpo.start_peak_rss()
     T = a.prompt_len + a.max_tokens
-    ids = np.random.default_rng(1).integers(1, cfg.vocab_size, (a.group, T)).astype(np.int64)
+    ids = grpo.group_rows(cfg, prompt, a)  # one group's prompt: the module computes it once (shared_prefix)
     mask = np.zeros((a.group, T - 1), np.float32)
     mask[:, a.prompt_len - 1:] = 1.0
     adv = np.linspace(-1.0, 1.5, a.group, dtype=np.float32)
