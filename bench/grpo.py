@@ -12,7 +12,9 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             eager: HF Qwen2ForCausalLM.generate(do_sample=True, ...)
   learner   one GRPO update on those G rows (prompt + completion, beta 0.04, loss grpo): seconds
             pcpc: token_logprobs(reference) + grpo_value_and_grad (loss, torch.func gradients) + AdamW chunk
-                  by chunk (runtime/rl/update.py), as the learner runs it
+                  by chunk (runtime/rl/update.py), as the learner runs it; the reference is a module of its
+                  own whose weights are packed once from a flat weight file, as a run's (from 2026-12-07 on;
+                  before, the training module's token_logprobs re-packed them on every call)
             eager: reference forward (no_grad) + policy forward + TRL's loss + backward + clip + torch AdamW
             Both run the LM head on the completion positions only (pcpc: the recipe's completion_len; eager:
             HF's logits_to_keep, as TRL's GRPOTrainer calls it), from 2026-12-07 on; on every position before.
@@ -126,6 +128,31 @@ def start_peak_rss() -> None:
         pass  # not Linux/glibc: the peak then includes the set-up
 
 
+def reference_module(train_t, host: list[np.ndarray], out_dir: Path, threads: int):
+    """The learner's frozen reference as a run loads it (runtime/rl/policy.py start_reference / pack_reference):
+    its own module, the weights read from a flat weight file (written here once, next to the modules) and
+    packed once for it."""
+    from pcpc.exporters.hf_weights import write_flat
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import reference_target
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.rl.policy import pack_reference
+
+    vmfb = build(reference_target(train_t), out_dir).vmfb
+    weights = out_dir / f"{train_t.name}-weights.bin"
+    same = weights.is_file() and weights.stat().st_size == sum(h.nbytes for h in host)
+    if same:  # the seeded weights of an earlier run: check them (cheap next to writing and re-packing 2 GB)
+        flat, at = np.memmap(weights, np.float32, "r"), 0
+        for h in host:
+            same = same and np.array_equal(flat[at:at + h.size], h.reshape(-1))
+            at += h.size
+        del flat
+    if not same:
+        write_flat(weights, [(str(i), h) for i, h in enumerate(host)], "float32", sum(h.nbytes for h in host))
+    pack_reference(vmfb, weights, lambda m: None)
+    return CompiledModule(vmfb, threads=threads, parameters=weights)
+
+
 def dense_optimizer(train_t, mod, out_dir: Path, threads: int):
     """The full fine-tuning optimizer a run uses: the chunked AdamW, in place through the training target's
     optimizer module (runtime/rl/update.py). The policy's weights must be its own (P = upload_all)."""
@@ -172,8 +199,8 @@ def run_pcpc(a) -> dict:
 
     mod = CompiledModule(train_b.vmfb, threads=threads)
     opt = dense_optimizer(train_t, mod, out_dir, threads)
-    ref = [import_host_array(mod, h) for h in host]  # the learner's frozen reference
-    P = mod.upload_all(host)  # the policy's own copy, which AdamW writes in place (as the run does)
+    ref = reference_module(train_t, host, out_dir, threads)  # the learner's frozen reference
+    P = [import_host_array(mod, h) for h in host]  # the policy's weights, which AdamW writes in place (as a run)
     M = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     V = mod.upload_all([np.zeros(h.shape, np.float32) for h in host])
     del host
@@ -185,7 +212,7 @@ def run_pcpc(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *ref, ids, mask, np.float32(TEMPERATURE))[0]
+        ref_logp = ref("token_logprobs", ids, mask, np.float32(TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0),
                   np.float32(1))  # use_old 0, bias_correction_kl 1 (TRL's default)

@@ -124,13 +124,14 @@ def run_learner(a) -> dict:
     host = grpo.aligned_host(params)
     del params
     mod = CompiledModule(built.vmfb, threads=os.cpu_count())
-    ref = [import_host_array(mod, h) for h in host]
+    ref = grpo.reference_module(train_t, host, Path(a.artifacts), os.cpu_count())  # as a run loads it
     if a.sparsity:
         opt, _ = _sparse_optimizer(a, mod, train_t, a.sparsity)
-        P = mod.upload_all(host)  # the sparse step writes into its own copy; the reference stays
+        P = mod.upload_all(host)  # the sparse step writes into its own copy (as the run does)
     else:
         opt = grpo.dense_optimizer(train_t, mod, Path(a.artifacts), os.cpu_count())
-        P = mod.upload_all(host)  # AdamW writes into its own copy in place, as the run does
+        P = [import_host_array(mod, h) for h in host]  # AdamW writes into these in place, as the run does
+    del host
     M, V = opt.upload_state(opt.zeros()), opt.upload_state(opt.zeros())
     grpo.start_peak_rss()
     T = a.prompt_len + a.max_tokens
@@ -142,7 +143,7 @@ def run_learner(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *ref, ids, mask, np.float32(grpo.TEMPERATURE))[0]
+        ref_logp = ref("token_logprobs", ids, mask, np.float32(grpo.TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *P, ids, mask, adv, zeros, ref_logp, sel, np.float32(grpo.BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(grpo.TEMPERATURE), np.float32(a.max_tokens),
                   np.float32(0), np.float32(1))
@@ -171,6 +172,8 @@ def build_learners(a) -> dict:
     mod = CompiledModule(built.vmfb, threads=os.cpu_count())
     grpo.dense_optimizer(train_t, mod, Path(a.artifacts), os.cpu_count())
     _sparse_optimizer(a, mod, train_t, a.learner_sparsity)
+    _, params, _ = grpo.inputs(grpo.PRESETS[a.shape], a.group, a.prompt_len)
+    grpo.reference_module(train_t, grpo.aligned_host(params), Path(a.artifacts), os.cpu_count())  # + weights, packed
     return {}
 
 

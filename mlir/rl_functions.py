@@ -15,6 +15,9 @@ Config keys (all JSON):
     optimizer              AdamWConfig fields (defaults: TRL's betas 0.9/0.999, no weight decay, clip 1.0)
     functions              subset of FUNCTIONS (default: all)
     peft                   an adapter (exporters/peft.py PeftConfig fields): train it, not the weights
+    resident               true: the weights are parameter-backed module globals (a GRPO run's frozen reference,
+                           packed once per weight file instead of on every call; mlir/targets.py
+                           reference_target); only token_logprobs and sequence_logps, without an adapter
 
 Every function takes all weights first (qwen2.param_shapes order), then
 optimizer state, then scalars, then data. Rows are laid out
@@ -89,7 +92,7 @@ from pcpc.mlir.signature import TensorSpec
 FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "outer", "merge")
 KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "shared_prefix",
-        "optimizer", "functions", "peft")
+        "optimizer", "functions", "peft", "resident")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
@@ -174,6 +177,10 @@ def check_config(config: dict) -> None:
     if bad:
         raise ValueError(f"rl recipe: unknown functions {bad}; valid: {', '.join(FUNCTIONS)}")
     wanted = config.get("functions", FUNCTIONS)
+    if config.get("resident") and (config.get("peft") or not set(wanted) <= {"token_logprobs", "sequence_logps"}):
+        raise ValueError(f"rl recipe: resident (weights as module parameters) is for token_logprobs and "
+                         f"sequence_logps without peft, got functions {list(wanted)}"
+                         f"{' and peft' if config.get('peft') else ''}")
     if any(f.startswith("dpo") for f in wanted) and config["batch_size"] % 2:
         raise ValueError("rl recipe: DPO functions need an even batch_size (chosen rows, then rejected rows)")
 
@@ -322,11 +329,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         firsts.setdefault(kind, idx)
     chunked = [f for kind, idx in firsts.items() for f in chunk_functions(kind, idx)]
 
+    n_globals = nw if config.get("resident") else 0  # the weights as module parameters, not call arguments
     fns = {
         "token_logprobs": lambda: [ExportFunction(
-            "token_logprobs", logprobs, W + [ids, mask, scalar("temperature")], [("logp", "output")])],
+            "token_logprobs", logprobs, W + [ids, mask, scalar("temperature")], [("logp", "output")], n_globals)],
         "sequence_logps": lambda: [ExportFunction(
-            "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")])],
+            "sequence_logps", seq_logps, W + [ids, mask], [("logps", "output")], n_globals)],
         "grpo_value_and_grad": lambda: [ExportFunction(
             "grpo_value_and_grad",
             derive.value_and_grad_fn(with_frozen(make_grpo_loss(cfg, grpo_logits_of, width)), names, has_aux=True),

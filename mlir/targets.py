@@ -140,6 +140,22 @@ def optimizer_target(train: Target) -> Target:
                   "AdamW in place, chunk by chunk", OPTIMIZER_CPU_FLAGS)
 
 
+REFERENCE_CPU_FLAGS = (*RL_TRAINING_CPU_FLAGS, *PACK_AT_EXPORT)
+"""The frozen reference's module: the training module's flags (the same numerics), its weights packed once per
+weight file by the module's encoder (pcpc.runtime.pack) instead of on every call."""
+
+
+def reference_target(train: Target) -> Target:
+    """The frozen reference model of a full fine-tuning RL target: its token_logprobs (GRPO) or sequence_logps
+    (DPO), with the weights as parameter-backed globals read from the run's weight file (`resident`). A GRPO
+    step calls it once; with the weights as call arguments, IREE re-packed all of them on every call."""
+    functions = [f for f in train.config.get("functions", []) if f in ("token_logprobs", "sequence_logps")]
+    config = {k: v for k, v in train.config.items() if k not in ("functions", "optimizer")}
+    return Target(f"{train.name}-ref", RL_RECIPE, {**config, "functions": functions or ["token_logprobs"],
+                                                    "resident": True}, RL_SOURCES,
+                  "the frozen reference, weights as module parameters", REFERENCE_CPU_FLAGS)
+
+
 SPARSE_RECIPE = "pcpc.mlir.sparse_functions:build"
 SPARSE_SOURCES = ("pcpc.autodiff.optim", "pcpc.kernels.sparse", "pcpc.mlir.lower", "pcpc.mlir.sparse_functions")
 

@@ -55,18 +55,23 @@ def window_module(tmp_path_factory):
     return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_window").vmfb)
 
 
-@pytest.fixture(scope="session")
-def prefix_module(tmp_path_factory):
+def prefix_target():
     """The scoring functions of window_module with rows sharing their first 3 tokens (shared_prefix [2, 3]):
     GRPO's groups of 2 consecutive rows, DPO's pairs (rows i and B/2 + i)."""
-    from pcpc.mlir.build import build
     from pcpc.mlir.targets import rl_target
+
+    return rl_target("test-rl-prefix", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                     completion_len=WINDOW, shared_prefix=[2, 3],
+                     functions=["token_logprobs", "grpo_value_and_grad", "sequence_logps", "dpo_value_and_grad"])
+
+
+@pytest.fixture(scope="session")
+def prefix_module(tmp_path_factory):
+    """prefix_target's module (built once per session)."""
+    from pcpc.mlir.build import build
     from pcpc.runtime.module import CompiledModule
 
-    target = rl_target("test-rl-prefix", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
-                       completion_len=WINDOW, shared_prefix=[2, 3],
-                       functions=["token_logprobs", "grpo_value_and_grad", "sequence_logps", "dpo_value_and_grad"])
-    return CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_prefix").vmfb)
+    return CompiledModule(build(prefix_target(), tmp_path_factory.getbasetemp() / "rl_prefix").vmfb)
 
 
 @pytest.fixture(scope="module")

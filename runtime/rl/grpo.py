@@ -34,6 +34,7 @@ import numpy as np
 from pcpc.errors import UserError
 from pcpc.runtime.rl import setup
 from pcpc.runtime.rl.grpo_config import GRPOConfig
+from pcpc.runtime.rl.policy import pack_reference, start_reference
 from pcpc.runtime.rl.sparse import plan_sparse
 from pcpc.runtime.rl.update import start_inplace
 from pcpc.runtime.run.artifacts import WHY_DERIVED, check_not_foreign, start_artifact
@@ -57,6 +58,9 @@ class Plan:
     """The in-place AdamW module of a full fine-tuning run (runtime/rl/update.py), or None."""
     shared_prefix: tuple[int, int] | None = None
     """(group_size, P): the learner computes each group's first P tokens (its prompt's) once (shared_prefix)."""
+    reference_vmfb: str | None = None
+    """The frozen reference's module, its weights packed once from weights_path (runtime/rl/policy.py
+    start_reference), or None: the training module's token_logprobs on the reference's weights."""
 
 
 def _seq_len(prompts: list[list[int]], max_tokens: int) -> tuple[int, int]:
@@ -165,12 +169,16 @@ class GRPO(Loop):
         gen_b = start_artifact("model_path", cfg.model_path, generation_target(cfg, src, prefill_len, seq_len),
                                cfg.target, ctx.say)
         inplace_b = start_inplace(cfg, train_t, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)
+        ref_b = start_reference(cfg, train_t, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)
         gen = gen_b.wait()
         weights = setup.ensure_weights(cfg.weights_path, src, load_meta(gen.meta), cfg.init_weights, cfg.seed,
                                        ctx.say)
         train = train_b.wait()
         sparse_vmfb = plan_sparse(cfg, load_meta(train.meta), train_t.config["optimizer"], ctx.say)
         inplace_vmfb = str(inplace_b.wait().vmfb) if inplace_b else None
+        reference_vmfb = str(ref_b.wait().vmfb) if ref_b else None
+        if reference_vmfb:
+            pack_reference(reference_vmfb, weights, ctx.say)
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
         ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "
@@ -183,7 +191,7 @@ class GRPO(Loop):
         if cfg.outer_step_note():
             ctx.say("  " + cfg.outer_step_note())
         return Plan(str(gen.vmfb), str(train.vmfb), str(weights), tuple(tok.eos_token_ids), seq_len,
-                    str(ctx.config_dir), sparse_vmfb, inplace_vmfb, shared)
+                    str(ctx.config_dir), sparse_vmfb, inplace_vmfb, shared, reference_vmfb)
 
     @classmethod
     def check_inputs(cls, cfg: GRPOConfig, config_dir: Path) -> None:
@@ -238,12 +246,17 @@ class GRPO(Loop):
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
         state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros(), "momentum": None,
                                              "adam_step": 0}
+        # the reference: its own module (weights packed once, `[]` weight arguments) or the policy's initial weights
+        resident_ref = g.beta > 0 and self.plan.reference_vmfb is not None
+        self.ref_mod = (CompiledModule(self.plan.reference_vmfb, threads=self.threads(),
+                                       parameters=self.plan.weights_path) if resident_ref else mod)
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
-                                  keep_reference=g.beta > 0, total_steps=g.num_iterations * g.updates_per_iteration)
+                                  keep_reference=g.beta > 0 and not resident_ref,
+                                  total_steps=g.num_iterations * g.updates_per_iteration)
         self.P = self.policy.P  # updated in place
         self.M, self.V = self.opt.upload_state(state["m"]), self.opt.upload_state(state["v"])
         self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
-        self.ref = self.policy.ref_args() if g.beta > 0 else None
+        self.ref = ([] if resident_ref else self.policy.ref_args()) if g.beta > 0 else None
         self.adam_step = state["adam_step"]
         N, L = cfg.rollouts_per_iteration, self.plan.seq_len - 1
         self.zeros_bl = mod.upload(np.zeros((N, L), np.float32))
@@ -333,7 +346,8 @@ class GRPO(Loop):
         ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
         check_groups(ids, self.plan.shared_prefix)
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
-        ref_logp = mod("token_logprobs", *self.ref, ids_d, mask_d, temperature)[0] if self.ref else self.zeros_bl
+        ref_logp = (self.ref_mod("token_logprobs", *self.ref, ids_d, mask_d, temperature)[0] if self.ref is not None
+                    else self.zeros_bl)
         old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, mask_d, temperature)[0]
                     if g.updates_per_iteration > 1 else self.zeros_bl)
         # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
@@ -366,7 +380,7 @@ class GRPO(Loop):
         tokens = sum(lengths)
         rec = {"step": it + 1, "reward_mean": float(np.mean(total)), "reward_std": float(np.std(total, ddof=1)),
                **{f"reward/{nm}": float(np.mean(score["per_fn"][nm])) for nm in self.rewards.names},
-               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.ref else None,
+               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.ref is not None else None,
                "clip_ratio": float(clip), "clip_ratio_low": float(low), "clip_ratio_high": float(high),
                "loss": float(loss), "completion_length_mean": float(np.mean(lengths)),
                "completion_length_min": min(lengths), "completion_length_max": max(lengths),

@@ -22,7 +22,7 @@ import torch
 import trl
 
 from rl_reference import (B, L, OVERRIDES, T, TOL, WINDOW, grpo_loss, hf_model, np_params as _np, prefix_module,
-                          rel_err, rl_module, setup, token_logps, window_module)
+                          prefix_target, rel_err, rl_module, setup, token_logps, window_module)
 from trl_reference import TRL_VERSION, grpo_per_token_logps, grpo_self, trl_advantages, trl_grpo, trl_model
 from pcpc.autodiff import derive
 from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_advantages
@@ -144,6 +144,54 @@ def test_shared_prefix_is_checked():
     with pytest.raises(ValueError, match=r"shared_prefix with DPO functions must be \[2, P\]"):
         check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "shared_prefix": [4, 3],
                       "functions": ["sequence_logps", "dpo_value_and_grad"]})
+
+
+def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(prefix_module, setup, tmp_path):
+    """mlir/targets.reference_target: the scoring functions with the weights as module parameters, read from a
+    flat weight file and packed once (pcpc.runtime.pack, as a GRPO run's launcher does), against the training
+    module's functions on the same weights as arguments: bit for bit."""
+    from pcpc.exporters.hf_weights import write_flat
+    from pcpc.mlir.build import build
+    from pcpc.mlir.signature import load_meta, meta_path_for
+    from pcpc.mlir.targets import reference_target
+    from pcpc.runtime.module import CompiledModule
+    from pcpc.runtime.pack import packed_entries
+    from pcpc.runtime.rl.policy import pack_reference
+
+    cfg, _, ref_params, ids, mask = setup
+    ids = ids.clone()
+    ids[1:, :3] = ids[0, :3]  # one 3-token prompt: GRPO's groups (rows 0-1, 2-3) and DPO's pairs (0-2, 1-3) agree
+    target = reference_target(prefix_target())
+    assert target.config["resident"] and target.config["functions"] == ["token_logprobs", "sequence_logps"]
+    vmfb = build(target, tmp_path).vmfb
+    weights = tmp_path / "ref_flat.bin"
+    write_flat(weights, list(ref_params.items()), "float32", sum(v.numel() * 4 for v in ref_params.values()))
+    said = []
+    pack_reference(vmfb, weights, said.append)
+    assert said and packed_entries(weights, load_meta(meta_path_for(vmfb))) is not None
+    pack_reference(vmfb, weights, said.append)  # packed once: up to date now
+    assert len(said) == 1
+    ref = CompiledModule(vmfb, parameters=weights)
+    assert ref.resident and [a.name for a in ref.signature("token_logprobs").args] == ["ids", "mask", "temperature"]
+    temperature = np.float32(0.9)
+    want = prefix_module.call_host("token_logprobs", *_np(ref_params), ids.numpy(), mask.numpy(), temperature)[0]
+    got = ref.call_host("token_logprobs", ids.numpy(), mask.numpy(), temperature)[0]
+    assert np.abs(want[mask.numpy() > 0]).min() > 0
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    want = prefix_module.call_host("sequence_logps", *_np(ref_params), ids.numpy(), mask.numpy())[0]
+    got = ref.call_host("sequence_logps", ids.numpy(), mask.numpy())[0]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_resident_is_only_for_the_scoring_functions():
+    from pcpc.mlir.rl_functions import check_config
+
+    base = {"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "resident": True}
+    check_config({**base, "functions": ["token_logprobs", "sequence_logps"]})
+    with pytest.raises(ValueError, match="resident .* is for token_logprobs and sequence_logps"):
+        check_config({**base, "functions": ["token_logprobs", "grpo_value_and_grad"]})
+    with pytest.raises(ValueError, match="and peft"):
+        check_config({**base, "functions": ["token_logprobs"], "peft": {"type": "lora", "r": 4}})
 
 
 def test_completion_len_is_checked():

@@ -84,6 +84,9 @@ def test_policy_learns_the_toy_reward(learned):
     assert first < 0.2 and last > 0.6, (first, last)
     assert all(r["kl"] is not None and r["kl"] >= 0 for r in recs)
     assert recs[-1]["kl"] > 0  # the policy moved away from the reference
+    # the reference has a module of its own, the weight file packed once for it (runtime/rl/policy.py)
+    models = cfg.parent / "models"
+    assert (models / "toy_train-ref.vmfb").is_file() and len(list(models.glob("toy_flat.bin.*.packed"))) == 1
     for key in ("reward/toy_reward.py:target_token", "frac_reward_zero_std", "clip_ratio", "completion_length_mean",
                 "completion_length_min", "completion_length_max", "rollout_tokens_per_s", "learner_step_s"):
         assert recs[-1][key] is not None, key
