@@ -149,7 +149,9 @@ def reference_module(train_t, host: list[np.ndarray], out_dir: Path, threads: in
         del flat
     if not same:
         write_flat(weights, [(str(i), h) for i, h in enumerate(host)], "float32", sum(h.nbytes for h in host))
-    pack_reference(vmfb, weights, lambda m: None)
+    said = []
+    if not pack_reference(vmfb, weights, said.append):
+        sys.exit(said[-1])
     return CompiledModule(vmfb, threads=threads, parameters=weights)
 
 

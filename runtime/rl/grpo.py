@@ -177,8 +177,8 @@ class GRPO(Loop):
         sparse_vmfb = plan_sparse(cfg, load_meta(train.meta), train_t.config["optimizer"], ctx.say)
         inplace_vmfb = str(inplace_b.wait().vmfb) if inplace_b else None
         reference_vmfb = str(ref_b.wait().vmfb) if ref_b else None
-        if reference_vmfb:
-            pack_reference(reference_vmfb, weights, ctx.say)
+        if reference_vmfb and not pack_reference(reference_vmfb, weights, ctx.say):
+            reference_vmfb = None
         ctx.write_config(generation_vmfb=str(gen.vmfb), training_vmfb=str(train.vmfb), weights=str(weights),
                          eos_token_ids=list(tok.eos_token_ids), seq_len=seq_len)
         ctx.say(f"GRPO: {cfg.model} ({setup.describe_training(cfg, load_meta(train.meta))}), 1 learner + "

@@ -200,16 +200,24 @@ def start_reference(cfg, train_target, train_vmfb, say):
     return start_artifact("training_model_path", path, reference_target(train_target), cfg.target, say)
 
 
-def pack_reference(ref_vmfb, weights_path, say) -> None:
+def pack_reference(ref_vmfb, weights_path, say) -> bool:
     """Launcher side: pack the weight file for the reference module once (pcpc.runtime.pack; kept next to the
-    weight file and reused while the file is unchanged), so the learner starts with it ready."""
+    weight file and reused while the file is unchanged), so the learner starts with it ready. False, with a
+    note, where that cannot be done (e.g. the weight file's folder is read-only): the run then keeps the
+    reference on the training module, as before the reference had a module of its own."""
+    from pcpc.errors import UserError
     from pcpc.mlir.signature import load_meta, meta_path_for
     from pcpc.runtime.pack import ensure_packed, packed_entries
 
     meta = load_meta(meta_path_for(Path(ref_vmfb)))
     if packed_entries(Path(weights_path), meta) is None:
         say(f"packing {weights_path} for the reference module (once, reused while the file is unchanged)")
-    ensure_packed(Path(ref_vmfb), meta, Path(weights_path))
+    try:
+        ensure_packed(Path(ref_vmfb), meta, Path(weights_path))
+    except UserError as e:
+        say(f"note: the reference runs on the training module instead (its weights re-packed on every call): {e}")
+        return False
+    return True
 
 
 def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool, total_steps: int | None = None):

@@ -183,6 +183,26 @@ def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def test_a_reference_that_cannot_be_packed_stays_on_the_training_module(tmp_path, monkeypatch):
+    """pack_reference says why and returns False (the GRPO launcher then keeps the reference on the training
+    module) where the packed file cannot be written, e.g. beside a weight file in a read-only folder."""
+    from pcpc.errors import UserError
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import reference_target
+    from pcpc.runtime import pack
+    from pcpc.runtime.rl.policy import pack_reference
+
+    vmfb = build(reference_target(prefix_target()), tmp_path).vmfb
+
+    def refuse(vmfb, meta, weights):
+        raise UserError(f"{weights}: packing the weights for {vmfb.name} failed:\nPermissionError: read-only")
+
+    monkeypatch.setattr(pack, "ensure_packed", refuse)
+    said = []
+    assert pack_reference(vmfb, tmp_path / "flat.bin", said.append) is False
+    assert "runs on the training module instead" in said[-1] and "read-only" in said[-1]
+
+
 def test_resident_is_only_for_the_scoring_functions():
     from pcpc.mlir.rl_functions import check_config
 
