@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from pcpc.autodiff.derive import DECOMPOSITIONS
+from pcpc.autodiff.derive import DECOMPOSITIONS, scatter_into_sums
 from pcpc.mlir.signature import FunctionSignature, TensorSpec
 
 TORCH_DTYPES = {
@@ -82,7 +82,7 @@ def _trace(fn: Callable, example_args: Sequence[torch.Tensor], extra: dict | Non
     # functionalize: some of those decompositions and autograd formulas (minimum's and silu's backward)
     # emit in-place ops (masked_fill_, fill_) that torch-mlir cannot verify without the skipped re-trace.
     fn = torch.func.functionalize(fn, remove="mutations")
-    return make_fx(fn, decomposition_table=table, tracing_mode="fake")(*example_args)
+    return scatter_into_sums(make_fx(fn, decomposition_table=table, tracing_mode="fake")(*example_args))
 
 
 class _Graphs(torch.nn.Module):

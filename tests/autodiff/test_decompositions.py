@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pcpc.autodiff.derive import ADAPTER_DECOMPOSITIONS, BLOCK_ROWS, SHORT_ROW, trace
@@ -92,3 +93,28 @@ def test_a_frozen_weights_input_gradient_is_blocked_and_its_forward_and_a_transp
 
     gm_t = _adapter_trace(lambda wt, inp, g: input_grad(wt.t(), inp, g), [W.t().contiguous(), x, dy])
     assert sum(n.target == torch.ops.aten.mm.default for n in gm_t.graph.nodes) == 2
+
+
+def test_a_tied_embeddings_lookup_gradient_is_scattered_into_the_heads():
+    """derive.scatter_into_sums: the head's weight gradient plus the lookup's scatter into zeros becomes one
+    scatter into the head's gradient (no weight-sized zeros); values as eager's, repeated tokens included.
+    An untied embedding (no sum) keeps its scatter into zeros."""
+    from pcpc.autodiff.derive import value_and_grad_fn
+
+    def tied(p, ids):
+        return F.linear(F.embedding(ids, p["e"]), p["e"]).logsumexp(-1).sum()
+
+    def untied(p, ids):
+        return F.linear(F.embedding(ids, p["e"]), p["w"]).logsumexp(-1).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    e, w = torch.randn(10, 4, generator=gen), torch.randn(10, 4, generator=gen)
+    ids = torch.tensor([1, 3, 1, 7])
+    for loss, names, args, scatters_into_zeros in ((tied, ["e"], [e, ids], 0), (untied, ["e", "w"], [e, w, ids], 1)):
+        f = value_and_grad_fn(loss, names)
+        gm = trace(f, args)
+        puts = [n for n in gm.graph.nodes if n.target == torch.ops.aten.index_put.default]
+        assert len(puts) == 1
+        assert (puts[0].args[0].target == torch.ops.aten.new_zeros.default) == scatters_into_zeros
+        for want, got in zip(f(*args), gm(*args)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
