@@ -157,7 +157,7 @@ def reference_module(train_t, host: list[np.ndarray], out_dir: Path, threads: in
 
 def dense_optimizer(train_t, mod, out_dir: Path, threads: int):
     """The full fine-tuning optimizer a run uses: the chunked AdamW, in place through the training target's
-    optimizer module (runtime/rl/update.py). The policy's weights must be its own (P = upload_all)."""
+    optimizer module (runtime/rl/update.py). The policy's weights must be its own: nothing else may share them."""
     from pcpc.mlir.build import build
     from pcpc.mlir.targets import optimizer_target
     from pcpc.runtime.module import CompiledModule
