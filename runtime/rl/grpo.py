@@ -247,7 +247,7 @@ class GRPO(Loop):
         state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros(), "momentum": None,
                                              "adam_step": 0}
         # the reference: its own module (weights packed once, `[]` weight arguments) or the policy's initial weights
-        resident_ref = g.beta > 0 and self.plan.reference_vmfb is not None
+        resident_ref = self.plan.reference_vmfb is not None  # built only where beta > 0 (start_reference)
         self.ref_mod = (CompiledModule(self.plan.reference_vmfb, threads=self.threads(),
                                        parameters=self.plan.weights_path) if resident_ref else mod)
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,

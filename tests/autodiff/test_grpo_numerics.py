@@ -146,12 +146,21 @@ def test_shared_prefix_is_checked():
                       "functions": ["sequence_logps", "dpo_value_and_grad"]})
 
 
-def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(prefix_module, setup, tmp_path):
+@pytest.fixture(scope="module")
+def reference_vmfb(tmp_path_factory):
+    """prefix_target's reference module (mlir/targets.py reference_target), built once for this file."""
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import reference_target
+
+    return build(reference_target(prefix_target()), tmp_path_factory.mktemp("rl_reference")).vmfb
+
+
+def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(prefix_module, reference_vmfb, setup,
+                                                                                 tmp_path):
     """mlir/targets.reference_target: the scoring functions with the weights as module parameters, read from a
     flat weight file and packed once (pcpc.runtime.pack, as a GRPO run's launcher does), against the training
     module's functions on the same weights as arguments: bit for bit."""
     from pcpc.exporters.hf_weights import write_flat
-    from pcpc.mlir.build import build
     from pcpc.mlir.signature import load_meta, meta_path_for
     from pcpc.mlir.targets import reference_target
     from pcpc.runtime.module import CompiledModule
@@ -163,7 +172,7 @@ def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(
     ids[1:, :3] = ids[0, :3]  # one 3-token prompt: GRPO's groups (rows 0-1, 2-3) and DPO's pairs (0-2, 1-3) agree
     target = reference_target(prefix_target())
     assert target.config["resident"] and target.config["functions"] == ["token_logprobs", "sequence_logps"]
-    vmfb = build(target, tmp_path).vmfb
+    vmfb = reference_vmfb
     weights = tmp_path / "ref_flat.bin"
     write_flat(weights, list(ref_params.items()), "float32", sum(v.numel() * 4 for v in ref_params.values()))
     said = []
@@ -183,16 +192,14 @@ def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_a_reference_that_cannot_be_packed_stays_on_the_training_module(tmp_path, monkeypatch):
+def test_a_reference_that_cannot_be_packed_stays_on_the_training_module(reference_vmfb, tmp_path, monkeypatch):
     """pack_reference says why and returns False (the GRPO launcher then keeps the reference on the training
     module) where the packed file cannot be written, e.g. beside a weight file in a read-only folder."""
     from pcpc.errors import UserError
-    from pcpc.mlir.build import build
-    from pcpc.mlir.targets import reference_target
     from pcpc.runtime import pack
     from pcpc.runtime.rl.policy import pack_reference
 
-    vmfb = build(reference_target(prefix_target()), tmp_path).vmfb
+    vmfb = reference_vmfb
 
     def refuse(vmfb, meta, weights):
         raise UserError(f"{weights}: packing the weights for {vmfb.name} failed:\nPermissionError: read-only")
