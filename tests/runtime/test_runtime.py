@@ -77,6 +77,19 @@ def test_bad_calls_name_the_argument(tiny, mutate, message):
         mod("forward_loss", *mutate(args_for(mod)))
 
 
+def test_bad_device_arrays_name_the_argument(tiny):
+    """Device arrays (uploads, and results fed back) are checked through their buffer views: the same errors."""
+    mod = CompiledModule(tiny.vmfb)
+    args = args_for(mod)
+    with pytest.raises(UserError, match=r"'y' expects int64\[2, 8\], got int32\[2, 8\]"):
+        mod("forward_loss", *args[:-1], mod.upload(args[-1].astype(np.int32)))
+    with pytest.raises(UserError, match=r"argument 0 'transformer.wte.weight' expects float32\[11, 16\], got float32\[16, 11\]"):
+        mod("forward_loss", mod.upload(args[0].T), *args[1:])
+    loss = mod("forward_loss", *mod.upload_all(args))[0]  # a result as an argument: a float32 scalar
+    with pytest.raises(UserError, match=r"'y' expects int64\[2, 8\], got float32\[\]"):
+        mod("forward_loss", *args[:-1], loss)
+
+
 def test_unknown_function(tiny):
     mod = CompiledModule(tiny.vmfb)
     with pytest.raises(UserError, match=r"no function 'train_step'; it has forward_loss, value_and_grad"):
