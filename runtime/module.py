@@ -188,7 +188,7 @@ class CompiledModule:
         self.resident = is_resident(self.meta)
         if parameters is not None and not self.resident:
             raise UserError(f"{self.path}: takes its weights as call arguments; it has no parameters to load")
-        self.context, self._modules = None, {}
+        self.context, self._functions = None, {}
         self._indexes = []  # parameter indexes and mapped files the context reads from: kept alive with it
         if self.resident and parameters is None:
             return  # inspectable, not callable: a call says which file is missing
@@ -197,7 +197,8 @@ class CompiledModule:
             modules.insert(0, self._parameters_module(Path(parameters)))
         self.context = rt.SystemContext(vm_modules=modules, config=self.config)
         for vm, (_, _, fns) in zip(vm_modules, files):
-            self._modules.update(dict.fromkeys(fns, self.context.modules[vm.name]))
+            bound = self.context.modules[vm.name]
+            self._functions.update({fn: bound[fn] for fn in fns})  # each a FunctionInvoker, made once (it parses the ABI)
 
     def _load(self, path: Path, sha256: str, functions):
         """One VMFB of the module, checked against meta.json: its digest, and the functions it exports."""
@@ -307,7 +308,7 @@ class CompiledModule:
                 value = np.asarray(value, dtype=_np_dtype(spec))
             self._check(fn, spec, value, i)
             converted.append(value)
-        out = self._modules[fn][fn](*converted)
+        out = self._functions[fn](*converted)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
     def call_host(self, fn: str, *args) -> list[np.ndarray]:
