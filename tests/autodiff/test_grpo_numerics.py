@@ -172,15 +172,14 @@ def test_the_reference_module_reads_packed_weights_and_gives_the_same_log_probs(
     ids[1:, :3] = ids[0, :3]  # one 3-token prompt: GRPO's groups (rows 0-1, 2-3) and DPO's pairs (0-2, 1-3) agree
     target = reference_target(prefix_target())
     assert target.config["resident"] and target.config["functions"] == ["token_logprobs", "sequence_logps"]
-    vmfb = reference_vmfb
     weights = tmp_path / "ref_flat.bin"
     write_flat(weights, list(ref_params.items()), "float32", sum(v.numel() * 4 for v in ref_params.values()))
     said = []
-    pack_reference(vmfb, weights, said.append)
-    assert said and packed_entries(weights, load_meta(meta_path_for(vmfb))) is not None
-    pack_reference(vmfb, weights, said.append)  # packed once: up to date now
+    pack_reference(reference_vmfb, weights, said.append)
+    assert said and packed_entries(weights, load_meta(meta_path_for(reference_vmfb))) is not None
+    pack_reference(reference_vmfb, weights, said.append)  # packed once: up to date now
     assert len(said) == 1
-    ref = CompiledModule(vmfb, parameters=weights)
+    ref = CompiledModule(reference_vmfb, parameters=weights)
     assert ref.resident and [a.name for a in ref.signature("token_logprobs").args] == ["ids", "mask", "temperature"]
     temperature = np.float32(0.9)
     want = prefix_module.call_host("token_logprobs", *_np(ref_params), ids.numpy(), mask.numpy(), temperature)[0]
@@ -199,14 +198,12 @@ def test_a_reference_that_cannot_be_packed_stays_on_the_training_module(referenc
     from pcpc.runtime import pack
     from pcpc.runtime.rl.policy import pack_reference
 
-    vmfb = reference_vmfb
-
     def refuse(vmfb, meta, weights):
         raise UserError(f"{weights}: packing the weights for {vmfb.name} failed:\nPermissionError: read-only")
 
     monkeypatch.setattr(pack, "ensure_packed", refuse)
     said = []
-    assert pack_reference(vmfb, tmp_path / "flat.bin", said.append) is False
+    assert pack_reference(reference_vmfb, tmp_path / "flat.bin", said.append) is False
     assert "runs on the training module instead" in said[-1] and "read-only" in said[-1]
 
 
