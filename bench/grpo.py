@@ -1,7 +1,7 @@
 """One GRPO iteration's two halves, pcpc (compiled modules) vs plain PyTorch eager (HF transformers), in one run.
 
     .venv/bin/python bench/grpo.py [--shapes tiny,0.5b] [--group 4] [--prompt-len 16] [--max-tokens 32] [--reps 3]
-                                   [--repeat 1] [--no-shared-prefix]
+                                   [--repeat 1] [--no-shared-prefix] [--compute-dtype bfloat16]
 
 Random weights (no download). For each shape, each contender runs in its own
 subprocess (so its peak memory is its own) and measures, after a warm-up:
@@ -20,6 +20,9 @@ subprocess (so its peak memory is its own) and measures, after a warm-up:
             HF's logits_to_keep, as TRL's GRPOTrainer calls it), from 2026-12-07 on; on every position before.
             pcpc computes the group's prompt once, not once per row (the recipe's shared_prefix, as a run
             does; exact), from 2026-12-07 on; --no-shared-prefix computes it per row, as eager does.
+
+--compute-dtype bfloat16: the learners' matmuls in bf16 over fp32 weights, pcpc through the recipe's compute_dtype,
+eager under torch.autocast (for CPUs with avx512_bf16; elsewhere both emulate bf16).
 
 Prints both, the ratios (eager time / pcpc time) and the learner's peak RSS (from when its weights are
 loaded: the set-up's garbage is returned first and the peak reset, see start_peak_rss). Build time of
@@ -57,13 +60,16 @@ def shared_prefix(group: int, prompt_len: int, shared: bool = True) -> dict:
     return {"shared_prefix": [group, prompt_len]} if shared and group > 1 else {}
 
 
-def targets(preset: str, group: int, prompt_len: int, max_tokens: int, shared: bool = True):
+def targets(preset: str, group: int, prompt_len: int, max_tokens: int, shared: bool = True,
+            compute_dtype: str = "float32"):
     from pcpc.mlir.targets import GRPO_FUNCTIONS, qwen_target, rl_target
 
     T = prompt_len + max_tokens
     gen = qwen_target(f"bench-grpo-gen-{preset}", preset, batch_sizes=[group], prefill_len=prompt_len, max_seq=T)
-    train = rl_target(f"bench-grpo-train-{preset}", preset, batch_size=group, seq_len=T, completion_len=max_tokens,
-                      functions=GRPO_FUNCTIONS, **shared_prefix(group, prompt_len, shared))
+    bf16 = compute_dtype != "float32"
+    train = rl_target(f"bench-grpo-train-{preset}{'-bf16' if bf16 else ''}", preset, batch_size=group, seq_len=T,
+                      completion_len=max_tokens, functions=GRPO_FUNCTIONS, **shared_prefix(group, prompt_len, shared),
+                      **({"compute_dtype": compute_dtype} if bf16 else {}))
     return gen, train
 
 
@@ -175,7 +181,7 @@ def run_pcpc(a) -> dict:
     from pcpc.runtime.rl.rollout import SamplingPlan, generate_completions
 
     preset = PRESETS[a.shape]
-    gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens, not a.no_shared_prefix)
+    gen_t, train_t = targets(preset, a.group, a.prompt_len, a.max_tokens, not a.no_shared_prefix, a.compute_dtype)
     out_dir = Path(a.artifacts)
     t0 = time.perf_counter()
     gen_b, train_b = build(gen_t, out_dir), build(train_t, out_dir)
@@ -281,7 +287,10 @@ def run_eager(a) -> dict:
     adv = torch.linspace(-1.0, 1.5, a.group)
 
     def logps(model):
-        return trl_logps(model, ids, a.max_tokens)
+        if a.compute_dtype == "float32":
+            return trl_logps(model, ids, a.max_tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the mixed precision TRL's bf16=True gives on a CPU
+            return trl_logps(model, ids, a.max_tokens).float()
 
     def step():
         with torch.no_grad():
@@ -324,6 +333,8 @@ def main() -> None:
     ap.add_argument("--no-shared-prefix", action="store_true",
                     help="the pcpc learner computes the group's prompt once per row, as the eager peer does")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the contenders this many times (medians)")
+    ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the learner's matmuls: bfloat16 = pcpc's compute_dtype, eager under torch.autocast")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "bench"))
     ap.add_argument("--contender", choices=("pcpc", "eager"), help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
@@ -336,14 +347,16 @@ def main() -> None:
     print(f"bench/grpo.py  {time.strftime('%Y-%m-%d %H:%M')}  {target_cpu.summary()}; "
           f"load average {os.getloadavg()[0]:.1f}; group {a.group}, prompt {a.prompt_len}, "
           f"{a.max_tokens} new tokens, best of {a.reps}; the pcpc learner computes "
-          f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}")
+          f"{'every row' if a.no_shared_prefix else 'the shared prompt once per group'}; learner matmuls in "
+          f"{a.compute_dtype}")
     for shape in a.shapes.split(","):
         rounds = {"pcpc": [], "eager": []}
         for _ in range(a.repeat):
             for who in ("pcpc", "eager"):
                 cmd = [sys.executable, __file__, "--contender", who, "--shape", shape, "--group", str(a.group),
                        "--prompt-len", str(a.prompt_len), "--max-tokens", str(a.max_tokens), "--reps", str(a.reps),
-                       "--artifacts", a.artifacts] + ["--no-shared-prefix"] * a.no_shared_prefix
+                       "--artifacts", a.artifacts, "--compute-dtype", a.compute_dtype] + \
+                    ["--no-shared-prefix"] * a.no_shared_prefix
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode != 0:
                     sys.exit(f"{who} {shape} failed:\n{proc.stderr[-3000:]}")

@@ -41,6 +41,8 @@ its last real token.
 Precision: parameters may be float32 or bfloat16. Linear layers run in the
 weight dtype (activations cast to it); the residual stream, RMSNorm, RoPE,
 softmax and logits are float32 (for float32 weights this is HF's fp32 math).
+A training module may ask for bf16 products over float32 weights instead
+(`compute_dtype`: mixed precision, as torch's CPU autocast).
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ def cache_shape(cfg: Qwen2Config, batch: int, max_seq: int) -> tuple[int, ...]:
 # layers
 
 
-def _linear(params, name, x, bias=True):
+def _linear(params, name, x, bias=True, compute_dtype=None):
     """x (..., in) @ weight.T + bias, as a 2-D matmul on a contiguous input.
 
     A non-contiguous 3-D input (attention output after its transpose) would
@@ -245,8 +247,17 @@ def _linear(params, name, x, bias=True):
     """
     w = params[f"{name}.weight"]
     b = params.get(f"{name}.bias") if bias else None
-    rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (N, in)
-    return F.linear(rows, w, b).float().view(*x.shape[:-1], w.shape[0])  # (..., out)
+    return _matmul(x.reshape(-1, x.shape[-1]), w, b, compute_dtype).view(*x.shape[:-1], w.shape[0])  # (..., out)
+
+
+def _matmul(rows, w, b, compute_dtype=None):
+    """rows (N, in) @ w.T (+ b), float32. The product runs in the weight's dtype, or in `compute_dtype`
+    (mixed precision: both operands rounded to bf16, the product accumulated in fp32 and rounded to bf16, as
+    torch's CPU autocast does; the bias added in fp32 after)."""
+    if compute_dtype is None or compute_dtype == w.dtype:
+        return F.linear(rows.to(w.dtype), w, b).float()
+    y = F.linear(rows.to(compute_dtype), w.to(compute_dtype)).float()
+    return y if b is None else y + b
 
 
 def _rms_norm(params, name, x, eps):
@@ -306,13 +317,12 @@ def _embed(params, input_ids):
     return F.embedding(input_ids, params["model.embed_tokens.weight"]).float()  # (B, T, C)
 
 
-def _head(params, x, cfg):
+def _head(params, x, cfg, compute_dtype=None):
     x = _rms_norm(params, "model.norm", x, cfg.rms_norm_eps)
     # a tied model's head is the embedding, unless the caller hands it as lm_head.weight
     w = params["lm_head.weight"] if "lm_head.weight" in params or not cfg.tie_word_embeddings \
         else params["model.embed_tokens.weight"]
-    rows = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (B*T, C)
-    return F.linear(rows, w).float().view(*x.shape[:-1], w.shape[0])  # (B, T, V)
+    return _matmul(x.reshape(-1, x.shape[-1]), w, None, compute_dtype).view(*x.shape[:-1], w.shape[0])  # (B, T, V)
 
 
 def _cache_slots(position_ids, S):
@@ -352,6 +362,7 @@ def forward(
     linear=_linear,
     head_rows: torch.Tensor | None = None,
     shared_prefix: tuple[int, int] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, V) float32 for a full sequence (no cache; training and scoring).
 
@@ -367,6 +378,8 @@ def forward(
     GRPO group: one prompt's completions). Those P positions are computed once per group, not G times, and
     the group's rows attend to them: the same logits for 1/G of the prefix's work. The caller guarantees the
     rows agree; no position_ids or attention_mask with it.
+    compute_dtype (torch.bfloat16): the LM head's product in that dtype (see `_matmul`); the projections are
+    `linear`'s (qwen2._linear takes the same argument).
     """
     B, T = input_ids.shape
     if shared_prefix is not None:
@@ -388,7 +401,7 @@ def forward(
                     linear)
     if head_rows is not None:
         x = torch.bmm(head_rows, x[:, :head_rows.shape[2]])  # (B, R, C): each selected row exactly
-    return _head(params, x, cfg)
+    return _head(params, x, cfg, compute_dtype)
 
 
 def _layers(params, x, rope, attend, cfg, linear):

@@ -18,6 +18,9 @@ Config keys (all JSON):
     resident               true: the weights are parameter-backed module globals (a GRPO run's frozen reference,
                            packed once per weight file instead of on every call; mlir/targets.py
                            reference_target); only token_logprobs and sequence_logps, without an adapter
+    compute_dtype          "float32" (default) or "bfloat16": the projections' and the LM head's products in
+                           bf16 over the fp32 weights (mixed precision, as torch's CPU autocast; qwen2._matmul),
+                           for CPUs with avx512_bf16; without an adapter
 
 Every function takes all weights first (qwen2.param_shapes order), then
 optimizer state, then scalars, then data. Rows are laid out
@@ -75,6 +78,7 @@ Gradients are derived by pcpc.autodiff.derive (torch.func), never written by han
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -92,7 +96,8 @@ from pcpc.mlir.signature import TensorSpec
 FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_value_and_grad", "grad_clip_coef",
              "adamw", "outer", "merge")
 KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "shared_prefix",
-        "optimizer", "functions", "peft", "resident")
+        "optimizer", "functions", "peft", "resident", "compute_dtype")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
@@ -181,6 +186,12 @@ def check_config(config: dict) -> None:
         raise ValueError(f"rl recipe: resident (weights as module parameters) is for token_logprobs and "
                          f"sequence_logps without peft, got functions {list(wanted)}"
                          f"{' and peft' if config.get('peft') else ''}")
+    dtype = config.get("compute_dtype", "float32")
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"rl recipe: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    if dtype != "float32" and config.get("peft"):
+        raise ValueError(f"rl recipe: compute_dtype {dtype} is for full fine-tuning; an adapter's module "
+                         f"computes in float32")
     if any(f.startswith("dpo") for f in wanted) and config["batch_size"] % 2:
         raise ValueError("rl recipe: DPO functions need an even batch_size (chosen rows, then rejected rows)")
 
@@ -201,9 +212,12 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     shared = tuple(config["shared_prefix"]) if config.get("shared_prefix") else None
 
+    compute = {"float32": None, "bfloat16": torch.bfloat16}[config.get("compute_dtype", "float32")]
+
     def logits_of(weights: dict, ids, head_rows=None, shared_prefix=None):
-        linear = qwen2._linear if pcfg is None else peft.linear_fn(weights, pcfg)
-        return qwen2.forward(weights, ids, None, cfg, linear=linear, head_rows=head_rows, shared_prefix=shared_prefix)
+        linear = partial(qwen2._linear, compute_dtype=compute) if pcfg is None else peft.linear_fn(weights, pcfg)
+        return qwen2.forward(weights, ids, None, cfg, linear=linear, head_rows=head_rows, shared_prefix=shared_prefix,
+                             compute_dtype=compute)
 
     def grpo_logits_of(weights: dict, ids, head_rows=None):  # GRPO rows: a group's completions share its prompt
         return logits_of(weights, ids, head_rows, shared)

@@ -135,7 +135,8 @@ threads: 118 ms, against 474 ms for the training module's adamw_K returning new 
 def optimizer_target(train: Target) -> Target:
     """The in-place AdamW of an RL training target (its adamw_inplace_K functions, mlir/rl_functions.py), as a
     module of its own: compiled with OPTIMIZER_CPU_FLAGS, which the training functions must not get."""
-    config = {k: v for k, v in train.config.items() if k not in ("functions", "shared_prefix", "completion_len")}
+    config = {k: v for k, v in train.config.items() if k not in ("functions", "shared_prefix", "completion_len",
+                                                                     "compute_dtype")}
     return Target(f"{train.name}-adamw", RL_RECIPE, {**config, "functions": ["adamw_inplace"]}, RL_SOURCES,
                   "AdamW in place, chunk by chunk", OPTIMIZER_CPU_FLAGS)
 

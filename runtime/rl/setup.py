@@ -74,6 +74,12 @@ class RLConfig(RunConfig):
     """Sparse fine-tuning: a mask file (`pcpc masks find`); only its weights are trained, by the compiled
     sparse AdamW step with compact moments (runtime/rl/sparse.py), every other weight stays bit-identical."""
 
+    compute_dtype: str = "float32"
+    """The training module's matmuls (projections and LM head, forward and backward, and the reference's):
+    float32, or bfloat16 (mixed precision as torch's CPU autocast: bf16 operands and products, fp32
+    accumulation; weights, optimizer state, norms, softmax and the loss stay fp32). For CPUs with avx512_bf16
+    (`pcpc build` warns on others, where IREE emulates bf16 far slower); full fine-tuning only."""
+
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + ("training_model_path", "init_weights")
     """Where the module is built and how a missing weight file would be made do not change a resumed run."""
 
@@ -90,6 +96,12 @@ class RLConfig(RunConfig):
             raise ValueError("mask and peft: a run trains either the masked weights or an adapter, not both")
         if self.mask is not None and not self.mask:
             raise ValueError("mask must not be empty (a mask file, or null)")
+        from pcpc.mlir.rl_functions import COMPUTE_DTYPES
+
+        check_choice(self, "compute_dtype", COMPUTE_DTYPES)
+        if self.compute_dtype != "float32" and self.peft is not None:
+            raise ValueError(f"compute_dtype {self.compute_dtype}: an adapter's training module computes in "
+                             f"float32; drop compute_dtype or peft")
 
 
 @dataclass(frozen=True)
@@ -193,21 +205,24 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
 
 
 def adapter_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
-    """The training module's `functions` and, with an adapter, its `peft` section and merge functions."""
+    """The training module's `functions` and, with an adapter, its `peft` section and merge functions; its
+    `compute_dtype` where that is not float32."""
     if cfg.peft is None:
-        return {"functions": list(functions)}
+        return {"functions": list(functions),
+                **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {})}
     from pcpc.exporters.peft import module_section
 
     return {"functions": [*functions, "merge"], "peft": module_section(cfg.peft)}
 
 
 def describe_training(cfg: RLConfig, meta) -> str:
-    """`494,032,768 params` or `494,032,768 params frozen, lora r 16: 8,798,208 trained (1.78%)`."""
+    """`494,032,768 params` (`..., bf16 matmuls` with compute_dtype bfloat16) or `494,032,768 params frozen,
+    lora r 16: 8,798,208 trained (1.78%)`."""
     from pcpc.runtime.module import base_bytes
 
     base = base_bytes(meta) // 4
     if cfg.peft is None:
-        return f"{base:,} params"
+        return f"{base:,} params" + (", bf16 matmuls" if cfg.compute_dtype == "bfloat16" else "")
     trained = meta.parameter_bytes // 4
     return (f"{base:,} params frozen, {cfg.peft.type} r {cfg.peft.r}: {trained:,} trained "
             f"({100 * trained / base:.2f}%)")

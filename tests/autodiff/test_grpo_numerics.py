@@ -29,6 +29,10 @@ from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_TYPES, SCALE_REWARDS, compute_
 from pcpc.autodiff.grpo import grpo_loss as pcpc_grpo_loss
 from pcpc.mlir.rl_functions import make_grpo_loss
 
+BF16_TOL = 3e-2
+"""Compiled bf16 products against eager bf16: both round the same operands, but a product's fp32 sum, summed in
+another order, can round to the neighbouring bf16 value (2^-8 relative), and that carries through the layers
+(measured: log-probs 1.5e-3, gradients up to 7e-3; the bf16 module against the fp32 one: 2.3e-3)."""
 TORCH_TOL = 2e-6
 """pcpc's eager torch loss / gradients against TRL's, both fp32 on CPU (measured up to ~9e-7)."""
 
@@ -224,6 +228,80 @@ def test_completion_len_is_checked():
     for bad in (0, T, 2.5):
         with pytest.raises(ValueError, match="completion_len must be an integer in 1..seq_len - 1"):
             check_config({"model": "qwen2-tiny", "batch_size": B, "seq_len": T, "completion_len": bad})
+
+
+def test_compute_dtype_is_checked():
+    from pcpc.mlir.rl_functions import check_config
+
+    base = {"model": "qwen2-tiny", "batch_size": B, "seq_len": T}
+    check_config({**base, "compute_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="compute_dtype must be one of float32, bfloat16, got 'float16'"):
+        check_config({**base, "compute_dtype": "float16"})
+    with pytest.raises(ValueError, match="compute_dtype bfloat16 is for full fine-tuning"):
+        check_config({**base, "compute_dtype": "bfloat16", "peft": {"type": "lora", "r": 4}})
+
+
+def _grpo_args(setup, temperature=0.9):
+    cfg, params, ref_params, ids, mask = setup
+    adv = torch.tensor([1.0, -0.4, 0.8, 0.3])
+    with torch.no_grad():
+        ref = token_logps(hf_model(cfg, ref_params), ids, temperature)
+    sel = torch.tensor([t == "grpo" for t in GRPO_TYPES], dtype=torch.float32)
+    scalars = [torch.tensor(v, dtype=torch.float32) for v in (0.1, 0.2, 0.28, temperature, L, 0.0, 1.0)]
+    return [*params.values(), ids, mask, adv, torch.zeros(B, L), ref, sel, *scalars]
+
+
+def test_bf16_compute_matches_its_eager_formula_and_differs_from_fp32(rl_module, setup, tmp_path_factory):
+    """compute_dtype bfloat16: the compiled GRPO log-probs, loss and gradients against the same recipe's
+    functions run eagerly in torch (bf16 products, fp32 elsewhere), within bf16's rounding; and measurably
+    apart from the fp32 module's, so the products really ran in bf16."""
+    from pcpc.mlir import rl_functions
+    from pcpc.mlir.build import build
+    from pcpc.mlir.targets import rl_target
+    from pcpc.runtime.module import CompiledModule
+
+    target = rl_target("test-rl-bf16", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       compute_dtype="bfloat16", functions=["token_logprobs", "grpo_value_and_grad"])
+    mod = CompiledModule(build(target, tmp_path_factory.getbasetemp() / "rl_bf16").vmfb)
+    eager = {f.name: f.fn for f in rl_functions.build(target.config)[0]}
+    cfg, params, _, ids, mask = setup
+    args = _grpo_args(setup)
+    logp_args = [*params.values(), ids, mask, torch.tensor(0.9)]
+
+    want_logp = eager["token_logprobs"](*logp_args)
+    got_logp = mod.call_host("token_logprobs", *[a.numpy() for a in logp_args])[0]
+    fp32_logp = rl_module.call_host("token_logprobs", *[a.numpy() for a in logp_args])[0]
+    assert rel_err(got_logp, want_logp) < BF16_TOL
+    assert rel_err(fp32_logp, want_logp) > 10 * TOL  # bf16's rounding shows: not the fp32 module's numbers
+
+    want = eager["grpo_value_and_grad"](*args)
+    got = mod.call_host("grpo_value_and_grad", *[a.numpy() for a in args])
+    fp32 = rl_module.call_host("grpo_value_and_grad", *[a.numpy() for a in args])
+    assert rel_err(got[0], want[0]) < BF16_TOL
+    for name, g, w in zip(params, got[5:], want[5:]):
+        assert rel_err(g, w) < BF16_TOL, name
+    assert rel_err(got[0], fp32[0]) < 5e-2  # bf16 products, the fp32 loss to within bf16's few digits
+    assert max(rel_err(g, f) for g, f in zip(got[5:], fp32[5:])) > 10 * TOL
+
+
+def test_bf16_compute_is_torch_autocasts(setup):
+    """The recipe's bf16 log-probs (eager) against HF's model under torch.autocast (what TRL's bf16 runs on a
+    CPU), its logits log-softmaxed in fp32 as pcpc does: within bf16's rounding (autocast also runs the
+    attention's products in bf16 and adds the biases in bf16; pcpc keeps both in fp32), and not fp32's."""
+    from pcpc.mlir import rl_functions
+    from pcpc.mlir.targets import rl_target
+
+    cfg, params, _, ids, mask = setup
+    target = rl_target("test-rl-bf16", "qwen2-tiny", model_overrides=OVERRIDES, batch_size=B, seq_len=T,
+                       compute_dtype="bfloat16", functions=["token_logprobs"])
+    (fn,) = [f.fn for f in rl_functions.build(target.config)[0]]
+    got = fn(*params.values(), ids, mask, torch.tensor(1.0)) * mask  # (the function's window is wider than the mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hf_model(cfg, params)(input_ids=ids).logits[:, :-1]
+    want = torch.gather(torch.log_softmax(logits.float(), -1), 2, ids[:, 1:, None]).squeeze(-1) * mask
+    fp32 = token_logps(hf_model(cfg, params), ids).detach() * mask
+    assert rel_err(got, want) < BF16_TOL
+    assert rel_err(got, fp32) > 10 * TOL
 
 
 def test_grpo_update_matches_torch_adamw(rl_module, setup):

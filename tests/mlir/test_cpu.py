@@ -96,13 +96,15 @@ def test_training_modules_get_the_flags_measured_for_their_instruction_set(monke
 def test_bf16_module_for_a_cpu_without_avx512_bf16_warns(monkeypatch):
     """bf16 matmuls are emulated without avx512_bf16 (10x slower decode, measured): building one says so."""
     from pcpc.mlir.build import bf16_warning
-    from pcpc.mlir.targets import get_target
+    from pcpc.mlir.targets import get_target, rl_target
 
     bf16, fp32 = get_target("qwen-generation-resident-bf16"), get_target("qwen-generation-resident")
     monkeypatch.setenv(cpu.ENV, "znver3")
     warning = bf16_warning(bf16, "llvm-cpu")
     assert warning and "qwen-generation-resident-bf16" in warning and "znver3" in warning and "float32" in warning
     assert bf16_warning(tiny_target(compute_dtype="bfloat16"), "llvm-cpu")  # nanoGPT's compute_dtype
+    assert bf16_warning(rl_target("rl-bf16", "qwen2-tiny", batch_size=2, seq_len=8, compute_dtype="bfloat16"),
+                        "llvm-cpu")  # the RL learner's
     assert bf16_warning(fp32, "llvm-cpu") is None and bf16_warning(bf16, "cuda") is None
     monkeypatch.setenv(cpu.ENV, "znver4")  # avx512_bf16
     assert bf16_warning(bf16, "llvm-cpu") is None

@@ -100,6 +100,27 @@ def test_policy_learns_the_toy_reward(learned):
     assert header[:3] == ["step", "reward_mean", "reward_std"]
 
 
+def test_a_bf16_learner_learns_the_toy_reward_too(toy):
+    """compute_dtype bfloat16: the training and reference modules compute their matmuls in bf16 (the in-place
+    AdamW module is the fp32 run's: it has no matmuls); the run learns as the fp32 one does."""
+    root, config = toy
+    models = root / "models"
+    cfg = config("learn_bf16", compute_dtype="bfloat16", training_model_path=str(models / "toy_train_bf16.vmfb"),
+                 weights_path=str(models / "toy_flat_bf16.bin"))
+    summary = run(cfg)
+    recs = records(cfg)
+    assert summary["iterations"] == 30
+    first = sum(r["reward_mean"] for r in recs[:5]) / 5
+    last = sum(r["reward_mean"] for r in recs[-5:]) / 5
+    assert first < 0.2 and last > 0.6, (first, last)
+    assert all(r["kl"] is not None and r["kl"] >= 0 for r in recs)
+    for name in ("toy_train_bf16", "toy_train_bf16-ref"):
+        recipe = json.loads((models / f"{name}.meta.json").read_text())["provenance"]["config"]
+        assert recipe["compute_dtype"] == "bfloat16", name
+    adamw = json.loads((models / "toy_train_bf16-adamw.meta.json").read_text())["provenance"]["config"]
+    assert "compute_dtype" not in adamw
+
+
 def test_two_workers_give_the_same_run(toy, learned):
     """Each rollout batch is seeded by (seed, iteration, batch), so the worker count changes nothing."""
     root, config = toy

@@ -104,11 +104,14 @@ def test_reference_config_parses_with_its_values():
     ({"model_path": "models/x.vmfb"}, r"model_path must name a .mlir build artifact"),
     ({"training_model_path": "models/x.mlir"}, r"training_model_path must name a .vmfb"),
     ({"grpo_config": {"promptfile": "x"}}, r"grpo_config: unknown key 'promptfile'"),
+    ({"compute_dtype": "float16"}, r"compute_dtype must be one of float32, bfloat16; got 'float16'"),
+    ({"compute_dtype": "bfloat16", "peft": {"type": "lora", "r": 4}},
+     r"compute_dtype bfloat16: an adapter's training module computes in float32"),
 ])
 def test_config_errors_name_the_field(patch, match):
     raw = copy.deepcopy(REFERENCE)
     for key, value in patch.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key in raw:
             raw[key].update(value)
         else:
             raw[key] = value
