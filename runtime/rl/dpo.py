@@ -205,7 +205,7 @@ class DPO(Loop):
                "grad_clip": d.max_grad_norm}
         target = rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=2 * d.batch_size, seq_len=T,
                            completion_len=completion_len_for(pairs, T), shared_prefix=shared_prefix(pairs, T),
-                           **setup.adapter_recipe(cfg, DPO_FUNCTIONS),
+                           **setup.module_recipe(cfg, DPO_FUNCTIONS),
                            optimizer=opt)
         train_b = start_artifact("training_model_path", cfg.training_model_path, target, cfg.target, ctx.say)
         inplace_b = start_inplace(cfg, target, Path(cfg.training_model_path).with_suffix(".vmfb"), ctx.say)

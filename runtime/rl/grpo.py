@@ -105,7 +105,7 @@ def training_target(cfg: GRPOConfig, src, seq_len: int, shared: tuple[int, int] 
     return rl_target(Path(cfg.training_model_path).stem, **src.recipe, batch_size=cfg.rollouts_per_iteration,
                      seq_len=seq_len, completion_len=cfg.rollout_config.max_tokens,
                      **({"shared_prefix": list(shared)} if shared else {}),
-                     **setup.adapter_recipe(cfg, GRPO_FUNCTIONS),
+                     **setup.module_recipe(cfg, GRPO_FUNCTIONS),
                      optimizer={"beta1": g.adam_beta1, "beta2": g.adam_beta2, "weight_decay": g.weight_decay,
                                 "grad_clip": g.max_grad_norm})
 

@@ -204,9 +204,9 @@ def ensure_weights(path: str | Path, src: ModelSource, meta, init_weights: str, 
     return path
 
 
-def adapter_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
-    """The training module's `functions` and, with an adapter, its `peft` section and merge functions; its
-    `compute_dtype` where that is not float32."""
+def module_recipe(cfg: RLConfig, functions: Sequence[str]) -> dict:
+    """The training module's recipe keys that come from the run's config: its `functions`; with an adapter, its
+    `peft` section and merge functions; without one, its `compute_dtype` where that is not float32."""
     if cfg.peft is None:
         return {"functions": list(functions),
                 **({"compute_dtype": cfg.compute_dtype} if cfg.compute_dtype != "float32" else {})}
