@@ -145,7 +145,7 @@ def run_pcpc_lora(a) -> dict:
     sel = np.asarray(loss_type_weights("grpo"), np.float32)
 
     def step(k):
-        ref_logp = mod("token_logprobs", *policy.ref_args(), ids, mask, np.float32(TEMPERATURE))[0]
+        ref_logp = policy.reference("token_logprobs", ids, mask, np.float32(TEMPERATURE))[0]
         out = mod("grpo_value_and_grad", *policy.args(), ids, mask, adv, zeros, ref_logp, sel, np.float32(BETA),
                   np.float32(0.2), np.float32(0.2), np.float32(TEMPERATURE), np.float32(a.max_tokens), np.float32(0),
                   np.float32(1))
@@ -242,6 +242,7 @@ def main() -> None:
                     help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.compute_dtype = "float32"  # the full fine-tuning contender (bench/grpo.py's pcpc side) in fp32, as the adapters
     if a.repeat < 1:
         ap.error(f"--repeat: expected 1 or more, got {a.repeat}")
     if a.contender:

@@ -254,11 +254,10 @@ class DPO(Loop):
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
                                   keep_reference=True, total_steps=self.run.spec.steps)
         t0 = time.perf_counter()
-        self.ref_c, self.ref_r = self.pair_logps(self.policy.ref_args())  # the reference, once
+        self.ref_c, self.ref_r = self.pair_logps(self.policy.reference)  # the reference, once
         self.reference_s = time.perf_counter() - t0
         self.run.say(f"  reference log-probs of {len(self.pairs.prompts)} pairs in {self.reference_s:.2f}s")
-        if self.policy.adapter is None:
-            self.policy.ref = None  # full fine-tuning: the initial weights are not needed again
+        self.policy.drop_reference()  # not needed again (full fine-tuning: the initial weights)
         state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros()}
         self.P = self.policy.P
         self.M, self.V = (self.opt.upload_state(state[k]) for k in ("m", "v"))
@@ -273,8 +272,9 @@ class DPO(Loop):
                     png="metrics.png", title=f"DPO {d.loss_type} {Path(self.cfg.training_model_path).stem}",
                     postfix=[("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin")])
 
-    def pair_logps(self, weights) -> tuple[np.ndarray, np.ndarray]:
-        """Sequence log-probs (sums over each completion) of every pair's chosen and rejected completion."""
+    def pair_logps(self, score) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence log-probs (sums over each completion) of every pair's chosen and rejected completion, by
+        `score` (the policy's `score` or `reference`)."""
         from pcpc.runtime.module import to_host
 
         d, n = self.cfg.dpo_config, len(self.pairs.prompts)
@@ -282,7 +282,7 @@ class DPO(Loop):
         for start in range(0, n, d.batch_size):
             idx = [i % n for i in range(start, start + d.batch_size)]
             ids, mask = batch_rows(self.pairs, idx, self.plan.seq_len, self.plan.eos_token_ids[0])
-            seq = to_host(self.mod("sequence_logps", *weights, ids, mask)[0])
+            seq = to_host(score("sequence_logps", ids, mask)[0])
             chosen[idx], rejected[idx] = seq[:d.batch_size], seq[d.batch_size:]
         return chosen, rejected
 
@@ -317,7 +317,7 @@ class DPO(Loop):
     def finish(self, done: int, stopped: bool) -> dict:
         """The whole data set with the final weights; the summary."""
         d, n = self.cfg.dpo_config, len(self.pairs.prompts)
-        pol_c, pol_r = self.pair_logps(self.policy.args())
+        pol_c, pol_r = self.pair_logps(self.policy.score)
         adapter = self.policy.save(self.run.dir.path / "adapter")
         final = _reward_metrics(d.beta * (pol_c - self.ref_c), d.beta * (pol_r - self.ref_r))
         recs = self.run.log.records

@@ -246,17 +246,14 @@ class GRPO(Loop):
         zeros = [np.zeros(p.shape, np.float32) for p in mod.meta.parameters]
         state = resume.state if resume else {"m": self.opt.zeros(), "v": self.opt.zeros(), "momentum": None,
                                              "adam_step": 0}
-        # the reference: its own module (weights packed once, `[]` weight arguments) or the policy's initial weights
-        resident_ref = self.plan.reference_vmfb is not None  # built only where beta > 0 (start_reference)
-        self.ref_mod = (CompiledModule(self.plan.reference_vmfb, threads=self.threads(),
-                                       parameters=self.plan.weights_path) if resident_ref else mod)
+        # the policy keeps the reference where the loss has a KL term: its own module (built only then, weights
+        # packed once: start_reference) or the initial weights
         self.policy = make_policy(mod, self.plan.weights_path, cfg, resume.state if resume else None,
-                                  keep_reference=g.beta > 0 and not resident_ref,
-                                  total_steps=g.num_iterations * g.updates_per_iteration)
+                                  keep_reference=g.beta > 0, total_steps=g.num_iterations * g.updates_per_iteration,
+                                  reference_vmfb=self.plan.reference_vmfb, threads=self.threads())
         self.P = self.policy.P  # updated in place
         self.M, self.V = self.opt.upload_state(state["m"]), self.opt.upload_state(state["v"])
         self.Bm = mod.upload_all(state["momentum"] or zeros) if cfg.outer_step_active else None
-        self.ref = ([] if resident_ref else self.policy.ref_args()) if g.beta > 0 else None
         self.adam_step = state["adam_step"]
         N, L = cfg.rollouts_per_iteration, self.plan.seq_len - 1
         self.zeros_bl = mod.upload(np.zeros((N, L), np.float32))
@@ -346,7 +343,7 @@ class GRPO(Loop):
         ids, mask = pack_rows(rows, comps, self.plan.seq_len, self.plan.eos_token_ids[0])
         check_groups(ids, self.plan.shared_prefix)
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
-        ref_logp = (self.ref_mod("token_logprobs", *self.ref, ids_d, mask_d, temperature)[0] if self.ref is not None
+        ref_logp = (self.policy.reference("token_logprobs", ids_d, mask_d, temperature)[0] if g.beta > 0
                     else self.zeros_bl)
         old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, mask_d, temperature)[0]
                     if g.updates_per_iteration > 1 else self.zeros_bl)
@@ -380,7 +377,7 @@ class GRPO(Loop):
         tokens = sum(lengths)
         rec = {"step": it + 1, "reward_mean": float(np.mean(total)), "reward_std": float(np.std(total, ddof=1)),
                **{f"reward/{nm}": float(np.mean(score["per_fn"][nm])) for nm in self.rewards.names},
-               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.ref is not None else None,
+               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.cfg.grpo_config.beta > 0 else None,
                "clip_ratio": float(clip), "clip_ratio_low": float(low), "clip_ratio_high": float(high),
                "loss": float(loss), "completion_length_mean": float(np.mean(lengths)),
                "completion_length_min": min(lengths), "completion_length_max": max(lengths),

@@ -5,7 +5,8 @@
                           W - s B0 A0) and VeRA's projections are frozen inputs, uploaded once; the reference
                           is the base with the initial adapter (the base model itself: no extra weight copy)
 
-`args()` are the weight arguments of a call with the current policy, `ref_args()` the reference's,
+`args()` are the weight arguments of a call with the current policy, `score(fn, ...)` calls a scoring function
+(token_logprobs, sequence_logps) on them and `reference(fn, ...)` on the frozen reference, which the policy owns,
 `rollout_weights()` the full weights the generation module takes (the adapter merged in, block by block,
 by the module's merge_K functions), `state()` what a checkpoint keeps, `save(dir)` the adapter's peft files.
 The chunked AdamW (runtime/rl/update.py) updates P in place.
@@ -36,24 +37,40 @@ class FullPolicy:
     wants_grads = False
 
     def __init__(self, mod, initial: list[np.ndarray], state: dict | None, keep_reference: bool,
-                 private: bool = False):
+                 private: bool = False, reference=None):
+        """`reference`: the frozen reference's own module (its weights resident and packed once: start_reference),
+        which then scores it; without one and with keep_reference, the initial weights are kept for the training
+        module to score it on."""
         from pcpc.runtime.generate import import_host_array
 
         # The initial weights are imported without a copy (aligned host arrays): the frozen reference and, on a
         # fresh start, the first policy share them; `private`: the policy gets its own copy (the sparse step and
         # the in-place AdamW write into its weights, runtime/rl/update.py).
+        self.mod, self.ref_mod = mod, reference
         ref = [import_host_array(mod, a) for a in initial] if mod.driver == "local-task" else mod.upload_all(initial)
         if state is not None:
             self.P = mod.upload_all(state["params"])
         else:
             self.P = mod.upload_all(initial) if private else list(ref)
-        self.ref = ref if keep_reference else None
+        self.ref = ref if keep_reference and reference is None else None
 
     def args(self) -> list:
         return self.P
 
-    def ref_args(self) -> list | None:
-        return self.ref
+    def score(self, fn: str, *data) -> list:
+        return self.mod(fn, *self.args(), *data)
+
+    def reference(self, fn: str, *data) -> list:
+        """`fn` on the frozen reference: its own module, or the training module on the initial weights."""
+        if self.ref_mod is not None:
+            return self.ref_mod(fn, *data)
+        if self.ref is None:
+            raise RuntimeError("this policy keeps no reference (keep_reference=False, or dropped)")
+        return self.mod(fn, *self.ref, *data)
+
+    def drop_reference(self) -> None:
+        """Release the reference (DPO scores it once, before training)."""
+        self.ref = self.ref_mod = None
 
     def rollout_weights(self):
         return self.P
@@ -125,8 +142,15 @@ class AdapterPolicy:
     def args(self) -> list:
         return [*self.P, *self.F, *self.X]
 
-    def ref_args(self) -> list:
-        return [*self.A0, *self.F, *self.X]
+    def score(self, fn: str, *data) -> list:
+        return self.mod(fn, *self.args(), *data)
+
+    def reference(self, fn: str, *data) -> list:
+        """`fn` on the frozen reference: the base (the policy's own frozen inputs) with the initial adapter."""
+        return self.mod(fn, *self.A0, *self.F, *self.X, *data)
+
+    def drop_reference(self) -> None:
+        """Nothing to release: the reference is the policy's own base and the initial adapter (a few MB)."""
 
     def rollout_weights(self):
         """The full weights in the base's order, the adapted ones merged (merge_K): a generator that merges
@@ -220,17 +244,27 @@ def pack_reference(ref_vmfb, weights_path, say) -> bool:
     return True
 
 
-def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool, total_steps: int | None = None):
+def make_policy(mod, weights_path, cfg, state: dict | None, keep_reference: bool, total_steps: int | None = None,
+                reference_vmfb=None, threads: int | None = None):
     """The learner's policy for `cfg` (an RLConfig): full fine-tuning, or its `peft` adapter (total_steps:
-    the run's optimizer steps, AdaLoRA's schedule)."""
+    the run's optimizer steps, AdaLoRA's schedule). keep_reference: the policy keeps the frozen reference
+    (`reference(fn, ...)`): with full fine-tuning the reference's own module `reference_vmfb` where there is
+    one (start_reference, pack_reference; loaded here on `threads` workers, its weights read from weights_path),
+    else the initial weights."""
     from pcpc.runtime.rl import setup
 
     from pcpc.runtime.rl.update import writes_in_place
 
     base = setup.read_weights(weights_path, mod.meta)
     if cfg.peft is None:
+        ref_mod = None
+        if keep_reference and reference_vmfb is not None:
+            from pcpc.runtime.module import CompiledModule
+
+            ref_mod = CompiledModule(reference_vmfb, threads=threads, parameters=weights_path)
         # weights written in place must not be the reference's (the initial arrays, read into memory)
-        return FullPolicy(mod, base, state, keep_reference,
-                          private=cfg.mask is not None or (keep_reference and writes_in_place(cfg)))
+        keeps_arrays = keep_reference and ref_mod is None
+        return FullPolicy(mod, base, state, keep_reference, reference=ref_mod,
+                          private=cfg.mask is not None or (keeps_arrays and writes_in_place(cfg)))
     src = setup.model_source(cfg.model, cfg.model_overrides)
     return AdapterPolicy(mod, base, src.config, cfg.peft, cfg.seed, state, cfg.model, total_steps)
