@@ -59,6 +59,17 @@ def test_other_losses_learn_too(toy, loss_type):
     assert run(root, raw, loss_type)["dataset_rewards_accuracies"] > 0.9
 
 
+def test_a_bf16_learner_learns_the_preferences_too(toy):
+    """compute_dtype bfloat16 (its own training module): the reference log-probs and the steps in bf16."""
+    root, raw = toy
+    raw = copy.deepcopy(raw)
+    raw.update(compute_dtype="bfloat16", training_model_path=str(root / "models" / "dpo_toy_bf16.vmfb"))
+    summary = run(root, raw, "bf16")
+    assert summary["dataset_rewards_accuracies"] > 0.9
+    meta = json.loads((root / "models" / "dpo_toy_bf16.meta.json").read_text())
+    assert meta["provenance"]["config"]["compute_dtype"] == "bfloat16"
+
+
 def test_resume_continues_exactly(toy):
     root, raw = toy
     a = copy.deepcopy(raw)
