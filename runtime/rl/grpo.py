@@ -377,7 +377,8 @@ class GRPO(Loop):
         tokens = sum(lengths)
         rec = {"step": it + 1, "reward_mean": float(np.mean(total)), "reward_std": float(np.std(total, ddof=1)),
                **{f"reward/{nm}": float(np.mean(score["per_fn"][nm])) for nm in self.rewards.names},
-               "frac_reward_zero_std": score["frac_zero_std"], "kl": float(kl) if self.cfg.grpo_config.beta > 0 else None,
+               "frac_reward_zero_std": score["frac_zero_std"],
+               "kl": float(kl) if self.cfg.grpo_config.beta > 0 else None,
                "clip_ratio": float(clip), "clip_ratio_low": float(low), "clip_ratio_high": float(high),
                "loss": float(loss), "completion_length_mean": float(np.mean(lengths)),
                "completion_length_min": min(lengths), "completion_length_max": max(lengths),
