@@ -78,7 +78,7 @@ class RLConfig(RunConfig):
     """The training module's matmuls (projections and LM head, forward and backward, and the reference's):
     float32, or bfloat16 (mixed precision as torch's CPU autocast: bf16 operands and products, fp32
     accumulation; weights, optimizer state, norms, softmax and the loss stay fp32). For CPUs with avx512_bf16
-    (`pcpc build` warns on others, where IREE emulates bf16 far slower); full fine-tuning only."""
+    (its build warns on others, where IREE emulates bf16 far slower); full fine-tuning only."""
 
     RESUME_MAY_CHANGE = RunConfig.RESUME_MAY_CHANGE + ("training_model_path", "init_weights")
     """Where the module is built and how a missing weight file would be made do not change a resumed run."""
