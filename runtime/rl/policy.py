@@ -150,7 +150,7 @@ class AdapterPolicy:
         return self.mod(fn, *self.A0, *self.F, *self.X, *data)
 
     def drop_reference(self) -> None:
-        """Nothing to release: the reference is the policy's own base and the initial adapter (a few MB)."""
+        """Nothing to release: the reference is the policy's own base and the initial adapter (the adapter's size)."""
 
     def rollout_weights(self):
         """The full weights in the base's order, the adapted ones merged (merge_K): a generator that merges
