@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from pcpc.config import check_at_least, check_choice, from_dict
 from pcpc.errors import UserError
+from pcpc.exporters.precision import mixed_linear
 
 MLPS = ("relu", "gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -268,8 +269,7 @@ def _matmul_weight(x, weight, cfg, bias=None):
     dtype = COMPUTE_DTYPES[cfg.compute_dtype]
     if dtype == x.dtype:
         return F.linear(x, weight, bias)
-    y = F.linear(x.to(dtype), weight.to(dtype)).to(x.dtype)
-    return y if bias is None else y + bias
+    return mixed_linear(x, weight, bias, dtype)
 
 
 def _linear(params, name, x, cfg):

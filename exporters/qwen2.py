@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from pcpc.config import from_dict
 from pcpc.errors import UserError
+from pcpc.exporters.precision import mixed_linear
 
 
 @dataclass(frozen=True)
@@ -251,13 +252,11 @@ def _linear(params, name, x, bias=True, compute_dtype=None):
 
 
 def _matmul(rows, w, b, compute_dtype=None):
-    """rows (N, in) @ w.T (+ b), float32. The product runs in the weight's dtype, or in `compute_dtype`
-    (mixed precision: both operands rounded to bf16, the product accumulated in fp32 and rounded to bf16, as
-    torch's CPU autocast does; the bias added in fp32 after)."""
+    """rows (N, in, float32) @ w.T (+ b), float32. The product runs in the weight's dtype, or in `compute_dtype`
+    over float32 weights (exporters/precision.py: torch's CPU autocast, the bias added in fp32 after)."""
     if compute_dtype is None or compute_dtype == w.dtype:
         return F.linear(rows.to(w.dtype), w, b).float()
-    y = F.linear(rows.to(compute_dtype), w.to(compute_dtype)).float()
-    return y if b is None else y + b
+    return mixed_linear(rows, w, b, compute_dtype)
 
 
 def _rms_norm(params, name, x, eps):

@@ -15,6 +15,7 @@ from pcpc.mlir.compile import (ADAPTER_TRAINING_CPU_FLAGS, DATA_TILING, PACK_AT_
 NANOGPT_RECIPE = "pcpc.mlir.nanogpt_functions:build"
 NANOGPT_SOURCES = (
     "pcpc.exporters.nanogpt",
+    "pcpc.exporters.precision",
     "pcpc.autodiff.derive",
     "pcpc.autodiff.losses",
     "pcpc.autodiff.optim",
@@ -76,6 +77,7 @@ def resident_cpu_flags(dtype: str) -> tuple[str, ...]:
     return RESIDENT_BF16_CPU_FLAGS if dtype == "bfloat16" else RESIDENT_CPU_FLAGS
 QWEN_SOURCES = (
     "pcpc.exporters.qwen2",
+    "pcpc.exporters.precision",
     "pcpc.autodiff.derive",
     "pcpc.mlir.lower",
     "pcpc.mlir.qwen_functions",
