@@ -107,6 +107,33 @@ def test_rope_is_hf_llamas_and_depends_on_relative_position_only():
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("T", [1, 32, 100, 128, 200, 256, 515])
+def test_causal_attention_is_torchs_with_and_without_blocks(T):
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    g = torch.randn(2, 3, T, 8, dtype=torch.float64, generator=gen)
+    ours = nanogpt.causal_attention(q, k, v)
+    grads = torch.autograd.grad((ours * g).sum(), (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want_grads = torch.autograd.grad((want * g).sum(), (q, k, v))
+    torch.testing.assert_close(ours, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("T, blocks", [(64, 1), (127, 1), (128, 2), (256, 4), (1024, 4)])
+def test_causal_attention_scores_only_the_keys_a_block_of_queries_sees(T, blocks):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.empty(1, 2, T, 8)
+    gm = make_fx(nanogpt.causal_attention, tracing_mode="fake")(x, x, x)
+    softmax = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+    scores = [tuple(n.meta["val"].shape[-2:]) for n in gm.graph.nodes
+              if n.op == "call_function" and n.target in softmax]
+    bounds = [(i * T // blocks, (i + 1) * T // blocks) for i in range(blocks)]
+    assert scores == [(hi - lo, hi) for lo, hi in bounds]
+
+
 def test_swiglu_hidden_width_is_llamas():
     for C, multiple, want in ((64, 32, 192), (768, 256, 2048), (4096, 256, 11008), (48, 32, 128)):
         assert nanogpt.make_config("nanogpt-small", n_embd=C, n_head=4, mlp="swiglu", multiple_of=multiple).hidden \
