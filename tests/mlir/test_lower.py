@@ -152,3 +152,40 @@ def test_alias_barriers_leaves_a_used_or_dynamic_value_alone():
     out, n = alias_barriers(text.replace("%5#0", "%5#1"))
     assert n == 1 and "join(%__pcpc_written0, %x : tensor<1x1xf32>, tensor<1xf32>)" in out
     assert "%__pcpc_written0 = tensor.extract_slice %4[0, 0] [1, 1] [1, 1] : tensor<8x4xf32> to tensor<1x1xf32>" in out
+
+
+def test_compiles_skip_the_verifier_between_passes_and_make_the_same_module(tmp_path):
+    import subprocess
+
+    from pcpc.mlir.compile import SKIP_VERIFIER, iree_compile_exe
+
+    x = TensorSpec("x", "data", (2, 4), "float32")
+    text, _ = lower([ExportFunction("with_constants", with_constants, [x], [("a", "output"), ("b", "output")])])
+    (tmp_path / "m.mlir").write_text(text)
+    flags = compile_flags("llvm-cpu")
+    compile_mlir(tmp_path / "m.mlir", tmp_path / "fast.vmfb", flags)
+    subprocess.run([iree_compile_exe(), str(tmp_path / "m.mlir"), *flags, "-o", str(tmp_path / "checked.vmfb")],
+                   check=True)
+    assert SKIP_VERIFIER not in flags
+    assert (tmp_path / "fast.vmfb").read_bytes() == (tmp_path / "checked.vmfb").read_bytes()
+
+
+def test_a_failed_compile_is_reported_from_a_run_with_the_verifier(tmp_path, monkeypatch):
+    import sys
+
+    from pcpc.errors import UserError
+    from pcpc.mlir import compile as compile_mod
+
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "iree-compile"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nopen({str(log)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+                    "sys.exit('error: unchecked run' if '--verify=false' in sys.argv else "
+                    "\"error: 'linalg.generic' op failed to verify after pass X\")\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(compile_mod, "iree_compile_exe", lambda: str(fake))
+    (tmp_path / "m.mlir").write_text("module {}\n")
+    with pytest.raises(UserError, match="failed to verify after pass X"):
+        compile_mlir(tmp_path / "m.mlir", tmp_path / "m.vmfb", compile_flags("llvm-cpu"))
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and "--verify=false" in calls[0] and "--verify=false" not in calls[1]
+    assert not (tmp_path / "m.vmfb").exists()
