@@ -189,3 +189,21 @@ def test_a_failed_compile_is_reported_from_a_run_with_the_verifier(tmp_path, mon
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and "--verify=false" in calls[0] and "--verify=false" not in calls[1]
     assert not (tmp_path / "m.vmfb").exists()
+
+
+def test_graphs_lowered_without_their_python_code_give_the_same_mlir(monkeypatch):
+    import contextlib
+
+    import torch.export.exported_program as exported_program
+
+    from pcpc.mlir import lower as lower_mod
+
+    before = exported_program._create_graph_module_for_export
+    x = TensorSpec("x", "data", (2, 4), "float32")
+    fns = [ExportFunction("with_constants", with_constants, [x], [("a", "output"), ("b", "output")]),
+           ExportFunction("one_result", one_result, [x], [("y", "output")])]
+    lazy, _ = lower(fns)
+    assert exported_program._create_graph_module_for_export is before  # put back
+    monkeypatch.setattr(lower_mod, "_no_python_code", contextlib.nullcontext)
+    eager, _ = lower(fns)
+    assert lazy == eager
