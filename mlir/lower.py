@@ -94,7 +94,7 @@ def _no_python_code():
     A GraphModule writes and compiles its graph's Python source when it is made (by make_fx, by
     scatter_into_sums, by ExportedProgram) and again on every change; pcpc only imports the graph into MLIR
     and never runs that code. Lazily (torch.fx's _LazyGraphModule, which inductor uses for the same reason),
-    nanogpt-medium's seven functions lower in 2.5-3.1 s instead of 3.2-4.1 s, the same MLIR text."""
+    nanogpt-medium's seven functions lower in 2.7-3.1 s instead of 3.2-3.4 s (bench/NOTES.md), the same MLIR."""
     import torch.export.exported_program as exported_program
     from torch.fx._lazy_graph_module import _LazyGraphModule, _use_lazy_graph_module
 
