@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from pcpc.config import check_at_least, check_choice, from_dict
 from pcpc.errors import UserError
-from pcpc.exporters.precision import mixed_linear
+from pcpc.exporters.precision import COMPUTE_DTYPES, mixed_linear
 
 MLPS = ("relu", "gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -165,9 +165,6 @@ class NanoGPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 _MINGPT = dict(block_size=128, vocab_size=50304, mlp="gelu", bias=True, tie_embeddings=False)

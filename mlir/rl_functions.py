@@ -89,6 +89,7 @@ from pcpc.autodiff.grpo import LOSS_TYPES as GRPO_LOSS_TYPES, completion_window,
 from pcpc.autodiff.optim import AdamWConfig, adamw, clip_coef, generic_name, nesterov_outer, update_groups
 from pcpc.config import from_dict
 from pcpc.exporters import peft, qwen2
+from pcpc.exporters.precision import COMPUTE_DTYPES
 from pcpc.mlir.lower import ExportFunction
 from pcpc.mlir.qwen_functions import model_config, param_specs
 from pcpc.mlir.signature import TensorSpec
@@ -97,7 +98,6 @@ FUNCTIONS = ("token_logprobs", "sequence_logps", "grpo_value_and_grad", "dpo_val
              "adamw", "outer", "merge")
 KEYS = ("model", "hf_config", "model_overrides", "batch_size", "seq_len", "completion_len", "shared_prefix",
         "optimizer", "functions", "peft", "resident", "compute_dtype")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 RL_OPTIMIZER = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 """AdamW defaults for RL fine-tuning (TRL / transformers TrainingArguments defaults)."""
 
@@ -212,7 +212,8 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
 
     shared = tuple(config["shared_prefix"]) if config.get("shared_prefix") else None
 
-    compute = {"float32": None, "bfloat16": torch.bfloat16}[config.get("compute_dtype", "float32")]
+    dtype = config.get("compute_dtype", "float32")
+    compute = None if dtype == "float32" else COMPUTE_DTYPES[dtype]  # None: each product in its weight's dtype
 
     def logits_of(weights: dict, ids, head_rows=None, shared_prefix=None):
         linear = partial(qwen2._linear, compute_dtype=compute) if pcfg is None else peft.linear_fn(weights, pcfg)

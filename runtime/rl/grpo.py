@@ -345,7 +345,7 @@ class GRPO(Loop):
         ids_d, mask_d, adv_d = mod.upload(ids), mod.upload(mask), mod.upload(advantages)
         ref_logp = (self.policy.reference("token_logprobs", ids_d, mask_d, temperature)[0] if g.beta > 0
                     else self.zeros_bl)
-        old_logp = (mod("token_logprobs", *self.policy.args(), ids_d, mask_d, temperature)[0]
+        old_logp = (self.policy.score("token_logprobs", ids_d, mask_d, temperature)[0]
                     if g.updates_per_iteration > 1 else self.zeros_bl)
         # One update: the outer step goes chunk by chunk right behind AdamW (no copy of the weights
         # kept); several: the iteration's starting weights are kept for it.

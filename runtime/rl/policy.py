@@ -30,7 +30,15 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
-class FullPolicy:
+class _Policy:
+    """What both policies share: `mod` (the training module) and `args()` (the current weights' arguments)."""
+
+    def score(self, fn: str, *data) -> list:
+        """`fn` (token_logprobs, sequence_logps) with the current policy."""
+        return self.mod(fn, *self.args(), *data)
+
+
+class FullPolicy(_Policy):
     """Every weight trained."""
 
     adapter = None
@@ -57,9 +65,6 @@ class FullPolicy:
     def args(self) -> list:
         return self.P
 
-    def score(self, fn: str, *data) -> list:
-        return self.mod(fn, *self.args(), *data)
-
     def reference(self, fn: str, *data) -> list:
         """`fn` on the frozen reference: its own module, or the training module on the initial weights."""
         if self.ref_mod is not None:
@@ -85,7 +90,7 @@ class FullPolicy:
         pass
 
 
-class AdapterPolicy:
+class AdapterPolicy(_Policy):
     """An adapter trained on a frozen base (exporters/peft.py)."""
 
     def __init__(self, mod, base: list[np.ndarray], qcfg, pcfg, seed: int, state: dict | None, base_model: str,
@@ -141,9 +146,6 @@ class AdapterPolicy:
 
     def args(self) -> list:
         return [*self.P, *self.F, *self.X]
-
-    def score(self, fn: str, *data) -> list:
-        return self.mod(fn, *self.args(), *data)
 
     def reference(self, fn: str, *data) -> list:
         """`fn` on the frozen reference: the base (the policy's own frozen inputs) with the initial adapter."""

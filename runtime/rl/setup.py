@@ -96,9 +96,9 @@ class RLConfig(RunConfig):
             raise ValueError("mask and peft: a run trains either the masked weights or an adapter, not both")
         if self.mask is not None and not self.mask:
             raise ValueError("mask must not be empty (a mask file, or null)")
-        from pcpc.mlir.rl_functions import COMPUTE_DTYPES
+        from pcpc.exporters.precision import COMPUTE_DTYPES
 
-        check_choice(self, "compute_dtype", COMPUTE_DTYPES)
+        check_choice(self, "compute_dtype", tuple(COMPUTE_DTYPES))
         if self.compute_dtype != "float32" and self.peft is not None:
             raise ValueError(f"compute_dtype {self.compute_dtype}: an adapter's training module computes in "
                              f"float32; drop compute_dtype or peft")
