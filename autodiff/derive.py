@@ -164,41 +164,19 @@ def value_and_grad_fn(loss_fn: LossFn, names: Sequence[str], has_aux: bool = Fal
     return value_and_grad
 
 
-def train_step_fn(loss_fn: LossFn, names: Sequence[str], decay: Sequence[bool], opt: AdamWConfig,
-                  has_aux: bool = False, lr_scale: Sequence[float] | None = None):
-    """(*params, *m, *v, step, lr, *data) -> (loss, *params', *m', *v').
-
-    Forward, backward and one AdamW update in one function; `step` is the
-    1-based index of this update and `lr` its learning rate (f32 scalars).
-    With has_aux (see value_and_grad_fn) the result is (loss, *aux, *params', *m', *v').
-    lr_scale: each parameter's constant lr multiplier (LoRA+), 1 when None.
-    """
-    n = len(names)
-    vg = value_and_grad_fn(loss_fn, names, has_aux)
-
-    def train_step(*flat):
-        params, m, v = list(flat[:n]), list(flat[n : 2 * n]), list(flat[2 * n : 3 * n])
-        step, lr, data = flat[3 * n], flat[3 * n + 1], flat[3 * n + 2 :]
-        loss, *rest = vg(*params, *data)
-        aux, grads = rest[: len(rest) - n], rest[len(rest) - n :]
-        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay),
-                                    lr_scale=None if lr_scale is None else list(lr_scale))
-        return (loss, *aux, *new_p, *new_m, *new_v)
-
-    return train_step
-
-
-def adamw_step_fn(n: int, decay: Sequence[bool], opt: AdamWConfig):
+def adamw_step_fn(n: int, decay: Sequence[bool], opt: AdamWConfig, lr_scale: Sequence[float] | None = None):
     """(*params, *m, *v, *grads, step, lr) -> (grad_norm, *params', *m', *v'): one AdamW update (clipped to
     opt.grad_clip by the global norm, which it returns) with given gradients: data-parallel training's, after
-    the all-reduce."""
+    the all-reduce, and a train step's after its value_and_grad (mlir/nanogpt_functions.py).
+    lr_scale: each parameter's constant lr multiplier (LoRA+), 1 when None."""
 
     def adamw_step(*flat):
         params, m, v, grads = (list(flat[i * n:(i + 1) * n]) for i in range(4))
         step, lr = flat[4 * n], flat[4 * n + 1]
         norm = global_norm(grads)
         coef = torch.clamp(opt.grad_clip / (norm + 1e-6), max=1.0) if opt.grad_clip > 0 else None
-        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay), coef=coef)
+        new_p, new_m, new_v = adamw(params, grads, m, v, step, lr, opt, list(decay), coef=coef,
+                                    lr_scale=None if lr_scale is None else list(lr_scale))
         return (norm, *new_p, *new_m, *new_v)
 
     return adamw_step

@@ -53,15 +53,42 @@ class ExportFunction:
 
 PARAMETER_SCOPE = "model"
 
+Ref = tuple[int, int]
+"""Where a Composite's value comes from: (-1, i) its argument i; (k, j) result j of its call k."""
+
+
+@dataclass(frozen=True)
+class Composite:
+    """A function made of other functions: each call runs an ExportFunction on arguments and earlier results.
+
+    lower() splices the calls' traced graphs into one graph instead of tracing the whole again, and traces
+    each callee once even when the module exports it too: nanoGPT's train_step is value_and_grad's graph,
+    then adamw_step's. Called eagerly, it runs the calls.
+    """
+
+    calls: tuple[tuple[ExportFunction, tuple[Ref, ...]], ...]
+    returns: tuple[Ref, ...]
+
+    def __call__(self, *args):
+        values = {-1: args}
+        for k, (f, refs) in enumerate(self.calls):
+            out = f.fn(*(values[a][i] for a, i in refs))
+            values[k] = out if isinstance(out, (tuple, list)) else (out,)
+        return tuple(values[a][i] for a, i in self.returns)
+
 
 def _example(spec: TensorSpec) -> torch.Tensor:
     return torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype])
 
 
+def _outputs(gm: torch.fx.GraphModule) -> tuple:
+    """The nodes a graph returns, as a tuple (a function returning one tensor returns it bare)."""
+    outs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+
 def _result_specs(gm: torch.fx.GraphModule, names: Sequence[tuple[str, str]], fname: str) -> tuple[TensorSpec, ...]:
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    outs = out_node.args[0]
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    outs = _outputs(gm)
     assert len(outs) == len(names), f"{fname}: traced {len(outs)} results, declared {len(names)}"
     specs = []
     for node, (name, role) in zip(outs, names):
@@ -105,6 +132,83 @@ def _no_python_code():
             yield
     finally:
         exported_program._create_graph_module_for_export = eager
+
+
+def _splice(calls: Sequence[tuple[torch.fx.GraphModule, Sequence[Ref]]], returns: Sequence[Ref],
+            args: Sequence[TensorSpec]) -> torch.fx.GraphModule:
+    """One graph that runs each traced graph of `calls` on its Refs (see Composite) and returns `returns`.
+
+    The nodes are copied with their traced metadata (fake values), so nothing is traced again; the source
+    graphs are left as they are. The graphs' tensor constants (get_attr) are numbered anew in the new root."""
+    from torch.fx._lazy_graph_module import _make_graph_module
+
+    g, root = torch.fx.Graph(), torch.nn.Module()
+    inputs = [g.placeholder(f"arg{i}") for i in range(len(args))]
+    values: dict[int, Sequence] = {-1: inputs}
+    for k, (gm, refs) in enumerate(calls):
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        assert len(phs) == len(refs), f"call {k}: {len(refs)} arguments wired, its graph takes {len(phs)}"
+        val_map = {}
+        for ph, (a, i) in zip(phs, refs):
+            node = values[a][i]
+            if a == -1 and "val" not in node.meta:
+                node.meta = dict(ph.meta)
+            val_map[ph] = node
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                name = f"_tensor_constant{len(root._buffers)}"  # make_fx's names, numbered across the calls
+                root.register_buffer(name, getattr(gm, node.target))
+                val_map[node] = g.get_attr(name)
+                val_map[node].meta = dict(node.meta)
+        out = g.graph_copy(gm.graph, val_map)
+        values[k] = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    for i, (node, spec) in enumerate(zip(inputs, args)):
+        val = node.meta.get("val")
+        if val is None or tuple(val.shape) != tuple(spec.shape) or DTYPE_NAMES[val.dtype] != spec.dtype:
+            raise ValueError(f"composite argument {i} ({spec.name}): declared {spec.dtype}{list(spec.shape)}, "
+                             f"its callees take {None if val is None else list(val.shape)}")
+    g.output(tuple(values[a][i] for a, i in returns))  # no dead-code pass: as a trace of the whole makes it
+    with _no_python_code():
+        return _make_graph_module(root, g)
+
+
+def _graphs(functions: Sequence[ExportFunction]) -> list[torch.fx.GraphModule]:
+    """Each function's graph, for _program (which changes it): every distinct (fn, argument shapes) traced
+    once. A function traced before (eval_loss is forward_loss at the same batch) gets a copy of that graph,
+    a Composite its calls' graphs spliced together."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    # one fake mode for every trace, as make_fx would make each (static shapes): graphs spliced together
+    # must hold fake values of one mode, and the traces share its cache of op results
+    mode = FakeTensorMode(allow_fallback_kernels=True, shape_env=ShapeEnv(), static_shapes=True)
+    traced: dict[tuple, tuple[ExportFunction, torch.fx.GraphModule]] = {}
+    used: set[int] = set()
+
+    def trace(f: ExportFunction) -> torch.fx.GraphModule:
+        key = (id(f.fn), id(f.decompositions), tuple((s.shape, s.dtype) for s in f.args))
+        if key not in traced:  # the function is kept in the value so that its id stays its own
+            with mode:
+                ex = [_example(s) for s in f.args]
+            traced[key] = (f, _trace(f.fn, ex, f.decompositions))
+        return traced[key][1]
+
+    out = []
+    for f in functions:
+        if isinstance(f.fn, Composite):
+            if f.inplace:
+                raise ValueError(f"{f.name}: a Composite cannot be in-place")
+            gm = _splice([(trace(c), refs) for c, refs in f.fn.calls], f.fn.returns, f.args)
+        elif f.inplace:
+            gm = _trace(f.fn, [_example(s) for s in f.args], f.decompositions)  # for its result specs
+        else:
+            gm = trace(f)
+            if id(gm) in used:
+                gm = _splice([(gm, [(-1, i) for i in range(len(f.args))])],
+                             [(0, i) for i in range(len(_outputs(gm)))], f.args)
+            used.add(id(gm))
+        out.append(gm)
+    return out
 
 
 class _Graphs(torch.nn.Module):
@@ -158,8 +262,7 @@ def _program(gm: torch.fx.GraphModule, params: dict[str, torch.nn.Parameter]) ->
         else:
             inputs.append(InputSpec(InputKind.USER_INPUT, TensorArgument(ph.name), None))
     out = next(n for n in g.nodes if n.op == "output")
-    outs = out.args[0]
-    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    outs = _outputs(gm)
     out.args = (outs,)
     outputs = [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None) for o in outs]
     return ExportedProgram(root=gm, graph=g, graph_signature=ExportGraphSignature(inputs, outputs),
@@ -202,10 +305,10 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     signatures = {}
     global_attrs: dict[str, str] = {}  # parameter name -> attribute of root holding it
     for f in functions:
-        ex = [_example(s) for s in f.args]
         if f.inplace and f.decompositions:
             raise ValueError(f"{f.name}: an in-place function takes no extra decompositions")
-        gm = _trace(f.fn, ex, f.decompositions)  # in-place: the functionalised graph, for its result specs
+    for f, gm in zip(functions, _graphs(functions)):
+        ex = [_example(s) for s in f.args]
         for spec, t in zip(f.args[: f.globals], ex):
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)

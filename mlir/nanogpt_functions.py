@@ -40,7 +40,7 @@ from pcpc.autodiff.losses import cross_entropy
 from pcpc.autodiff.optim import AdamWConfig
 from pcpc.config import from_dict
 from pcpc.exporters import nanogpt, peft
-from pcpc.mlir.lower import ExportFunction
+from pcpc.mlir.lower import Composite, ExportFunction
 from pcpc.mlir.signature import TensorSpec
 
 
@@ -138,34 +138,43 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
         return nanogpt.forward(weights, idx, cfg, adapted_linear(weights, cfg, pcfg))
 
     B, EB = config["batch_size"], config.get("eval_batch_size", config["batch_size"])
+    n = len(names)
+    forward_loss = derive.forward_loss_fn(loss_fn, names)  # one function: eval_loss at batch B is its graph
+    vg = ExportFunction(
+        "value_and_grad",
+        derive.value_and_grad_fn(train_loss, names, has_aux=moe),
+        P + batch(B),
+        [("loss", "loss")] + stats + [("grad." + name, "grad") for name in names],
+    )
+    update = ExportFunction(
+        "adamw_step",
+        derive.adamw_step_fn(n, decay, opt, lr_scale),
+        P + M + V + _specs("grad.", "data", shapes) + [scalar("step"), scalar("lr")],
+        [("grad_norm", "output")] + out(P) + out(M) + out(V),
+    )
+    # train_step = value_and_grad, then adamw_step on its gradients: lower() splices the two graphs
+    # (each traced once) instead of tracing forward and backward a second time
+    k = 1 + len(stats)  # value_and_grad's gradients start here
+    train_step = Composite(
+        calls=((vg, tuple((-1, i) for i in range(n)) + tuple((-1, i) for i in range(3 * n + 2, 3 * n + 4 + nf))),
+               (update, tuple((-1, i) for i in range(3 * n)) + tuple((0, k + i) for i in range(n))
+                + ((-1, 3 * n), (-1, 3 * n + 1)))),
+        returns=tuple((0, i) for i in range(k)) + tuple((1, 1 + i) for i in range(3 * n)),
+    )
     fns = {
-        "forward_loss": lambda: ExportFunction(
-            "forward_loss", derive.forward_loss_fn(loss_fn, names), P + batch(B), [("loss", "loss")]
-        ),
-        "value_and_grad": lambda: ExportFunction(
-            "value_and_grad",
-            derive.value_and_grad_fn(train_loss, names, has_aux=moe),
-            P + batch(B),
-            [("loss", "loss")] + stats + [("grad." + n, "grad") for n in names],
-        ),
+        "forward_loss": lambda: ExportFunction("forward_loss", forward_loss, P + batch(B), [("loss", "loss")]),
+        "value_and_grad": lambda: vg,
         "train_step": lambda: ExportFunction(
             "train_step",
-            derive.train_step_fn(train_loss, names, decay, opt, has_aux=moe, lr_scale=lr_scale),
+            train_step,
             P + M + V + [scalar("step"), scalar("lr")] + batch(B),
             [("loss", "loss")] + stats + out(P) + out(M) + out(V),
         ),
-        "adamw_step": lambda: ExportFunction(
-            "adamw_step",
-            derive.adamw_step_fn(len(names), decay, opt),
-            P + M + V + _specs("grad.", "data", shapes) + [scalar("step"), scalar("lr")],
-            [("grad_norm", "output")] + out(P) + out(M) + out(V),
-        ),
-        "eval_loss": lambda: ExportFunction(
-            "eval_loss", derive.forward_loss_fn(loss_fn, names), P + batch(EB), [("loss", "loss")]
-        ),
+        "adamw_step": lambda: update,
+        "eval_loss": lambda: ExportFunction("eval_loss", forward_loss, P + batch(EB), [("loss", "loss")]),
         "outer_step": lambda: ExportFunction(
             "outer_step",
-            derive.outer_step_fn(len(names)),
+            derive.outer_step_fn(n),
             P + _specs("momentum.", "optimizer_state", shapes) + _specs("delta.", "data", shapes)
             + [scalar("lr"), scalar("mu")],
             out(P) + out(_specs("momentum.", "optimizer_state", shapes)),

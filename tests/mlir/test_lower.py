@@ -207,3 +207,65 @@ def test_graphs_lowered_without_their_python_code_give_the_same_mlir(monkeypatch
     monkeypatch.setattr(lower_mod, "_no_python_code", contextlib.nullcontext)
     eager, _ = lower(fns)
     assert lazy == eager
+
+
+def mix(b, x):
+    return b[:, :4] * torch.tensor([2.0, 0.5, -1.0, 4.0]) + x  # a constant of its own, named as with_constants'
+
+
+def test_a_composite_splices_its_calls_graphs_as_one_trace_would_make_them(tmp_path):
+    import iree.runtime as rt
+
+    from pcpc.mlir.lower import Composite
+
+    x = TensorSpec("x", "data", (2, 4), "float32")
+    first = ExportFunction("with_constants", with_constants, [x], [("a", "output"), ("b", "output")])
+    second = ExportFunction("mix", mix, [TensorSpec("b", "data", (2, 1024), "float32"), x], [("y", "output")])
+    both = Composite(calls=((first, ((-1, 0),)), (second, ((0, 1), (-1, 0)))), returns=((1, 0), (0, 0)))
+    spliced = ExportFunction("both", both, [x], [("y", "output"), ("a", "output")])
+    traced = ExportFunction("both", lambda *a: both(*a), [x], [("y", "output"), ("a", "output")])
+    text, signatures = lower([first, spliced])  # first's graph serves both
+    # the same functions as a trace of the whole, but for the constants: a trace makes its own copy of each,
+    # the spliced graph holds with_constants' own (one global for BIG, where the trace has two)
+    again = lower([first, traced])[0]
+    assert (text.count("util.global private"), again.count("util.global private")) == (1, 2)
+    assert text.count("torch.aten.mm") == again.count("torch.aten.mm") == 2
+    assert [(r.name, r.shape) for r in signatures["both"].results] == [("y", (2, 4)), ("a", (2,))]
+
+    (tmp_path / "m.mlir").write_text(text)
+    compile_mlir(tmp_path / "m.mlir", tmp_path / "m.vmfb", compile_flags("llvm-cpu"))
+    config = rt.Config("local-task")
+    ctx = rt.SystemContext(config=config)
+    ctx.add_vm_module(rt.VmModule.mmap(config.vm_instance, str(tmp_path / "m.vmfb")))
+    xs = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    got = ctx.modules.module.both(xs)
+    want = both(torch.from_numpy(xs))  # called eagerly, a Composite runs its calls
+    np.testing.assert_allclose(got[0].to_host(), want[0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got[1].to_host(), want[1].numpy(), rtol=1e-6)
+
+
+def test_a_composite_wired_to_the_wrong_shape_is_refused():
+    from pcpc.mlir.lower import Composite
+
+    x = TensorSpec("x", "data", (2, 4), "float32")
+    first = ExportFunction("one_result", one_result, [x], [("y", "output")])
+    wrong = Composite(calls=((first, ((-1, 0),)),), returns=((0, 0),))
+    with pytest.raises(ValueError, match=r"composite argument 0 \(x\): declared float32\[3, 4\], its callees take "
+                                         r"\[2, 4\]"):
+        lower([ExportFunction("wrong", wrong, [TensorSpec("x", "data", (3, 4), "float32")], [("y", "output")])])
+
+
+def test_one_function_exported_twice_is_traced_once_and_lowered_twice(monkeypatch):
+    from pcpc.mlir import lower as lower_mod
+
+    traces = []
+    real = lower_mod._trace
+    monkeypatch.setattr(lower_mod, "_trace", lambda *a: traces.append(a) or real(*a))
+    x = TensorSpec("x", "data", (2, 4), "float32")
+    same = [ExportFunction("a", one_result, [x], [("y", "output")]),
+            ExportFunction("b", one_result, [x], [("y", "output")]),
+            ExportFunction("c", one_result, [TensorSpec("x", "data", (3, 4), "float32")], [("y", "output")])]
+    text, _ = lower(same)
+    assert len(traces) == 2  # a and b share one trace; c's shapes differ
+    copies = [ExportFunction(f.name, lambda t: one_result(t), f.args, f.results) for f in same]
+    assert text == lower(copies)[0]
