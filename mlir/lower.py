@@ -292,7 +292,8 @@ def _no_torch_dialect_module() -> None:
 def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionSignature]]:
     """MLIR text of a module holding every function, and each function's signature.
 
-    Each function is traced once (make_fx, `_trace`) and its graph handed to iree-turbine as a
+    Each function is traced once (make_fx, `_trace`; a function exported twice at the same shapes, once;
+    a Composite's graph spliced from its calls', `_graphs`) and its graph handed to iree-turbine as a
     program (`_program`). An in-place function goes through torch.export instead, which records
     its mutations so that IREE updates those buffers in place (such functions are small).
     """
@@ -308,10 +309,9 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
         if f.inplace and f.decompositions:
             raise ValueError(f"{f.name}: an in-place function takes no extra decompositions")
     for f, gm in zip(functions, _graphs(functions)):
-        ex = [_example(s) for s in f.args]
-        for spec, t in zip(f.args[: f.globals], ex):
+        for spec in f.args[: f.globals]:
             if spec.name not in global_attrs:
-                global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, t)
+                global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, _example(spec))
         signatures[f.name] = FunctionSignature(args=tuple(f.args[f.globals :]),
                                                results=_result_specs(gm, f.results, f.name))
         if f.inplace:
@@ -319,7 +319,7 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
             def call(module, *args, _fn=f.fn):
                 return _fn(*args)
 
-            fxb.export_program(name=f.name, args=tuple(ex[f.globals :]), strict=False)(call)
+            fxb.export_program(name=f.name, args=tuple(_example(s) for s in f.args[f.globals :]), strict=False)(call)
         else:
             attrs = [global_attrs[a.name] for a in f.args[: f.globals]]
             with _no_python_code():
