@@ -154,12 +154,14 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
     )
     # train_step = value_and_grad, then adamw_step on its gradients: lower() splices the two graphs
     # (each traced once) instead of tracing forward and backward a second time
-    k = 1 + len(stats)  # value_and_grad's gradients start here
+    def arg(*indices):  # train_step's arguments: P, M, V (3n), step, lr, frozen (nf), x, y
+        return tuple((-1, i) for i in indices)
+
+    k = 1 + len(stats)  # value_and_grad's results: loss, stats, then the gradients
     train_step = Composite(
-        calls=((vg, tuple((-1, i) for i in range(n)) + tuple((-1, i) for i in range(3 * n + 2, 3 * n + 4 + nf))),
-               (update, tuple((-1, i) for i in range(3 * n)) + tuple((0, k + i) for i in range(n))
-                + ((-1, 3 * n), (-1, 3 * n + 1)))),
-        returns=tuple((0, i) for i in range(k)) + tuple((1, 1 + i) for i in range(3 * n)),
+        calls=((vg, arg(*range(n), *range(3 * n + 2, 3 * n + 4 + nf))),
+               (update, arg(*range(3 * n)) + tuple((0, k + i) for i in range(n)) + arg(3 * n, 3 * n + 1))),
+        returns=tuple((0, i) for i in range(k)) + tuple((1, 1 + i) for i in range(3 * n)),  # adamw_step's less the norm
     )
     fns = {
         "forward_loss": lambda: ExportFunction("forward_loss", forward_loss, P + batch(B), [("loss", "loss")]),
