@@ -156,17 +156,21 @@ def _splice(calls: Sequence[tuple[torch.fx.GraphModule, Sequence[Ref]]], returns
             val_map[ph] = node
         for node in gm.graph.nodes:
             if node.op == "get_attr":
+                value = getattr(gm, node.target)
+                if not isinstance(value, torch.Tensor):
+                    raise NotImplementedError(f"splice: get_attr {node.target} holds a {type(value).__name__}")
                 name = f"_tensor_constant{len(root._buffers)}"  # make_fx's names, numbered across the calls
-                root.register_buffer(name, getattr(gm, node.target))
+                root.register_buffer(name, value)
                 val_map[node] = g.get_attr(name)
                 val_map[node].meta = dict(node.meta)
         out = g.graph_copy(gm.graph, val_map)
         values[k] = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     for i, (node, spec) in enumerate(zip(inputs, args)):
         val = node.meta.get("val")
-        if val is None or tuple(val.shape) != tuple(spec.shape) or DTYPE_NAMES[val.dtype] != spec.dtype:
-            raise ValueError(f"composite argument {i} ({spec.name}): declared {spec.dtype}{list(spec.shape)}, "
-                             f"its callees take {None if val is None else list(val.shape)}")
+        dtype = None if val is None else DTYPE_NAMES.get(val.dtype, str(val.dtype))
+        if val is None or tuple(val.shape) != tuple(spec.shape) or dtype != spec.dtype:
+            took = "no call takes it" if val is None else f"its call takes {dtype}{list(val.shape)}"
+            raise ValueError(f"composite argument {i} ({spec.name}): declared {spec.dtype}{list(spec.shape)}, {took}")
     g.output(tuple(values[a][i] for a, i in returns))  # no dead-code pass: as a trace of the whole makes it
     with _no_python_code():
         return _make_graph_module(root, g)

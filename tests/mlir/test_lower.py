@@ -250,8 +250,8 @@ def test_a_composite_wired_to_the_wrong_shape_is_refused():
     x = TensorSpec("x", "data", (2, 4), "float32")
     first = ExportFunction("one_result", one_result, [x], [("y", "output")])
     wrong = Composite(calls=((first, ((-1, 0),)),), returns=((0, 0),))
-    with pytest.raises(ValueError, match=r"composite argument 0 \(x\): declared float32\[3, 4\], its callees take "
-                                         r"\[2, 4\]"):
+    with pytest.raises(ValueError, match=r"composite argument 0 \(x\): declared float32\[3, 4\], its call takes "
+                                         r"float32\[2, 4\]"):
         lower([ExportFunction("wrong", wrong, [TensorSpec("x", "data", (3, 4), "float32")], [("y", "output")])])
 
 
