@@ -210,10 +210,10 @@ def test_graphs_lowered_without_their_python_code_give_the_same_mlir(monkeypatch
 
 
 def mix(b, x):
-    return b[:, :4] * torch.tensor([2.0, 0.5, -1.0, 4.0]) + x  # a constant of its own, named as with_constants'
+    return b[:, :4] * torch.tensor([2.0, 0.5, -1.0, 4.0]) + x  # a constant of its own, its traced name with_constants' first
 
 
-def test_a_composite_splices_its_calls_graphs_as_one_trace_would_make_them(tmp_path):
+def test_a_composite_splices_its_calls_graphs_and_shares_their_constants(tmp_path):
     import iree.runtime as rt
 
     from pcpc.mlir.lower import Composite
