@@ -110,8 +110,7 @@ def _trace(fn: Callable, example_args: Sequence[torch.Tensor], extra: dict | Non
     # functionalize: some of those decompositions and autograd formulas (minimum's and silu's backward)
     # emit in-place ops (masked_fill_, fill_) that torch-mlir cannot verify without the skipped re-trace.
     fn = torch.func.functionalize(fn, remove="mutations")
-    with _no_python_code():
-        return scatter_into_sums(make_fx(fn, decomposition_table=table, tracing_mode="fake")(*example_args))
+    return scatter_into_sums(make_fx(fn, decomposition_table=table, tracing_mode="fake")(*example_args))
 
 
 @contextlib.contextmanager
@@ -172,8 +171,7 @@ def _splice(calls: Sequence[tuple[torch.fx.GraphModule, Sequence[Ref]]], returns
             took = "no call takes it" if val is None else f"its call takes {dtype}{list(val.shape)}"
             raise ValueError(f"composite argument {i} ({spec.name}): declared {spec.dtype}{list(spec.shape)}, {took}")
     g.output(tuple(values[a][i] for a, i in returns))  # no dead-code pass: as a trace of the whole makes it
-    with _no_python_code():
-        return _make_graph_module(root, g)
+    return _make_graph_module(root, g)
 
 
 def _graphs(functions: Sequence[ExportFunction]) -> list[torch.fx.GraphModule]:
@@ -312,7 +310,9 @@ def lower(functions: Sequence[ExportFunction]) -> tuple[str, dict[str, FunctionS
     for f in functions:
         if f.inplace and f.decompositions:
             raise ValueError(f"{f.name}: an in-place function takes no extra decompositions")
-    for f, gm in zip(functions, _graphs(functions)):
+    with _no_python_code():
+        graphs = _graphs(functions)
+    for f, gm in zip(functions, graphs):
         for spec in f.args[: f.globals]:
             if spec.name not in global_attrs:
                 global_attrs[spec.name] = _add_global(root, len(global_attrs), spec.name, _example(spec))

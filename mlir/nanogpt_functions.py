@@ -163,29 +163,20 @@ def build(config: dict) -> tuple[list[ExportFunction], list[TensorSpec]]:
                (update, arg(*range(3 * n)) + tuple((0, k + i) for i in range(n)) + arg(3 * n, 3 * n + 1))),
         returns=tuple((0, i) for i in range(k)) + tuple((1, 1 + i) for i in range(3 * n)),  # adamw_step's less the norm
     )
-    fns = {
-        "forward_loss": lambda: ExportFunction("forward_loss", forward_loss, P + batch(B), [("loss", "loss")]),
-        "value_and_grad": lambda: vg,
-        "train_step": lambda: ExportFunction(
-            "train_step",
-            train_step,
-            P + M + V + [scalar("step"), scalar("lr")] + batch(B),
-            [("loss", "loss")] + stats + out(P) + out(M) + out(V),
-        ),
-        "adamw_step": lambda: update,
-        "eval_loss": lambda: ExportFunction("eval_loss", forward_loss, P + batch(EB), [("loss", "loss")]),
-        "outer_step": lambda: ExportFunction(
-            "outer_step",
-            derive.outer_step_fn(n),
-            P + _specs("momentum.", "optimizer_state", shapes) + _specs("delta.", "data", shapes)
-            + [scalar("lr"), scalar("mu")],
-            out(P) + out(_specs("momentum.", "optimizer_state", shapes)),
-        ),
-        "logits": lambda: ExportFunction(
-            "logits",
-            lambda *flat: logits_of(dict(zip(names + [f.name for f in frozen], flat[:-1])), flat[-1]),
-            P + frozen + [TensorSpec("idx", "data", (1, T), "int64")],
-            [("logits", "output")],
-        ),
-    }
-    return [fns[f]() for f in wanted], P
+    momentum = _specs("momentum.", "optimizer_state", shapes)
+    fns = [
+        ExportFunction("forward_loss", forward_loss, P + batch(B), [("loss", "loss")]),
+        vg,
+        ExportFunction("train_step", train_step, P + M + V + [scalar("step"), scalar("lr")] + batch(B),
+                       [("loss", "loss")] + stats + out(P) + out(M) + out(V)),
+        update,
+        ExportFunction("eval_loss", forward_loss, P + batch(EB), [("loss", "loss")]),
+        ExportFunction("outer_step", derive.outer_step_fn(n),
+                       P + momentum + _specs("delta.", "data", shapes) + [scalar("lr"), scalar("mu")],
+                       out(P) + out(momentum)),
+        ExportFunction("logits",
+                       lambda *flat: logits_of(dict(zip(names + [f.name for f in frozen], flat[:-1])), flat[-1]),
+                       P + frozen + [TensorSpec("idx", "data", (1, T), "int64")], [("logits", "output")]),
+    ]
+    by_name = {f.name: f for f in fns}
+    return [by_name[f] for f in wanted], P
